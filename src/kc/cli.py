@@ -1,0 +1,139 @@
+"""The `kc` command: one thin function per subcommand (parse, call, print). User errors exit 2, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from kc.errors import KCError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="kc: knowledge concentration — one classifier over a huge label vocabulary.")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: KEY=VALUE (repeatable)")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bars")]
+
+
+def user_errors(fn: F) -> F:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KCError as exc:
+            typer.echo(f"kc: error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("kc: interrupted; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _load(config: Path, overrides: list[str] | None):
+    from kc.config import load_config, merge, parse_override
+
+    merged: dict[str, Any] = {}
+    for text in overrides or []:
+        merged = merge(merged, parse_override(text))
+    return load_config(config, merged)
+
+
+def _open_run(target: Path, overrides: list[str] | None, progress: bool):
+    """A run from a config file, or from a run directory (its config.yaml)."""
+    from kc.run import prepare_run
+
+    if target.is_dir():
+        if not (target / "config.yaml").is_file():
+            raise KCError(f"{target}: not a run directory (no config.yaml); give a config file or a run directory")
+        target = target / "config.yaml"
+    return prepare_run(_load(target, overrides), progress=progress)
+
+
+@app.command("generate-benchmark")
+@user_errors
+def generate_benchmark_cmd(
+    out: Annotated[Path, typer.Argument(help="output directory")],
+    preset: Annotated[str, typer.Option(help="tiny | default | large")] = "default",
+    verticals: Annotated[int | None, typer.Option()] = None,
+    classes_per_vertical: Annotated[int | None, typer.Option()] = None,
+    train_per_class: Annotated[int | None, typer.Option()] = None,
+    val_per_class: Annotated[int | None, typer.Option()] = None,
+    test_per_class: Annotated[int | None, typer.Option()] = None,
+    image_size: Annotated[int | None, typer.Option()] = None,
+    fine_bits: Annotated[int | None, typer.Option(help="texture bits that tell classes of a vertical apart")] = None,
+    multilabel_fraction: Annotated[float | None, typer.Option(help="share of images with two objects")] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Write the built-in benchmark (PNG images, manifest.csv, taxonomy.json) to OUT."""
+    from dataclasses import replace
+
+    from kc.data.benchmark import PRESETS, generate_benchmark
+
+    if preset not in PRESETS:
+        raise KCError(f"--preset: '{preset}' is not one of {', '.join(PRESETS)}")
+    given = {k: v for k, v in dict(verticals=verticals, classes_per_vertical=classes_per_vertical,
+                                   train_per_class=train_per_class, val_per_class=val_per_class,
+                                   test_per_class=test_per_class, image_size=image_size, fine_bits=fine_bits,
+                                   multilabel_fraction=multilabel_fraction, seed=seed).items() if v is not None}
+    spec = replace(PRESETS[preset], **given)
+    manifest = generate_benchmark(out, spec, progress=not no_progress)
+    typer.echo(f"wrote {manifest} and {out / 'taxonomy.json'}")
+
+
+@app.command("generalist")
+@user_errors
+def generalist_cmd(config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+                   set_: SetOption = None, no_progress: NoProgress = False) -> None:
+    """Train the generalist (all classes, ground-truth loss). Resumes an interrupted run; skips a finished one."""
+    from kc.train.stages import train_generalist
+
+    run = _open_run(config, set_, not no_progress)
+    result = train_generalist(run, progress=not no_progress)
+    typer.echo(f"generalist: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+                 stage: Annotated[str, typer.Option(help="which stage's best checkpoint")] = "generalist",
+                 split: Annotated[str, typer.Option(help="train | val | test")] = "test",
+                 set_: SetOption = None, no_progress: NoProgress = False) -> None:
+    """Score a trained stage: mAP, per-vertical AP, mean per-vertical AP; writes metrics_<split>.json."""
+    from kc.evaluate.report import metrics_table
+    from kc.train.stages import evaluate_stage
+
+    if split not in ("train", "val", "test"):
+        raise KCError(f"--split: '{split}' is not one of train, val, test")
+    run = _open_run(config, set_, not no_progress)
+    metrics = evaluate_stage(run, stage, split, progress=not no_progress)
+    typer.echo(f"\n{stage} on {split} ({metrics['images']} images):\n")
+    typer.echo(metrics_table(metrics, run.taxonomy))
+
+
+@app.command("demo")
+@user_errors
+def demo_cmd(run_dir: Annotated[Path, typer.Option(help="where the demo writes its data and run")] = Path("runs/demo"),
+             preset: Annotated[str, typer.Option(help="benchmark size: tiny | default | large")] = "default",
+             set_: SetOption = None, no_progress: NoProgress = False) -> None:
+    """Generate the built-in benchmark, train the generalist, evaluate it, print the table."""
+    from kc.demo import run_demo
+
+    run_demo(run_dir, preset, set_ or [], progress=not no_progress, echo=typer.echo)
+
+
+def main() -> None:
+    start = time.perf_counter()
+    try:
+        app()
+    finally:
+        if "--timing" in sys.argv:
+            typer.echo(f"{time.perf_counter() - start:.1f}s", err=True)

@@ -1,0 +1,197 @@
+"""A run's configuration: YAML in, validated by pydantic, resolved config (absolute paths) out.
+
+Unknown keys and wrong types are errors that name the key. Relative paths in a config file are relative to
+the file's own directory, so a config and its data can move together.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kc.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Strict):
+    """Fractions for a seeded split, used when the manifest has no `split` column."""
+
+    val: float = Field(0.1, ge=0.0, lt=1.0)
+    test: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _leave_some_training_data(self) -> SplitConfig:
+        if self.val + self.test >= 1.0:
+            raise ValueError("val + test must be below 1 so that some images are left for training")
+        return self
+
+
+class AugmentConfig(_Strict):
+    hflip: bool = False
+    crop_padding: int = Field(0, ge=0, description="random crop after zero-padding by this many pixels")
+
+
+class DataConfig(_Strict):
+    manifest: Path | None = Field(None, description="CSV or JSONL manifest: path, labels[, split]")
+    image_folder: Path | None = Field(None, description="root/<vertical>/<class>/<image> layout")
+    image_root: Path | None = Field(None, description="root of manifest image paths (default: its folder)")
+    taxonomy: Path | None = Field(None, description="taxonomy JSON/YAML (needed with a manifest)")
+    split: SplitConfig = SplitConfig()
+    image_size: int = Field(32, ge=8)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    augment: AugmentConfig = AugmentConfig()
+    bad_images: Literal["fail", "skip"] = Field(
+        "fail", description="unreadable images: fail before training, or skip them and count them"
+    )
+    expand_ancestors: bool = Field(False, description="also label every ancestor class of each label")
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.manifest is None) == (self.image_folder is None):
+            raise ValueError("give exactly one of 'manifest' or 'image_folder'")
+        if self.manifest is not None and self.taxonomy is None:
+            raise ValueError("a 'manifest' needs a 'taxonomy' file naming its classes and verticals")
+        return self
+
+
+class HeadConfig(_Strict):
+    hidden: list[int] = Field(
+        default_factory=lambda: [256, 64],
+        description="widths of the dense layers before the output layer: FC(s1)-FC(s2) in the paper",
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class ModelConfig(_Strict):
+    backbone: str = Field("kc_convnet", description="any timm model name; kc_convnet is a small CPU-friendly CNN")
+    backbone_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the backbone")
+    pretrained: Path | None = Field(None, description="local backbone weights (.safetensors, or .pt/.pth)")
+    head: HeadConfig = HeadConfig()
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["cosine", "constant", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_epochs: int = Field(30, ge=1, description="for 'step': decay every this many epochs")
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="for 'cosine': final lr as a share of lr")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(512, ge=1)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss: Literal["bce", "softmax"] = Field(
+        "bce", description="bce: sigmoid cross-entropy (multi-label); softmax: single-label data only"
+    )
+    amp: bool = Field(False, description="bfloat16 autocast (GPUs)")
+    compile: bool = Field(False, description="torch.compile the model (GPUs)")
+    checkpoint_every_steps: int = Field(200, ge=1)
+    grad_clip: float | None = Field(None, gt=0)
+
+
+class RunConfig(_Strict):
+    run_dir: Path = Path("runs/default")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    generalist: TrainConfig = TrainConfig()
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain data with absolute paths, for the run directory."""
+        return self.model_dump(mode="json")
+
+
+def _absolutise(cfg: RunConfig, base: Path) -> RunConfig:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p)).resolve()
+
+    cfg.run_dir = fix(cfg.run_dir)
+    d = cfg.data
+    d.manifest, d.image_folder, d.taxonomy = fix(d.manifest), fix(d.image_folder), fix(d.taxonomy)
+    d.image_root = fix(d.image_root) if d.image_root else (d.manifest.parent if d.manifest else None)
+    cfg.model.pretrained = fix(cfg.model.pretrained)
+    return cfg
+
+
+def _describe(errors: list[dict[str, Any]], source: str) -> str:
+    lines = [f"{source}: invalid config:"]
+    for err in errors:
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key; remove it or check its spelling")
+        elif err["type"] == "missing":
+            lines.append(f"  - {key}: required key is missing")
+        else:
+            lines.append(f"  - {key}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: Any, source: str = "<config>", base: Path | None = None) -> RunConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a config is a YAML mapping of keys to values")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors(), source)) from None
+    return _absolutise(cfg, base or Path.cwd())
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        data = merge(data or {}, overrides)
+    return config_from_dict(data, source=str(path), base=path.parent)
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `overrides` into a copy of `base`."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'generalist.epochs=3' -> {'generalist': {'epochs': 3}} (the value is parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': write KEY=VALUE, e.g. generalist.epochs=3")
+    key, value = text.split("=", 1)
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(data, sort_keys=False)

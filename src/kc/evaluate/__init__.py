@@ -1,0 +1,1 @@
+"""Metrics (AP, mAP, per-vertical AP, top-k) and reports."""

@@ -1,0 +1,90 @@
+"""Average precision per class, mAP, per-vertical AP and top-k accuracy.
+
+AP follows scikit-learn's `average_precision_score`: AP = sum_n (R_n - R_{n-1}) P_n over the distinct score
+thresholds, so tied scores enter together. Classes without a positive have no AP (NaN) and are left out of every
+mean. Classes are processed in chunks so that memory stays bounded by (images x chunk).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kc.taxonomy import Taxonomy
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Per-class AP for (N, C) scores and (N, C) binary targets; NaN where a class has no positive."""
+    scores = np.asarray(scores)
+    targets = np.asarray(targets)
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape} must both be (N, C)")
+    out = np.full(scores.shape[1], np.nan)
+    for start in range(0, scores.shape[1], chunk):
+        end = min(start + chunk, scores.shape[1])
+        out[start:end] = _ap_chunk(scores[:, start:end].astype(np.float64), targets[:, start:end] > 0)
+    return out
+
+
+def _ap_chunk(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    n = scores.shape[0]
+    order = np.argsort(-scores, axis=0, kind="stable")
+    s = np.take_along_axis(scores, order, axis=0)
+    tp = np.cumsum(np.take_along_axis(positive, order, axis=0), axis=0, dtype=np.float64)
+    # The last row of each group of tied scores is where a threshold is evaluated.
+    group_end = np.ones_like(s, dtype=bool)
+    group_end[:-1] = s[:-1] != s[1:]
+    tp_at_end = np.where(group_end, tp, 0.0)
+    # tp at the previous threshold: tp is non-decreasing, so a running max of the shifted values gives it.
+    prev = np.zeros_like(tp_at_end)
+    prev[1:] = np.maximum.accumulate(tp_at_end[:-1], axis=0)
+    precision = tp / np.arange(1, n + 1, dtype=np.float64)[:, None]
+    n_pos = positive.sum(axis=0).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = np.where(group_end, (tp_at_end - prev) * precision, 0.0).sum(axis=0) / n_pos
+    ap[n_pos == 0] = np.nan
+    return ap
+
+
+def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy for single-label data (`labels`: (N,) class indices)."""
+    out = {}
+    for k in ks:
+        k_eff = min(k, scores.shape[1])
+        top = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
+        out[f"top{k}"] = float((top == labels[:, None]).any(axis=1).mean())
+    return out
+
+
+def _nanmean(x: np.ndarray) -> float:
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
+
+
+def classification_metrics(scores: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy) -> dict:
+    """mAP over classes, per-vertical AP (mean over the vertical's classes) and their mean, top-k when single-label.
+
+    Percentages (0-100) throughout, as the paper reports them.
+    """
+    ap = average_precision(scores, targets)
+    per_vertical = {}
+    for v, vert in enumerate(taxonomy.verticals):
+        start, end = taxonomy.vertical_ranges[v]
+        block = ap[start:end]
+        per_vertical[vert.id] = {
+            "ap": 100 * _nanmean(block),
+            "classes_scored": int((~np.isnan(block)).sum()),
+            "classes": end - start,
+        }
+    vertical_aps = np.array([m["ap"] for m in per_vertical.values()])
+    result = {
+        "mAP": 100 * _nanmean(ap),
+        "mean_per_vertical_AP": _nanmean(vertical_aps),
+        "classes_scored": int((~np.isnan(ap)).sum()),
+        "images": int(scores.shape[0]),
+        "per_vertical": per_vertical,
+    }
+    counts = (targets > 0).sum(axis=1)
+    if scores.shape[0] and (counts == 1).all():
+        result.update({k: 100 * v for k, v in topk_accuracy(scores, targets.argmax(axis=1)).items()})
+    result["per_class_ap"] = [None if np.isnan(a) else 100 * float(a) for a in ap]
+    return result

@@ -1,0 +1,56 @@
+"""Running a model over a split: scores (N, C) and targets (N, C) as numpy arrays."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from kc.config import DataConfig
+from kc.data.dataset import ImageDataset, collate, dense_targets
+from kc.data.samples import Sample
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    samples: list[Sample],
+    image_root: Path,
+    data_cfg: DataConfig,
+    num_classes: int,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    activation: str = "sigmoid",
+    progress: bool = False,
+    desc: str = "predicting",
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scores, targets, and images per second of the forward passes (decoding excluded)."""
+    device = torch.device(device)
+    dataset = ImageDataset(samples, image_root, data_cfg, train=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                        num_workers=data_cfg.num_workers)
+    was_training = model.training
+    model.eval().to(device)
+    scores, targets = [], []
+    model_seconds = 0.0
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        images = batch["images"].to(device)
+        start = time.perf_counter()
+        logits = model(images).float()
+        probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        model_seconds += time.perf_counter() - start
+        scores.append(probs.cpu().numpy())
+        targets.append(dense_targets(batch["labels"], num_classes).numpy())
+    model.train(was_training)
+    n = len(samples)
+    empty = np.zeros((0, num_classes), dtype=np.float32)
+    return (np.concatenate(scores) if scores else empty, np.concatenate(targets) if targets else empty,
+            n / model_seconds if model_seconds > 0 else 0.0)

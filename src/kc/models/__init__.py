@@ -1,0 +1,1 @@
+"""Backbones (timm), heads, and the classifier that joins them."""

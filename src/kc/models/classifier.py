@@ -1,0 +1,78 @@
+"""Backbone + head = a classifier; building one from config; loading local pretrained backbone weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import kc.models.convnet  # noqa: F401  (registers kc_convnet with timm)
+from kc.config import ModelConfig
+from kc.errors import ConfigError, CheckpointError
+from kc.models.heads import DenseHead
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+def create_backbone(cfg: ModelConfig) -> nn.Module:
+    """A timm model by name with its classifier removed (num_classes=0): it returns pooled features."""
+    if not timm.is_model(cfg.backbone):
+        close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:8]
+        raise ConfigError(
+            f"model.backbone: '{cfg.backbone}' is not a timm model"
+            + (f"; did you mean one of: {', '.join(close)}" if close else "")
+        )
+    try:
+        backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **cfg.backbone_args)
+    except TypeError as exc:
+        raise ConfigError(f"model.backbone_args: not accepted by '{cfg.backbone}': {exc}") from None
+    if cfg.pretrained is not None:
+        load_backbone_weights(backbone, cfg.pretrained)
+    return backbone
+
+
+def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
+    """Load local weights (safetensors, or a torch file read with weights_only=True); classifier keys are ignored."""
+    if not path.is_file():
+        raise ConfigError(f"model.pretrained: {path} not found (weights are never downloaded; give a local file)")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read weights: {exc}") from None
+    own = backbone.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in usable]
+    if not usable or len(missing) > len(own) // 2:
+        raise CheckpointError(
+            f"{path}: only {len(usable)} of the backbone's {len(own)} tensors match by name and shape; "
+            f"is it a checkpoint of this backbone? First missing: {', '.join(missing[:5])}"
+        )
+    backbone.load_state_dict(usable, strict=False)
+
+
+def build_classifier(cfg: ModelConfig, num_classes: int) -> Classifier:
+    backbone = create_backbone(cfg)
+    head = DenseHead(backbone.num_features, cfg.head.hidden, num_classes, cfg.head.dropout)
+    return Classifier(backbone, head)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

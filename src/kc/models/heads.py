@@ -1,0 +1,28 @@
+"""Classification heads over a backbone feature vector.
+
+`DenseHead` is the paper's generalist head: FC(s1)-FC(s2) (each Linear-ReLU) then the output layer over all
+classes (FC4096-FC512 on Inception-V2 in the paper). Other heads (structurally connected) plug in beside it:
+a head maps (B, in_features) -> (B, num_classes) logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DenseHead(nn.Module):
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_features
+        for width in hidden:
+            layers += [nn.Linear(prev, width), nn.ReLU(inplace=True)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            prev = width
+        self.hidden = nn.Sequential(*layers)
+        self.out = nn.Linear(prev, num_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(features))

@@ -1,0 +1,119 @@
+"""A run directory: its resolved config, taxonomy and data index, shared by every stage of the run.
+
+Layout::
+
+    RUN/config.yaml          the resolved config (absolute paths)
+    RUN/taxonomy.json        the taxonomy the run uses (class order = model output order)
+    RUN/data/{train,val,test}.jsonl, RUN/data/check.json   the split, checked once; later stages reuse it
+    RUN/<stage>/             checkpoints/, tensorboard/, metrics_<split>.json, ...
+
+Preparing is idempotent: a second call reads what the first wrote. Re-using a run directory with a config that
+differs in what decides the data or the model is refused, naming the keys that differ.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kc.config import RunConfig, dump_yaml
+from kc.data.images import check_images
+from kc.data.samples import SPLITS, Sample, load_image_folder, load_manifest
+from kc.data.splits import assign_splits
+from kc.errors import CheckpointError, DataError
+from kc.io import atomic_write_json, atomic_write_text, read_json
+from kc.taxonomy import Taxonomy
+
+# Keys whose change does not change any result, so a run may be resumed with them changed.
+_FREE_KEYS = {"device", "data.num_workers"}
+# Training sections: each stage's checkpoint fingerprint guards its own section, so they are not checked here.
+_STAGE_SECTIONS = ("generalist.",)
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    dir: Path
+    taxonomy: Taxonomy
+    image_root: Path
+    splits: dict[str, list[Sample]]
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.dir / stage
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(tuple(_FREE_KEYS)))
+
+
+def _write_split(path: Path, samples: list[Sample]) -> None:
+    lines = [json.dumps({"path": s.path, "labels": list(s.labels), "where": s.where}) for s in samples]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+
+
+def _read_split(path: Path, split: str) -> list[Sample]:
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        obj = json.loads(line)
+        out.append(Sample(obj["path"], tuple(obj["labels"]), split, obj["where"]))
+    return out
+
+
+def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
+    run_dir = cfg.run_dir
+    config_path = run_dir / "config.yaml"
+    resolved = cfg.resolved()
+    if config_path.is_file():
+        old = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        diff = [k for k in changed_keys(old, resolved) if not k.startswith(_STAGE_SECTIONS)]
+        if diff:
+            raise CheckpointError(
+                f"{run_dir}: this run directory was made with another config (differs in: {', '.join(diff[:8])}); "
+                "use a new run_dir, or delete the old one"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_path, dump_yaml(resolved))
+
+    data_dir = run_dir / "data"
+    check_file = data_dir / "check.json"
+    if check_file.is_file():
+        taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
+        splits = {s: _read_split(data_dir / f"{s}.jsonl", s) for s in SPLITS}
+        return Run(cfg, run_dir, taxonomy, Path(read_json(check_file)["image_root"]), splits)
+
+    d = cfg.data
+    if d.image_folder is not None:
+        taxonomy, samples = load_image_folder(d.image_folder)
+        image_root = d.image_folder
+    else:
+        assert d.manifest is not None and d.taxonomy is not None and d.image_root is not None
+        taxonomy = Taxonomy.load(d.taxonomy)
+        image_root = d.image_root
+        samples = load_manifest(d.manifest, image_root, taxonomy, d.expand_ancestors)
+    samples = assign_splits(samples, d.split.val, d.split.test, cfg.seed)
+    kept, skipped = check_images(samples, image_root, d.bad_images, progress=progress)
+    splits = {s: [x for x in kept if x.split == s] for s in SPLITS}
+    if not splits["train"]:
+        raise DataError(f"{d.manifest or d.image_folder}: no training images; check the split column or fractions")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    taxonomy.save(run_dir / "taxonomy.json")
+    for s in SPLITS:
+        _write_split(data_dir / f"{s}.jsonl", splits[s])
+    atomic_write_json(check_file, {"image_root": str(image_root), "images": len(samples), "kept": len(kept),
+                                   "skipped": skipped, "split_sizes": {s: len(v) for s, v in splits.items()}})
+    return Run(cfg, run_dir, taxonomy, image_root, splits)
+

@@ -1,0 +1,1 @@
+"""The one trainer (loop, checkpoints, resume) and the stages built on it."""

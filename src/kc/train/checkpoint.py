@@ -1,0 +1,139 @@
+"""Checkpoints: weights in safetensors, state in JSON, written so that a crash never loses the previous one.
+
+A checkpoint is `last.json` plus the two safetensors files it names (model weights; optimizer and RNG tensors),
+named by global step. New files are written first, then `last.json` is atomically replaced to point at them, then
+the old files are removed: at every instant `last.json` names complete files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kc.errors import CheckpointError
+from kc.io import atomic_write, atomic_write_json, read_json
+
+
+def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def load_weights(path: Path, model: nn.Module, strict: bool = True) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights not found; has this stage been trained?")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); delete it and re-run") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if strict and (missing or unexpected):
+        raise CheckpointError(
+            f"{path}: does not fit this model (missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
+            "was it written by another config?"
+        )
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for pid, slots in state["state"].items():
+        entry = {}
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{name}"] = value.detach().contiguous().cpu()
+                entry[name] = {"tensor": f"optim.{pid}.{name}"}
+            else:
+                entry[name] = value
+        plain["state"][str(pid)] = entry
+    return tensors, plain
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    state = {}
+    for pid, slots in plain["state"].items():
+        state[int(pid)] = {
+            name: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for name, v in slots.items()
+        }
+    return {"state": state, "param_groups": plain["param_groups"]}
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    np_state = np.random.get_state()
+    plain = {
+        "python": json.loads(json.dumps(random.getstate())),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    return tensors, plain
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = plain["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = plain["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+class CheckpointDir:
+    """The checkpoints of one stage: `last.json` (+ its files) for resuming, `best.safetensors` for using."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.last = root / "last.json"
+        self.best = root / "best.safetensors"
+        self.best_info = root / "best.json"
+
+    def exists(self) -> bool:
+        return self.last.is_file()
+
+    def read_state(self) -> dict[str, Any]:
+        try:
+            return read_json(self.last)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{self.last}: unreadable ({exc}); delete the stage folder to start it over") from None
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        old = read_json(self.last) if self.last.is_file() else None
+        step = state["step"]
+        model_file, train_file = f"model-s{step:09d}.safetensors", f"train-s{step:09d}.safetensors"
+        save_weights(self.root / model_file, model)
+        optim_tensors, optim_plain = _flatten_optimizer(optimizer.state_dict())
+        rng_tensors, rng_plain = capture_rng()
+        tensors = {**optim_tensors, **rng_tensors}
+        atomic_write(self.root / train_file, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write_json(
+            self.last, {**state, "model_file": model_file, "train_file": train_file, "optimizer": optim_plain,
+                        "rng": rng_plain}
+        )
+        if old is not None:
+            for key in ("model_file", "train_file"):
+                if old[key] not in (model_file, train_file):
+                    (self.root / old[key]).unlink(missing_ok=True)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        state = self.read_state()
+        load_weights(self.root / state["model_file"], model)
+        train_path = self.root / state["train_file"]
+        try:
+            tensors = load_file(str(train_path))
+        except Exception as exc:
+            raise CheckpointError(f"{train_path}: unreadable ({exc}); delete the stage folder to start over") from None
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        restore_rng(tensors, state["rng"])
+        return state

@@ -1,0 +1,282 @@
+"""The one training loop, used by every stage.
+
+A stage gives the trainer a model, a dataset, a loss function `loss_fn(model, batch) -> loss` and, optionally, a
+validation function `validate(model) -> metrics`. The trainer owns everything else: seeded data order,
+optimizer and LR schedule, AMP and torch.compile flags, progress bars, TensorBoard scalars, checkpoints and
+resume, best-checkpoint selection.
+
+Determinism: the data order of an epoch is a permutation seeded by (seed, epoch) and augmentation is seeded per
+image, so resuming mid-epoch replays exactly the batches an uninterrupted run would have seen; the torch RNG (for
+dropout) is saved and restored. On CPU a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from kc.config import TrainConfig
+from kc.data.dataset import collate
+from kc.errors import CheckpointError, KCError
+from kc.io import atomic_write_json, read_json
+from kc.train.checkpoint import CheckpointDir, save_weights
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+ValidateFn = Callable[[nn.Module], dict[str, Any]]
+StepCallback = Callable[[int], None]
+
+
+class TrainingDiverged(KCError):
+    """The loss became NaN or infinite."""
+
+
+class EpochBatches(Sampler[list[int]]):
+    """The batches of one epoch: a permutation seeded by (seed, epoch), from batch `start` on; last partial dropped."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+
+    def __len__(self) -> int:
+        return max(0, self.n // self.batch_size - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen).tolist()
+        for b in range(self.start, self.n // self.batch_size):
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+
+def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The LR at a global step: linear warmup, then cosine, step or constant decay."""
+    base = cfg.optimizer.lr
+    s = cfg.schedule
+    warmup = s.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return base * min(1.0, (step + 1) / warmup)
+    total = cfg.epochs * steps_per_epoch
+    if s.name == "constant":
+        return base
+    if s.name == "step":
+        return base * s.step_gamma ** (step // (s.step_epochs * steps_per_epoch))
+    progress = (step - warmup) / max(1.0, total - warmup)
+    return base * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and norm parameters: the usual practice, and it keeps small nets from collapsing.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    o = cfg.optimizer
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KCError("device: 'cuda' was asked for but no GPU is visible; use device: auto or cpu")
+    return torch.device(name)
+
+
+def config_digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    best_weights: Path
+    best_epoch: int
+    best_metric: float | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_step: int = 0
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        stage_dir: Path,
+        train_set: Dataset,
+        loss_fn: LossFn,
+        validate: ValidateFn | None = None,
+        *,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        select_metric: str = "mAP",
+        fingerprint: str = "",
+        num_workers: int = 0,
+        progress: bool = True,
+        verbose: bool = True,
+        on_step: StepCallback | None = None,
+        name: str = "train",
+    ):
+        self.model = model
+        self.cfg = cfg
+        self.stage_dir = Path(stage_dir)
+        self.train_set = train_set
+        self.loss_fn = loss_fn
+        self.validate = validate
+        self.seed = seed
+        self.device = torch.device(device)
+        self.select_metric = select_metric
+        # What must not change between a run and its resumption: the training config and the stage's inputs.
+        self.fingerprint = config_digest(cfg.model_dump(mode="json"), fingerprint, seed)
+        self.num_workers = num_workers
+        self.progress = progress
+        self.verbose = verbose
+        self.on_step = on_step
+        self.name = name
+        self.ckpt = CheckpointDir(self.stage_dir / "checkpoints")
+        self.steps_per_epoch = len(train_set) // cfg.batch_size  # type: ignore[arg-type]
+        if self.steps_per_epoch == 0:
+            raise KCError(
+                f"{name}: {len(train_set)} training images is fewer than one batch of {cfg.batch_size}; "  # type: ignore[arg-type]
+                "lower batch_size or add images"
+            )
+
+    # ------------------------------------------------------------------------------------------------ api
+    def is_complete(self) -> bool:
+        return self.ckpt.exists() and self.ckpt.read_state().get("complete", False)
+
+    def fit(self) -> TrainResult:
+        torch.manual_seed(self.seed)
+        self.model.to(self.device)
+        optimizer = make_optimizer(self.model, self.cfg)
+        state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_metric": None, "best_epoch": -1,
+                 "history": [], "complete": False}
+        resumed_from = 0
+        if self.ckpt.exists():
+            saved = self.ckpt.read_state()
+            if saved.get("fingerprint") != self.fingerprint:
+                raise CheckpointError(
+                    f"{self.ckpt.last}: this stage was started with a different config or inputs; "
+                    f"use a new run_dir, or delete {self.stage_dir} to train this stage again"
+                )
+            if saved.get("complete"):
+                return self._result(saved, 0)
+            state = self.ckpt.restore(self.model, optimizer)
+            resumed_from = state["step"]
+            self._log(f"{self.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']}")
+        forward_model = torch.compile(self.model) if self.cfg.compile else self.model
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.stage_dir / "tensorboard"), purge_step=state["step"] or None)
+        try:
+            while state["epoch"] < self.cfg.epochs:
+                self._train_epoch(forward_model, optimizer, state, writer)
+                self._end_epoch(optimizer, state, writer)
+        finally:
+            writer.close()
+        state["complete"] = True
+        self.ckpt.save(self.model, optimizer, self._checkpoint_state(state))
+        return self._result(state, resumed_from)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _checkpoint_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        keep = ("step", "epoch", "step_in_epoch", "best_metric", "best_epoch", "history", "complete")
+        return {**{k: state[k] for k in keep}, "fingerprint": self.fingerprint}
+
+    def _train_epoch(self, forward_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                     writer: Any) -> None:
+        epoch = state["epoch"]
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(epoch)
+        batches = EpochBatches(len(self.train_set), self.cfg.batch_size, self.seed, epoch,  # type: ignore[arg-type]
+                               start=state["step_in_epoch"])
+        loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.num_workers, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(self.seed), pin_memory=self.device.type == "cuda")
+        self.model.train()
+        bar = tqdm(total=self.steps_per_epoch, initial=state["step_in_epoch"], disable=not self.progress,
+                   desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs}", unit="step", leave=False,
+                   dynamic_ncols=True)
+        loss_sum, loss_count, images, start = 0.0, 0, 0, time.perf_counter()
+        for batch in loader:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            lr = learning_rate(self.cfg, state["step"], self.steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
+                loss = self.loss_fn(forward_model, batch)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"{self.name}: the loss became {loss.item()} at epoch {epoch + 1}, step {state['step']}; "
+                    f"lower the learning rate (now {lr:.3g}) or set grad_clip. The last checkpoint is kept in "
+                    f"{self.ckpt.root}."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            optimizer.step()
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+            value = loss.item()
+            loss_sum, loss_count, images = loss_sum + value, loss_count + 1, images + batch["images"].shape[0]
+            if state["step"] % 10 == 0:
+                writer.add_scalar(f"{self.name}/loss", value, state["step"])
+                writer.add_scalar(f"{self.name}/lr", lr, state["step"])
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}", refresh=False)
+            bar.update()
+            if state["step"] % self.cfg.checkpoint_every_steps == 0:
+                self.ckpt.save(self.model, optimizer, self._checkpoint_state(state))
+            if self.on_step is not None:
+                self.on_step(state["step"])
+        bar.close()
+        elapsed = time.perf_counter() - start
+        state["_epoch_stats"] = {"train_loss": loss_sum / max(1, loss_count), "seconds": elapsed,
+                                 "images_per_s": images / elapsed if elapsed > 0 else 0.0}
+
+    def _end_epoch(self, optimizer: torch.optim.Optimizer, state: dict[str, Any], writer: Any) -> None:
+        stats = state.pop("_epoch_stats")
+        entry: dict[str, Any] = {"epoch": state["epoch"] + 1, "step": state["step"], **stats}
+        if self.validate is not None:
+            val = self.validate(self.model)
+            entry.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))})
+        metric = entry.get(f"val_{self.select_metric}")
+        better = state["best_epoch"] < 0 or (metric is not None and metric > (state["best_metric"] or -math.inf))
+        if better or self.validate is None:
+            save_weights(self.ckpt.best, self.model)
+            atomic_write_json(self.ckpt.best_info, {"epoch": entry["epoch"], "metric": self.select_metric,
+                                                    "value": metric})
+            state["best_metric"], state["best_epoch"] = metric, entry["epoch"]
+        for key, value in entry.items():
+            if key not in ("epoch", "step"):
+                writer.add_scalar(f"{self.name}/{key}", value, state["step"])
+        state["history"].append(entry)
+        state["epoch"] += 1
+        state["step_in_epoch"] = 0
+        self.model.train()
+        self.ckpt.save(self.model, optimizer, self._checkpoint_state(state))
+        val_text = "".join(f" val {k[4:]} {v:.2f}" for k, v in entry.items() if k in (
+            f"val_{self.select_metric}", "val_mean_per_vertical_AP"))
+        self._log(f"{self.name} epoch {entry['epoch']}/{self.cfg.epochs}: loss {entry['train_loss']:.4f}{val_text} "
+                  f"({stats['seconds']:.1f}s, {stats['images_per_s']:.0f} img/s){' *' if better else ''}")
+
+    def _result(self, state: dict[str, Any], resumed_from: int) -> TrainResult:
+        return TrainResult(self.ckpt.best, state["best_epoch"], state["best_metric"], state["history"], resumed_from)
+
+    def _log(self, text: str) -> None:
+        if self.verbose:
+            tqdm.write(text, file=sys.stderr)
+
+
+def read_history(stage_dir: Path) -> list[dict[str, Any]]:
+    last = Path(stage_dir) / "checkpoints" / "last.json"
+    return read_json(last).get("history", []) if last.is_file() else []
