@@ -137,3 +137,7 @@ def main() -> None:
     finally:
         if "--timing" in sys.argv:
             typer.echo(f"{time.perf_counter() - start:.1f}s", err=True)
+
+
+if __name__ == "__main__":
+    main()
