@@ -25,9 +25,22 @@ def tiny_config(bench: Path, run_dir: Path, **generalist: Any) -> dict[str, Any]
     return {
         "run_dir": str(run_dir),
         "seed": 0,
-        "data": {"manifest": str(bench / "manifest.csv"), "taxonomy": str(bench / "taxonomy.json"), "image_size": 16},
-        "model": {"backbone": "kc_convnet", "backbone_args": {"widths": [8, 16], "depth": 1},
-                  "head": {"hidden": [32, 16], "dropout": 0.1}},
-        "generalist": {"epochs": 2, "batch_size": 16, "eval_batch_size": 64, "checkpoint_every_steps": 2,
-                       "optimizer": {"name": "sgd", "lr": 0.05}, **generalist},
+        "data": {
+            "manifest": str(bench / "manifest.csv"),
+            "taxonomy": str(bench / "taxonomy.json"),
+            "image_size": 16,
+        },
+        "model": {
+            "backbone": "kc_convnet",
+            "backbone_args": {"widths": [8, 16], "depth": 1},
+            "head": {"hidden": [32, 16], "dropout": 0.1},
+        },
+        "generalist": {
+            "epochs": 2,
+            "batch_size": 16,
+            "eval_batch_size": 64,
+            "checkpoint_every_steps": 2,
+            "optimizer": {"name": "sgd", "lr": 0.05},
+            **generalist,
+        },
     }

@@ -52,3 +52,26 @@ def test_multilabel_images_carry_two_verticals(tmp_path):
 def test_invalid_spec(tmp_path):
     with pytest.raises(DataError, match="fine_bits"):
         generate_benchmark(tmp_path, replace(SMALL, fine_bits=0), progress=False)
+
+
+def test_bytes_do_not_depend_on_the_process(tmp_path):
+    """Python randomises str hashes per process: nothing in the generator may depend on them."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from pathlib import Path; from kc.data.benchmark import PRESETS, generate_benchmark; "
+        "from dataclasses import replace; "
+        "generate_benchmark(Path(sys.argv[1]), replace(PRESETS['tiny'], train_per_class=1, val_per_class=1, "
+        "test_per_class=1), progress=False)"
+    )
+    for name, seed in (("a", "1"), ("b", "2")):
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / name)],
+            check=True,
+            env={**__import__("os").environ, "PYTHONHASHSEED": seed},
+        )
+    paths = sorted((tmp_path / "a" / "images").rglob("*.png"))
+    assert len(paths) == 12 * 3
+    for path in paths:
+        assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()

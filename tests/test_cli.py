@@ -24,8 +24,14 @@ def test_generalist_then_evaluate(tmp_path, tiny_benchmark):
     result = runner.invoke(app, ["generalist", str(config), "--no-progress"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
-    for name in ("config.yaml", "taxonomy.json", "data/train.jsonl", "data/check.json",
-                 "generalist/checkpoints/best.safetensors", "generalist/checkpoints/last.json"):
+    for name in (
+        "config.yaml",
+        "taxonomy.json",
+        "data/train.jsonl",
+        "data/check.json",
+        "generalist/checkpoints/best.safetensors",
+        "generalist/checkpoints/last.json",
+    ):
         assert (run / name).is_file(), name
     assert list((run / "generalist" / "tensorboard").iterdir())
     state = json.loads((run / "generalist/checkpoints/last.json").read_text())
@@ -65,8 +71,20 @@ def test_user_errors_exit_2_without_traceback(tmp_path, tiny_benchmark):
 
 def test_generate_benchmark_command(tmp_path):
     out = tmp_path / "b"
-    result = runner.invoke(app, ["generate-benchmark", str(out), "--preset", "tiny", "--verticals", "2",
-                                 "--train-per-class", "2", "--no-progress"])
+    result = runner.invoke(
+        app,
+        [
+            "generate-benchmark",
+            str(out),
+            "--preset",
+            "tiny",
+            "--verticals",
+            "2",
+            "--train-per-class",
+            "2",
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert json.loads((out / "benchmark.json").read_text())["verticals"] == 2
     bad = runner.invoke(app, ["generate-benchmark", str(out), "--preset", "huge"])
@@ -74,8 +92,19 @@ def test_generate_benchmark_command(tmp_path):
 
 
 def test_demo_on_the_tiny_preset(tmp_path):
-    result = runner.invoke(app, ["demo", "--preset", "tiny", "--run-dir", str(tmp_path / "demo"), "--no-progress",
-                                 "--set", "generalist.epochs=2"])
+    result = runner.invoke(
+        app,
+        [
+            "demo",
+            "--preset",
+            "tiny",
+            "--run-dir",
+            str(tmp_path / "demo"),
+            "--no-progress",
+            "--set",
+            "generalist.epochs=2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "mean per-vertical AP" in result.output and "wall time" in result.output
     assert (tmp_path / "demo" / "run" / "demo_timings.json").is_file()

@@ -10,8 +10,14 @@ from kc.data.splits import assign_splits
 from kc.errors import DataError
 from kc.taxonomy import Taxonomy
 
-TAX = {"verticals": ["bird", "car"], "classes": [
-    {"id": "sparrow", "vertical": "bird"}, {"id": "crow", "vertical": "bird"}, {"id": "sedan", "vertical": "car"}]}
+TAX = {
+    "verticals": ["bird", "car"],
+    "classes": [
+        {"id": "sparrow", "vertical": "bird"},
+        {"id": "crow", "vertical": "bird"},
+        {"id": "sedan", "vertical": "car"},
+    ],
+}
 
 
 @pytest.fixture
@@ -33,15 +39,21 @@ def test_csv_manifest_multi_label(tmp_path, images, taxonomy):
     m.write_text("path,labels\n0.png,sparrow\n1.png,sparrow;sedan\n2.png,\n")
     samples = load_manifest(m, images, taxonomy)
     idx = taxonomy.class_index
-    assert [s.labels for s in samples] == [(idx["sparrow"],), tuple(sorted((idx["sparrow"], idx["sedan"]))), ()]
+    assert [s.labels for s in samples] == [
+        (idx["sparrow"],),
+        tuple(sorted((idx["sparrow"], idx["sedan"]))),
+        (),
+    ]
     assert samples[1].where == f"{m}:3"
     assert all(s.split is None for s in samples)
 
 
 def test_jsonl_manifest_with_splits(tmp_path, images, taxonomy):
     m = tmp_path / "m.jsonl"
-    m.write_text('{"path": "0.png", "labels": ["crow"], "split": "train"}\n\n'
-                 '{"path": "1.png", "labels": ["crow", "sedan"], "split": "test"}\n')
+    m.write_text(
+        '{"path": "0.png", "labels": ["crow"], "split": "train"}\n\n'
+        '{"path": "1.png", "labels": ["crow", "sedan"], "split": "test"}\n'
+    )
     samples = load_manifest(m, images, taxonomy)
     assert [s.split for s in samples] == ["train", "test"]
     assert len(samples[1].labels) == 2
@@ -76,8 +88,12 @@ def test_manifest_format_errors(tmp_path, images, taxonomy):
 
 
 def test_expand_ancestors(tmp_path, images):
-    tax = Taxonomy.from_dict({"verticals": ["bird"], "classes": [
-        {"id": "passerine", "vertical": "bird"}, {"id": "sparrow", "parent": "passerine"}]})
+    tax = Taxonomy.from_dict(
+        {
+            "verticals": ["bird"],
+            "classes": [{"id": "passerine", "vertical": "bird"}, {"id": "sparrow", "parent": "passerine"}],
+        }
+    )
     m = tmp_path / "m.csv"
     m.write_text("path,labels\n0.png,sparrow\n")
     assert load_manifest(m, images, tax)[0].labels == (tax.class_index["sparrow"],)
@@ -93,7 +109,11 @@ def test_image_folder_derives_taxonomy(tmp_path):
             (d / "notes.txt").write_text("not an image")
     tax, samples = load_image_folder(tmp_path / "root")
     assert [v.id for v in tax.verticals] == ["bird", "car"]
-    assert [c.id for c in tax.classes] == ["bird/crow", "bird/sparrow", "car/crow"]  # same folder name, distinct ids
+    assert [c.id for c in tax.classes] == [
+        "bird/crow",
+        "bird/sparrow",
+        "car/crow",
+    ]  # same folder name, distinct ids
     assert len(samples) == 6
     assert {s.split for s in samples} == {"train", "test"}
     with pytest.raises(DataError, match="no <vertical>/<class>/ folders"):
@@ -123,8 +143,10 @@ def test_unreadable_images_fail_before_training_or_are_skipped(tmp_path, images)
     good.save(images / "trunc.png")
     data = (images / "trunc.png").read_bytes()
     (images / "trunc.png").write_bytes(data[: len(data) // 2])
-    samples = [Sample(p, (0,), "train", f"m.csv:{i + 2}") for i, p in enumerate(
-        ["0.png", "bad.png", "empty.png", "trunc.png", "1.png"])]
+    samples = [
+        Sample(p, (0,), "train", f"m.csv:{i + 2}")
+        for i, p in enumerate(["0.png", "bad.png", "empty.png", "trunc.png", "1.png"])
+    ]
     with pytest.raises(DataError) as info:
         check_images(samples, images, "fail", progress=False)
     text = str(info.value)

@@ -31,9 +31,17 @@ def test_perfect_and_worst_rankings():
 
 
 def test_per_vertical_and_headline_metrics():
-    tax = Taxonomy.from_dict({"verticals": ["a", "b"], "classes": [
-        {"id": "a1", "vertical": "a"}, {"id": "a2", "vertical": "a"}, {"id": "a3", "vertical": "a"},
-        {"id": "b1", "vertical": "b"}]})
+    tax = Taxonomy.from_dict(
+        {
+            "verticals": ["a", "b"],
+            "classes": [
+                {"id": "a1", "vertical": "a"},
+                {"id": "a2", "vertical": "a"},
+                {"id": "a3", "vertical": "a"},
+                {"id": "b1", "vertical": "b"},
+            ],
+        }
+    )
     rng = np.random.default_rng(0)
     targets = np.zeros((40, 4), dtype=int)
     targets[np.arange(40), rng.integers(0, 3, 40)] = 1  # b1 has no positive

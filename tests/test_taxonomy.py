@@ -55,16 +55,34 @@ def test_round_trip(tmp_path):
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda d: d["classes"].append({"id": "sedan", "vertical": "car"}), "class 'sedan': duplicate class id"),
-        (lambda d: d["classes"].append({"id": "bird", "vertical": "car"}), "'bird': id is also a vertical id"),
+        (
+            lambda d: d["classes"].append({"id": "sedan", "vertical": "car"}),
+            "class 'sedan': duplicate class id",
+        ),
+        (
+            lambda d: d["classes"].append({"id": "bird", "vertical": "car"}),
+            "'bird': id is also a vertical id",
+        ),
         (lambda d: d["verticals"].append({"id": "car"}), "vertical 'car': duplicate vertical id"),
         (lambda d: d["classes"].append({"id": "x", "parent": "nowhere"}), "class 'x': parent 'nowhere'"),
         (lambda d: d["classes"].append({"id": "orphan"}), "class 'orphan': in no vertical"),
         (lambda d: d["verticals"].append({"id": "boat"}), "vertical 'boat': empty"),
-        (lambda d: d["classes"].append({"id": "y", "vertical": "plane"}), "class 'y': vertical 'plane' is not listed"),
-        (lambda d: d["classes"].extend([{"id": "a", "parent": "b"}, {"id": "b", "parent": "a"}]), "cycle (a -> b -> a)"),
-        (lambda d: d["classes"].append({"id": "z", "vertical": "car", "parent": "passerine"}), "class 'z': vertical"),
-        (lambda d: d["classes"].append({"id": "w", "vertical": "car", "colour": "red"}), "class 'w': unknown key"),
+        (
+            lambda d: d["classes"].append({"id": "y", "vertical": "plane"}),
+            "class 'y': vertical 'plane' is not listed",
+        ),
+        (
+            lambda d: d["classes"].extend([{"id": "a", "parent": "b"}, {"id": "b", "parent": "a"}]),
+            "cycle (a -> b -> a)",
+        ),
+        (
+            lambda d: d["classes"].append({"id": "z", "vertical": "car", "parent": "passerine"}),
+            "class 'z': vertical",
+        ),
+        (
+            lambda d: d["classes"].append({"id": "w", "vertical": "car", "colour": "red"}),
+            "class 'w': unknown key",
+        ),
     ],
 )
 def test_each_invalid_taxonomy_is_rejected_naming_file_and_id(tmp_path, mutate, expected):

@@ -37,15 +37,30 @@ def loss_fn(model, batch):
 
 
 def cfg(**kw):
-    base = {"epochs": 3, "batch_size": 8, "checkpoint_every_steps": 4, "optimizer": {"name": "adamw", "lr": 0.01},
-            "schedule": {"name": "cosine", "warmup_epochs": 0.5}}
+    base = {
+        "epochs": 3,
+        "batch_size": 8,
+        "checkpoint_every_steps": 4,
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "schedule": {"name": "cosine", "warmup_epochs": 0.5},
+    }
     return TrainConfig.model_validate({**base, **kw})
 
 
 def fit(tmp_path, name, on_step=None, model=None, config=None, validate=None):
     model = model or make_model()
-    trainer = Trainer(model, config or cfg(), tmp_path / name, Blobs(), loss_fn, validate, seed=1, progress=False,
-                      verbose=False, on_step=on_step)
+    trainer = Trainer(
+        model,
+        config or cfg(),
+        tmp_path / name,
+        Blobs(),
+        loss_fn,
+        validate,
+        seed=1,
+        progress=False,
+        verbose=False,
+        on_step=on_step,
+    )
     return model, trainer.fit()
 
 
@@ -103,8 +118,9 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
     model, result = fit(tmp_path, "s")  # resumes from the intact step-4 checkpoint and finishes
     assert result.resumed_from_step == 4
     reference, _ = fit(tmp_path, "reference")
-    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), model.state_dict().values(),
-                                                 strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(reference.state_dict().values(), model.state_dict().values(), strict=True)
+    )
 
 
 def test_best_checkpoint_follows_validation_metric(tmp_path):
@@ -129,6 +145,8 @@ def test_learning_rate_schedule():
     assert learning_rate(c, 0, 10) == pytest.approx(0.01 / 5)  # warmup: 5 steps
     assert learning_rate(c, 4, 10) == pytest.approx(0.01)
     assert learning_rate(c, 99, 10) < 1e-4
-    assert learning_rate(cfg(schedule={"name": "step", "step_epochs": 2, "step_gamma": 0.5}), 45, 10) == pytest.approx(0.0025)
+    assert learning_rate(cfg(schedule={"name": "step", "step_epochs": 2, "step_gamma": 0.5}), 45, 10) == pytest.approx(
+        0.0025
+    )
     tiny_warmup = cfg(schedule={"warmup_epochs": 0.5})
     assert learning_rate(tiny_warmup, 0, 1) == pytest.approx(0.01)  # never above the base LR

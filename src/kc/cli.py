@@ -13,8 +13,12 @@ import typer
 
 from kc.errors import KCError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="kc: knowledge concentration — one classifier over a huge label vocabulary.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="kc: knowledge concentration — one classifier over a huge label vocabulary.",
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -80,10 +84,21 @@ def generate_benchmark_cmd(
 
     if preset not in PRESETS:
         raise KCError(f"--preset: '{preset}' is not one of {', '.join(PRESETS)}")
-    given = {k: v for k, v in dict(verticals=verticals, classes_per_vertical=classes_per_vertical,
-                                   train_per_class=train_per_class, val_per_class=val_per_class,
-                                   test_per_class=test_per_class, image_size=image_size, fine_bits=fine_bits,
-                                   multilabel_fraction=multilabel_fraction, seed=seed).items() if v is not None}
+    given = {
+        k: v
+        for k, v in dict(
+            verticals=verticals,
+            classes_per_vertical=classes_per_vertical,
+            train_per_class=train_per_class,
+            val_per_class=val_per_class,
+            test_per_class=test_per_class,
+            image_size=image_size,
+            fine_bits=fine_bits,
+            multilabel_fraction=multilabel_fraction,
+            seed=seed,
+        ).items()
+        if v is not None
+    }
     spec = replace(PRESETS[preset], **given)
     manifest = generate_benchmark(out, spec, progress=not no_progress)
     typer.echo(f"wrote {manifest} and {out / 'taxonomy.json'}")
@@ -91,22 +106,30 @@ def generate_benchmark_cmd(
 
 @app.command("generalist")
 @user_errors
-def generalist_cmd(config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
-                   set_: SetOption = None, no_progress: NoProgress = False) -> None:
+def generalist_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
     """Train the generalist (all classes, ground-truth loss). Resumes an interrupted run; skips a finished one."""
     from kc.train.stages import train_generalist
 
     run = _open_run(config, set_, not no_progress)
     result = train_generalist(run, progress=not no_progress)
-    typer.echo(f"generalist: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
+    typer.echo(
+        f"generalist: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}"
+    )
 
 
 @app.command("evaluate")
 @user_errors
-def evaluate_cmd(config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
-                 stage: Annotated[str, typer.Option(help="which stage's best checkpoint")] = "generalist",
-                 split: Annotated[str, typer.Option(help="train | val | test")] = "test",
-                 set_: SetOption = None, no_progress: NoProgress = False) -> None:
+def evaluate_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    stage: Annotated[str, typer.Option(help="which stage's best checkpoint")] = "generalist",
+    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
     """Score a trained stage: mAP, per-vertical AP, mean per-vertical AP; writes metrics_<split>.json."""
     from kc.evaluate.report import metrics_table
     from kc.train.stages import evaluate_stage
@@ -121,9 +144,12 @@ def evaluate_cmd(config: Annotated[Path, typer.Argument(help="run config (YAML) 
 
 @app.command("demo")
 @user_errors
-def demo_cmd(run_dir: Annotated[Path, typer.Option(help="where the demo writes its data and run")] = Path("runs/demo"),
-             preset: Annotated[str, typer.Option(help="benchmark size: tiny | default | large")] = "default",
-             set_: SetOption = None, no_progress: NoProgress = False) -> None:
+def demo_cmd(
+    run_dir: Annotated[Path, typer.Option(help="where the demo writes its data and run")] = Path("runs/demo"),
+    preset: Annotated[str, typer.Option(help="benchmark size: tiny | default | large")] = "default",
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
     """Generate the built-in benchmark, train the generalist, evaluate it, print the table."""
     from kc.demo import run_demo
 

@@ -113,7 +113,14 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
     taxonomy.save(run_dir / "taxonomy.json")
     for s in SPLITS:
         _write_split(data_dir / f"{s}.jsonl", splits[s])
-    atomic_write_json(check_file, {"image_root": str(image_root), "images": len(samples), "kept": len(kept),
-                                   "skipped": skipped, "split_sizes": {s: len(v) for s, v in splits.items()}})
+    atomic_write_json(
+        check_file,
+        {
+            "image_root": str(image_root),
+            "images": len(samples),
+            "kept": len(kept),
+            "skipped": skipped,
+            "split_sizes": {s: len(v) for s, v in splits.items()},
+        },
+    )
     return Run(cfg, run_dir, taxonomy, image_root, splits)
-

@@ -125,8 +125,10 @@ class Taxonomy:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<taxonomy>") -> Taxonomy:
-        if not isinstance(data, dict) or not isinstance(data.get("verticals"), list) or not isinstance(
-            data.get("classes"), list
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("verticals"), list)
+            or not isinstance(data.get("classes"), list)
         ):
             raise TaxonomyError(
                 f"{source}: a taxonomy is a mapping with two lists, 'verticals' and 'classes' "
@@ -226,9 +228,7 @@ def _resolve_verticals(verticals: list[Vertical], raw: list[dict], source: str) 
         if parent is not None and parent in vertical_ids and parent != vertical:
             problems.append(f"class '{cid}': parent is vertical '{parent}' but its vertical is '{vertical}'")
             continue
-        classes.append(
-            ClassInfo(cid, str(entry.get("name", cid)), vertical, parent if parent in by_id else None)
-        )
+        classes.append(ClassInfo(cid, str(entry.get("name", cid)), vertical, parent if parent in by_id else None))
     if problems:
         raise TaxonomyError(format_problems(f"{source}: invalid taxonomy:", problems))
     return classes

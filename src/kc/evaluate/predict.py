@@ -33,8 +33,9 @@ def predict(
     """Scores, targets, and images per second of the forward passes (decoding excluded)."""
     device = torch.device(device)
     dataset = ImageDataset(samples, image_root, data_cfg, train=False)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                        num_workers=data_cfg.num_workers)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=data_cfg.num_workers
+    )
     was_training = model.training
     model.eval().to(device)
     scores, targets = [], []
@@ -52,5 +53,8 @@ def predict(
     model.train(was_training)
     n = len(samples)
     empty = np.zeros((0, num_classes), dtype=np.float32)
-    return (np.concatenate(scores) if scores else empty, np.concatenate(targets) if targets else empty,
-            n / model_seconds if model_seconds > 0 else 0.0)
+    return (
+        np.concatenate(scores) if scores else empty,
+        np.concatenate(targets) if targets else empty,
+        n / model_seconds if model_seconds > 0 else 0.0,
+    )

@@ -11,7 +11,7 @@ from torch import nn
 
 import kc.models.convnet  # noqa: F401  (registers kc_convnet with timm)
 from kc.config import ModelConfig
-from kc.errors import ConfigError, CheckpointError
+from kc.errors import CheckpointError, ConfigError
 from kc.models.heads import DenseHead
 
 

@@ -13,16 +13,26 @@ from torch import nn
 
 
 class ConvNet(nn.Module):
-    def __init__(self, widths: tuple[int, ...] = (24, 48, 96), depth: int = 2, num_classes: int = 1000,
-                 in_chans: int = 3, drop_rate: float = 0.0, **_: object):
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (24, 48, 96),
+        depth: int = 2,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        **_: object,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_chans
         for i, width in enumerate(widths):
             for j in range(depth):
                 stride = 2 if (i > 0 and j == 0) else 1
-                layers += [nn.Conv2d(prev, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width),
-                           nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(prev, width, 3, stride, 1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
                 prev = width
         self.features = nn.Sequential(*layers)
         self.num_features = prev

@@ -105,7 +105,9 @@ class CheckpointDir:
         try:
             return read_json(self.last)
         except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{self.last}: unreadable ({exc}); delete the stage folder to start it over") from None
+            raise CheckpointError(
+                f"{self.last}: unreadable ({exc}); delete the stage folder to start it over"
+            ) from None
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -118,8 +120,14 @@ class CheckpointDir:
         tensors = {**optim_tensors, **rng_tensors}
         atomic_write(self.root / train_file, lambda tmp: save_file(tensors, str(tmp)))
         atomic_write_json(
-            self.last, {**state, "model_file": model_file, "train_file": train_file, "optimizer": optim_plain,
-                        "rng": rng_plain}
+            self.last,
+            {
+                **state,
+                "model_file": model_file,
+                "train_file": train_file,
+                "optimizer": optim_plain,
+                "rng": rng_plain,
+            },
         )
         if old is not None:
             for key in ("model_file", "train_file"):

@@ -17,7 +17,7 @@ from kc.io import atomic_write_json
 from kc.models.classifier import Classifier, build_classifier
 from kc.run import Run
 from kc.train.checkpoint import load_weights
-from kc.train.trainer import TrainResult, Trainer, resolve_device
+from kc.train.trainer import Trainer, TrainResult, resolve_device
 
 GENERALIST = "generalist"
 
@@ -46,14 +46,23 @@ def _check_single_label(run: Run) -> None:
                 )
 
 
-def validation_fn(run: Run, activation: str, device: torch.device, batch_size: int
-                  ) -> Callable[[nn.Module], dict[str, Any]] | None:
+def validation_fn(
+    run: Run, activation: str, device: torch.device, batch_size: int
+) -> Callable[[nn.Module], dict[str, Any]] | None:
     if not run.splits["val"]:
         return None
 
     def validate(model: nn.Module) -> dict[str, Any]:
-        scores, targets, _ = predict(model, run.splits["val"], run.image_root, run.cfg.data, run.taxonomy.num_classes,
-                                     batch_size=batch_size, device=device, activation=activation)
+        scores, targets, _ = predict(
+            model,
+            run.splits["val"],
+            run.image_root,
+            run.cfg.data,
+            run.taxonomy.num_classes,
+            batch_size=batch_size,
+            device=device,
+            activation=activation,
+        )
         m = classification_metrics(scores, targets, run.taxonomy)
         return {k: v for k, v in m.items() if isinstance(v, (int, float))}
 
@@ -67,8 +76,9 @@ def build_stage_model(run: Run, stage: str) -> Classifier:
     raise ValueError(f"unknown stage '{stage}'")
 
 
-def train_generalist(run: Run, *, progress: bool = True, verbose: bool = True,
-                     on_step: Callable[[int], None] | None = None) -> TrainResult:
+def train_generalist(
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
+) -> TrainResult:
     """Backbone + head over all classes, trained on the ground truth alone."""
     cfg = run.cfg
     tcfg = cfg.generalist
@@ -79,10 +89,20 @@ def train_generalist(run: Run, *, progress: bool = True, verbose: bool = True,
     train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=cfg.seed)
     activation = "sigmoid" if tcfg.loss == "bce" else "softmax"
     trainer = Trainer(
-        model, tcfg, run.stage_dir(GENERALIST), train_set, ground_truth_loss(tcfg.loss, run.taxonomy.num_classes),
-        validation_fn(run, activation, device, tcfg.eval_batch_size), seed=cfg.seed, device=device,
+        model,
+        tcfg,
+        run.stage_dir(GENERALIST),
+        train_set,
+        ground_truth_loss(tcfg.loss, run.taxonomy.num_classes),
+        validation_fn(run, activation, device, tcfg.eval_batch_size),
+        seed=cfg.seed,
+        device=device,
         fingerprint=run.taxonomy.fingerprint() + str(cfg.model.model_dump(mode="json")),
-        num_workers=cfg.data.num_workers, progress=progress, verbose=verbose, on_step=on_step, name=GENERALIST,
+        num_workers=cfg.data.num_workers,
+        progress=progress,
+        verbose=verbose,
+        on_step=on_step,
+        name=GENERALIST,
     )
     return trainer.fit()
 
@@ -98,11 +118,26 @@ def evaluate_stage(run: Run, stage: str = GENERALIST, split: str = "test", progr
     tcfg = run.cfg.generalist
     activation = "sigmoid" if tcfg.loss == "bce" else "softmax"
     scores, targets, images_per_s = predict(
-        model, samples, run.image_root, run.cfg.data, run.taxonomy.num_classes, batch_size=tcfg.eval_batch_size,
-        device=device, activation=activation, progress=progress, desc=f"evaluating {stage} on {split}",
+        model,
+        samples,
+        run.image_root,
+        run.cfg.data,
+        run.taxonomy.num_classes,
+        batch_size=tcfg.eval_batch_size,
+        device=device,
+        activation=activation,
+        progress=progress,
+        desc=f"evaluating {stage} on {split}",
     )
     metrics = classification_metrics(scores, targets, run.taxonomy)
-    metrics.update({"stage": stage, "split": split, "inference_images_per_s": images_per_s,
-                    "parameters": sum(p.numel() for p in model.parameters()), "device": str(device)})
+    metrics.update(
+        {
+            "stage": stage,
+            "split": split,
+            "inference_images_per_s": images_per_s,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "device": str(device),
+        }
+    )
     atomic_write_json(run.stage_dir(stage) / f"metrics_{split}.json", metrics)
     return metrics

@@ -78,7 +78,10 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on biases and norm parameters: the usual practice, and it keeps small nets from collapsing.
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.optimizer.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     o = cfg.optimizer
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
@@ -158,8 +161,15 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.model.to(self.device)
         optimizer = make_optimizer(self.model, self.cfg)
-        state = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best_metric": None, "best_epoch": -1,
-                 "history": [], "complete": False}
+        state = {
+            "step": 0,
+            "epoch": 0,
+            "step_in_epoch": 0,
+            "best_metric": None,
+            "best_epoch": -1,
+            "history": [],
+            "complete": False,
+        }
         resumed_from = 0
         if self.ckpt.exists():
             saved = self.ckpt.read_state()
@@ -193,19 +203,37 @@ class Trainer:
         keep = ("step", "epoch", "step_in_epoch", "best_metric", "best_epoch", "history", "complete")
         return {**{k: state[k] for k in keep}, "fingerprint": self.fingerprint}
 
-    def _train_epoch(self, forward_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                     writer: Any) -> None:
+    def _train_epoch(
+        self, forward_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], writer: Any
+    ) -> None:
         epoch = state["epoch"]
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(epoch)
-        batches = EpochBatches(len(self.train_set), self.cfg.batch_size, self.seed, epoch,  # type: ignore[arg-type]
-                               start=state["step_in_epoch"])
-        loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.num_workers, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(self.seed), pin_memory=self.device.type == "cuda")
+        batches = EpochBatches(
+            len(self.train_set),
+            self.cfg.batch_size,
+            self.seed,
+            epoch,  # type: ignore[arg-type]
+            start=state["step_in_epoch"],
+        )
+        loader = DataLoader(
+            self.train_set,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed),
+            pin_memory=self.device.type == "cuda",
+        )
         self.model.train()
-        bar = tqdm(total=self.steps_per_epoch, initial=state["step_in_epoch"], disable=not self.progress,
-                   desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs}", unit="step", leave=False,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            initial=state["step_in_epoch"],
+            disable=not self.progress,
+            desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs}",
+            unit="step",
+            leave=False,
+            dynamic_ncols=True,
+        )
         loss_sum, loss_count, images, start = 0.0, 0, 0, time.perf_counter()
         for batch in loader:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -240,8 +268,11 @@ class Trainer:
                 self.on_step(state["step"])
         bar.close()
         elapsed = time.perf_counter() - start
-        state["_epoch_stats"] = {"train_loss": loss_sum / max(1, loss_count), "seconds": elapsed,
-                                 "images_per_s": images / elapsed if elapsed > 0 else 0.0}
+        state["_epoch_stats"] = {
+            "train_loss": loss_sum / max(1, loss_count),
+            "seconds": elapsed,
+            "images_per_s": images / elapsed if elapsed > 0 else 0.0,
+        }
 
     def _end_epoch(self, optimizer: torch.optim.Optimizer, state: dict[str, Any], writer: Any) -> None:
         stats = state.pop("_epoch_stats")
@@ -253,8 +284,9 @@ class Trainer:
         better = state["best_epoch"] < 0 or (metric is not None and metric > (state["best_metric"] or -math.inf))
         if better or self.validate is None:
             save_weights(self.ckpt.best, self.model)
-            atomic_write_json(self.ckpt.best_info, {"epoch": entry["epoch"], "metric": self.select_metric,
-                                                    "value": metric})
+            atomic_write_json(
+                self.ckpt.best_info, {"epoch": entry["epoch"], "metric": self.select_metric, "value": metric}
+            )
             state["best_metric"], state["best_epoch"] = metric, entry["epoch"]
         for key, value in entry.items():
             if key not in ("epoch", "step"):
@@ -264,10 +296,15 @@ class Trainer:
         state["step_in_epoch"] = 0
         self.model.train()
         self.ckpt.save(self.model, optimizer, self._checkpoint_state(state))
-        val_text = "".join(f" val {k[4:]} {v:.2f}" for k, v in entry.items() if k in (
-            f"val_{self.select_metric}", "val_mean_per_vertical_AP"))
-        self._log(f"{self.name} epoch {entry['epoch']}/{self.cfg.epochs}: loss {entry['train_loss']:.4f}{val_text} "
-                  f"({stats['seconds']:.1f}s, {stats['images_per_s']:.0f} img/s){' *' if better else ''}")
+        val_text = "".join(
+            f" val {k[4:]} {v:.2f}"
+            for k, v in entry.items()
+            if k in (f"val_{self.select_metric}", "val_mean_per_vertical_AP")
+        )
+        self._log(
+            f"{self.name} epoch {entry['epoch']}/{self.cfg.epochs}: loss {entry['train_loss']:.4f}{val_text} "
+            f"({stats['seconds']:.1f}s, {stats['images_per_s']:.0f} img/s){' *' if better else ''}"
+        )
 
     def _result(self, state: dict[str, Any], resumed_from: int) -> TrainResult:
         return TrainResult(self.ckpt.best, state["best_epoch"], state["best_metric"], state["history"], resumed_from)
