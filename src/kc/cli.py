@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -157,12 +155,7 @@ def demo_cmd(
 
 
 def main() -> None:
-    start = time.perf_counter()
-    try:
-        app()
-    finally:
-        if "--timing" in sys.argv:
-            typer.echo(f"{time.perf_counter() - start:.1f}s", err=True)
+    app()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from kc.config import TrainConfig
 from kc.data.dataset import collate
 from kc.errors import CheckpointError, KCError
-from kc.io import atomic_write_json, read_json
+from kc.io import atomic_write_json
 from kc.train.checkpoint import CheckpointDir, save_weights
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
@@ -154,9 +154,6 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------------------------------------ api
-    def is_complete(self) -> bool:
-        return self.ckpt.exists() and self.ckpt.read_state().get("complete", False)
-
     def fit(self) -> TrainResult:
         torch.manual_seed(self.seed)
         self.model.to(self.device)
@@ -190,8 +187,8 @@ class Trainer:
         writer = SummaryWriter(str(self.stage_dir / "tensorboard"), purge_step=state["step"] or None)
         try:
             while state["epoch"] < self.cfg.epochs:
-                self._train_epoch(forward_model, optimizer, state, writer)
-                self._end_epoch(optimizer, state, writer)
+                stats = self._train_epoch(forward_model, optimizer, state, writer)
+                self._end_epoch(optimizer, state, stats, writer)
         finally:
             writer.close()
         state["complete"] = True
@@ -205,7 +202,9 @@ class Trainer:
 
     def _train_epoch(
         self, forward_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], writer: Any
-    ) -> None:
+    ) -> dict[str, float]:
+        """Train to the end of the current epoch (from mid-epoch after a resume); return its loss and speed
+        (after a resume, over the part of the epoch run since)."""
         epoch = state["epoch"]
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(epoch)
@@ -268,14 +267,15 @@ class Trainer:
                 self.on_step(state["step"])
         bar.close()
         elapsed = time.perf_counter() - start
-        state["_epoch_stats"] = {
+        return {
             "train_loss": loss_sum / max(1, loss_count),
             "seconds": elapsed,
             "images_per_s": images / elapsed if elapsed > 0 else 0.0,
         }
 
-    def _end_epoch(self, optimizer: torch.optim.Optimizer, state: dict[str, Any], writer: Any) -> None:
-        stats = state.pop("_epoch_stats")
+    def _end_epoch(
+        self, optimizer: torch.optim.Optimizer, state: dict[str, Any], stats: dict[str, float], writer: Any
+    ) -> None:
         entry: dict[str, Any] = {"epoch": state["epoch"] + 1, "step": state["step"], **stats}
         if self.validate is not None:
             val = self.validate(self.model)
@@ -312,8 +312,3 @@ class Trainer:
     def _log(self, text: str) -> None:
         if self.verbose:
             tqdm.write(text, file=sys.stderr)
-
-
-def read_history(stage_dir: Path) -> list[dict[str, Any]]:
-    last = Path(stage_dir) / "checkpoints" / "last.json"
-    return read_json(last).get("history", []) if last.is_file() else []

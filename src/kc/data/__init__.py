@@ -1,0 +1,1 @@
+"""Labelled images: manifests, image folders, splits, decoding, and the built-in benchmark."""

@@ -1,0 +1,79 @@
+"""The torch Dataset over `Sample`s: decode, resize, augment deterministically, normalise.
+
+Augmentation randomness comes from a generator seeded by (seed, epoch, index), so an image gets the same view in
+an epoch whatever the worker count and whether or not the run was resumed mid-epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from kc.config import DataConfig
+from kc.data.images import decode_rgb
+from kc.data.samples import Sample
+from kc.errors import DataError
+
+
+class ImageDataset(Dataset):
+    def __init__(self, samples: list[Sample], image_root: Path, cfg: DataConfig, train: bool, seed: int = 0):
+        self.samples = samples
+        self.image_root = image_root
+        self.size = cfg.image_size
+        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(3, 1, 1)
+        self.augment = cfg.augment if train else None
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> torch.Tensor:
+        sample = self.samples[index]
+        try:
+            img = decode_rgb(self.image_root / sample.path)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{sample.where}: cannot read {self.image_root / sample.path}: {exc}") from None
+        x = TF.pil_to_tensor(img)
+        if x.shape[-2:] != (self.size, self.size):
+            x = TF.center_crop(TF.resize(x, self.size, antialias=True), [self.size, self.size])
+        return x.float().div_(255.0)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x = self.load(index)
+        if self.augment is not None and (self.augment.hflip or self.augment.crop_padding):
+            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+            if self.augment.crop_padding:
+                p = self.augment.crop_padding
+                x = F.pad(x, (p, p, p, p))
+                top, left = torch.randint(0, 2 * p + 1, (2,), generator=gen).tolist()
+                x = x[:, top : top + self.size, left : left + self.size]
+            if self.augment.hflip and torch.rand((), generator=gen) < 0.5:
+                x = x.flip(-1)
+        x = (x - self.mean) / self.std
+        return x, torch.tensor(self.samples[index].labels, dtype=torch.long), index
+
+
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, torch.Tensor]:
+    """Images stacked; labels as a (B, L) index matrix padded with -1 (dense targets are built on device)."""
+    images = torch.stack([b[0] for b in batch])
+    width = max(1, max(len(b[1]) for b in batch))
+    labels = torch.full((len(batch), width), -1, dtype=torch.long)
+    for i, b in enumerate(batch):
+        labels[i, : len(b[1])] = b[1]
+    return {"images": images, "labels": labels, "index": torch.tensor([b[2] for b in batch])}
+
+
+def dense_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, L) padded label indices -> (B, C) multi-hot float targets."""
+    targets = torch.zeros(labels.shape[0], num_classes + 1, device=labels.device)
+    targets.scatter_(1, labels.clamp(min=-1) % (num_classes + 1), 1.0)  # -1 lands in the extra column
+    return targets[:, :num_classes]

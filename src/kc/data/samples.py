@@ -1,0 +1,151 @@
+"""Reading labelled images from a manifest (CSV or JSONL) or an ImageFolder tree into `Sample`s.
+
+Manifest CSV: a header with ``path`` and ``labels`` (and optionally ``split``); several labels are separated by
+``;``. JSONL: one object per line with the same keys, ``labels`` a list. Paths are relative to the image root.
+Every problem (unknown class, missing file, duplicate path, bad split) is reported with its file and line,
+all at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kc.errors import DataError, format_problems
+from kc.taxonomy import ClassInfo, Taxonomy, Vertical
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+LABEL_SEPARATOR = ";"
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # relative to the image root
+    labels: tuple[int, ...]  # class indices (taxonomy order), sorted, unique
+    split: str | None  # train / val / test, or None until a seeded split assigns one
+    where: str  # "file:line" for messages
+
+    def with_split(self, split: str) -> Sample:
+        return Sample(self.path, self.labels, split, self.where)
+
+
+def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ancestors: bool = False) -> list[Sample]:
+    if not path.is_file():
+        raise DataError(f"{path}: manifest not found; check 'data.manifest' in your config")
+    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    problems: list[str] = []
+    samples: list[Sample] = []
+    seen: dict[str, str] = {}
+    for where, rel, labels, split in rows:
+        if isinstance(labels, str):
+            labels = [x.strip() for x in labels.split(LABEL_SEPARATOR) if x.strip()]
+        ok = True
+        if not rel:
+            problems.append(f"{where}: empty image path")
+            continue
+        if rel in seen:
+            problems.append(f"{where}: duplicate image '{rel}' (first at {seen[rel]}); list each image once")
+            ok = False
+        seen.setdefault(rel, where)
+        indices = []
+        for label in labels:
+            idx = taxonomy.class_index.get(label)
+            if idx is None:
+                problems.append(f"{where}: unknown class id '{label}' (not in {taxonomy.source})")
+                ok = False
+            else:
+                indices.append(idx)
+                if expand_ancestors:
+                    indices.extend(taxonomy.ancestors(idx))
+        if split is not None and split not in SPLITS:
+            problems.append(f"{where}: split '{split}' is not one of {', '.join(SPLITS)}")
+            ok = False
+        if not (image_root / rel).is_file():
+            problems.append(f"{where}: image file not found: {image_root / rel}")
+            ok = False
+        if ok:
+            samples.append(Sample(rel, tuple(sorted(set(indices))), split, where))
+    if problems:
+        raise DataError(format_problems(f"{path}: {len(problems)} problem(s) in the manifest:", problems))
+    if not samples:
+        raise DataError(f"{path}: the manifest lists no images")
+    splits_given = {s.split is not None for s in samples}
+    if len(splits_given) > 1:
+        missing = next(s for s in samples if s.split is None)
+        raise DataError(f"{missing.where}: no split, while other rows have one; give every row a split or none")
+    return samples
+
+
+def _read_csv(path: Path) -> list[tuple[str, str, list[str] | str, str | None]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        for required in ("path", "labels"):
+            if required not in fields:
+                raise DataError(
+                    f"{path}:1: the CSV header needs a '{required}' column (found: {', '.join(fields) or 'none'})"
+                )
+        rows = []
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if None in row:
+                raise DataError(f"{where}: more fields than the header has; quote paths that contain commas")
+            split = (row.get("split") or "").strip() or None
+            rows.append((where, (row["path"] or "").strip(), row["labels"] or "", split))
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, str, list[str] | str, str | None]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict) or "path" not in obj or "labels" not in obj:
+                raise DataError(f"{where}: each line needs an object with 'path' and 'labels'")
+            labels = obj["labels"]
+            if not isinstance(labels, (list, str)) or (isinstance(labels, list) and not all(
+                isinstance(x, str) for x in labels
+            )):
+                raise DataError(f"{where}: 'labels' must be a list of class ids")
+            rows.append((where, str(obj["path"]).strip(), labels, obj.get("split")))
+    return rows
+
+
+def load_image_folder(root: Path) -> tuple[Taxonomy, list[Sample]]:
+    """Read root/<vertical>/<class>/<image> (or root/<split>/<vertical>/<class>/<image>), deriving the taxonomy.
+
+    Class ids are '<vertical>/<class>' so that equal class folder names in two verticals stay distinct.
+    """
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found; check 'data.image_folder' in your config")
+    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    split_layout = bool(subdirs) and set(subdirs) <= set(SPLITS)
+    tops = [(root / s, s) for s in subdirs] if split_layout else [(root, None)]
+    verticals: dict[str, Vertical] = {}
+    classes: dict[str, ClassInfo] = {}
+    entries: list[tuple[str, str, str | None]] = []
+    for top, split in tops:
+        for vdir in sorted(p for p in top.iterdir() if p.is_dir()):
+            verticals.setdefault(vdir.name, Vertical(vdir.name, vdir.name))
+            for cdir in sorted(p for p in vdir.iterdir() if p.is_dir()):
+                cid = f"{vdir.name}/{cdir.name}"
+                classes.setdefault(cid, ClassInfo(cid, cdir.name, vdir.name))
+                for img in sorted(cdir.iterdir()):
+                    if img.is_file() and img.suffix.lower() in IMAGE_SUFFIXES:
+                        entries.append((str(img.relative_to(root)), cid, split))
+    if not classes:
+        raise DataError(f"{root}: no <vertical>/<class>/ folders found; expected root/<vertical>/<class>/<image>")
+    taxonomy = Taxonomy(list(verticals.values()), list(classes.values()), source=str(root))
+    samples = [Sample(rel, (taxonomy.class_index[cid],), split, f"{root / rel}") for rel, cid, split in entries]
+    if not samples:
+        raise DataError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
+    return taxonomy, samples
