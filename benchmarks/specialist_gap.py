@@ -31,8 +31,8 @@ from kc.demo import DEMO_CONFIG
 from kc.evaluate.metrics import average_precision
 from kc.evaluate.predict import predict
 from kc.run import prepare_run
-from kc.train.checkpoint import load_weights
-from kc.train.stages import build_stage_model, ground_truth_loss, train_generalist
+from kc.train.common import GENERALIST, ground_truth_loss, load_stage, new_generalist_model
+from kc.train.generalist import train_generalist
 from kc.train.trainer import Trainer
 
 
@@ -73,8 +73,7 @@ def main() -> None:
     tax, C = run.taxonomy, run.taxonomy.num_classes
     start = time.perf_counter()
     train_generalist(run, progress=False)
-    generalist = build_stage_model(run, "generalist")
-    load_weights(run.stage_dir("generalist") / "checkpoints" / "best.safetensors", generalist)
+    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
     test = run.splits["test"]
     scores, targets, _ = predict(generalist, test, run.image_root, cfg.data, C)
     gen_ap = average_precision(scores, targets)

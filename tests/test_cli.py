@@ -106,5 +106,18 @@ def test_demo_on_the_tiny_preset(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "mean per-vertical AP" in result.output and "wall time" in result.output
-    assert (tmp_path / "demo" / "run" / "demo_timings.json").is_file()
+    assert "| student |" in result.output and "wall time" in result.output
+    assert (tmp_path / "demo" / "run" / "report.md").is_file() and (
+        tmp_path / "demo" / "run" / "timings.json"
+    ).is_file()
+
+
+def test_a_moved_run_directory_still_works(tmp_path, tiny_benchmark):
+    import shutil
+
+    config = write_config(tmp_path, tiny_benchmark)
+    assert runner.invoke(app, ["generalist", str(config), "--no-progress"]).exit_code == 0
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "moved"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "moved" / "generalist" / "metrics_test.json").is_file()

@@ -49,12 +49,14 @@ def _load(config: Path, overrides: list[str] | None):
 
 
 def _open_run(target: Path, overrides: list[str] | None, progress: bool):
-    """A run from a config file, or from a run directory (its config.yaml)."""
+    """A run from a config file, or from a run directory (its config.yaml; the directory may have been moved)."""
     from kc.run import prepare_run
 
+    overrides = list(overrides or [])
     if target.is_dir():
         if not (target / "config.yaml").is_file():
             raise KCError(f"{target}: not a run directory (no config.yaml); give a config file or a run directory")
+        overrides.insert(0, f"run_dir={target.resolve()}")
         target = target / "config.yaml"
     return prepare_run(_load(target, overrides), progress=progress)
 
@@ -110,7 +112,7 @@ def generalist_cmd(
     no_progress: NoProgress = False,
 ) -> None:
     """Train the generalist (all classes, ground-truth loss). Resumes an interrupted run; skips a finished one."""
-    from kc.train.stages import train_generalist
+    from kc.train.generalist import train_generalist
 
     run = _open_run(config, set_, not no_progress)
     result = train_generalist(run, progress=not no_progress)
@@ -130,7 +132,7 @@ def evaluate_cmd(
 ) -> None:
     """Score a trained stage: mAP, per-vertical AP, mean per-vertical AP; writes metrics_<split>.json."""
     from kc.evaluate.report import metrics_table
-    from kc.train.stages import evaluate_stage
+    from kc.evaluate.stage import evaluate_stage
 
     if split not in ("train", "val", "test"):
         raise KCError(f"--split: '{split}' is not one of train, val, test")
@@ -138,6 +140,90 @@ def evaluate_cmd(
     metrics = evaluate_stage(run, stage, split, progress=not no_progress)
     typer.echo(f"\n{stage} on {split} ({metrics['images']} images):\n")
     typer.echo(metrics_table(metrics, run.taxonomy))
+
+
+@app.command("specialists")
+@user_errors
+def specialists_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    only: Annotated[str | None, typer.Option(help="train only this vertical's specialist")] = None,
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train one specialist per vertical from the generalist. Skips finished ones, resumes an interrupted one."""
+    from kc.train.specialists import train_specialists
+
+    run = _open_run(config, set_, not no_progress)
+    for vertical, result in train_specialists(run, only, progress=not no_progress).items():
+        typer.echo(f"specialist {vertical}: best epoch {result.best_epoch}, val mAP {result.best_metric}")
+
+
+@app.command("distill")
+@user_errors
+def distill_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train the student from the generalist, taught by the specialists each image's labels select."""
+    from kc.train.student import train_student
+
+    run = _open_run(config, set_, not no_progress)
+    result = train_student(run, progress=not no_progress)
+    typer.echo(f"student: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
+
+
+@app.command("control")
+@user_errors
+def control_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train the same-compute control: the generalist trained on for the student's epochs, ground truth only."""
+    from kc.train.generalist import train_control
+
+    run = _open_run(config, set_, not no_progress)
+    result = train_control(run, progress=not no_progress)
+    typer.echo(f"control: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Score every trained model of the run side by side; write RUN/report.md and RUN/metrics.json."""
+    from kc.evaluate.compare import compare
+    from kc.evaluate.report import comparison_table
+    from kc.io import read_json
+    from kc.pipeline import write_report
+
+    run = _open_run(config, set_, not no_progress)
+    result = compare(run, "test", progress=not no_progress)
+    timings_path = run.dir / "timings.json"
+    write_report(run, result, read_json(timings_path) if timings_path.is_file() else {})
+    typer.echo(comparison_table(result))
+    typer.echo(f"\nreport: {run.dir / 'report.md'}")
+
+
+@app.command("pipeline")
+@user_errors
+def pipeline_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """generalist -> specialists -> student -> control -> report. Re-run the same command to resume."""
+    from kc.evaluate.report import comparison_table
+    from kc.pipeline import run_pipeline
+
+    run = _open_run(config, set_, not no_progress)
+    result = run_pipeline(run, progress=not no_progress)
+    typer.echo(comparison_table(result))
+    typer.echo(f"\nreport: {run.dir / 'report.md'}")
 
 
 @app.command("demo")
@@ -148,7 +234,7 @@ def demo_cmd(
     set_: SetOption = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Generate the built-in benchmark, train the generalist, evaluate it, print the table."""
+    """Generate the built-in benchmark and run the whole pipeline on it; print the comparison table."""
     from kc.demo import run_demo
 
     run_demo(run_dir, preset, set_ or [], progress=not no_progress, echo=typer.echo)

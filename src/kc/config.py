@@ -107,6 +107,35 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)
 
 
+class SpecialistConfig(TrainConfig):
+    """One specialist per vertical, initialised from the generalist, trained on that vertical's images."""
+
+    negatives_per_image: float = Field(
+        1.0,
+        ge=0,
+        description="images of other verticals per image of the vertical, as all-negative examples "
+        "(Hinton et al. 2015: 1.0, half and half)",
+    )
+    other_output: bool = Field(False, description="add an 'other' output, 1 on images of no class of the vertical")
+
+
+class StudentConfig(TrainConfig):
+    """The student: initialised from the generalist, distilled from the specialists selected by each image's labels."""
+
+    top_k: int = Field(100, ge=1, description="teacher probabilities kept per selected vertical (paper: 100)")
+    temperature: float = Field(1.0, gt=0, description="teacher and student logits divided by T, loss times T^2")
+    ground_truth: Literal["none", "max", "weighted"] = Field(
+        "max",
+        description="none: soft targets only (paper); max: target max(y, z*); "
+        "weighted: (1-w) * distillation loss + w * ground-truth loss",
+    )
+    ground_truth_weight: float = Field(0.5, ge=0, le=1, description="w for ground_truth: weighted")
+    unselected: Literal["zero", "ignore"] = Field(
+        "zero",
+        description="classes of verticals no teacher was selected for: target 0 (paper), or no distillation loss there",
+    )
+
+
 class RunConfig(_Strict):
     run_dir: Path = Path("runs/default")
     seed: int = 0
@@ -114,6 +143,13 @@ class RunConfig(_Strict):
     data: DataConfig
     model: ModelConfig = ModelConfig()
     generalist: TrainConfig = TrainConfig()
+    specialists: SpecialistConfig = SpecialistConfig()
+    student: StudentConfig = StudentConfig()
+    control: bool = Field(
+        True,
+        description="also train the generalist on for the student's epochs with ground truth only: the "
+        "same-compute control without which a student's gain may be nothing but extra training",
+    )
 
     def resolved(self) -> dict[str, Any]:
         """The config as plain data with absolute paths, for the run directory."""

@@ -10,10 +10,10 @@ from typing import Any
 from kc.config import config_from_dict, merge, parse_override
 from kc.data.benchmark import PRESETS, generate_benchmark
 from kc.errors import KCError
-from kc.evaluate.report import metrics_table
-from kc.io import atomic_write_json
+from kc.evaluate.report import comparison_table
+from kc.io import read_json
+from kc.pipeline import run_pipeline
 from kc.run import prepare_run
-from kc.train.stages import evaluate_stage, train_generalist
 
 # The demo's generalist is small on purpose (a 4-8-16 channel CNN): on the default benchmark it is limited by
 # capacity on the fine distinctions, the regime where specialists and knowledge concentration help. The numbers
@@ -32,25 +32,31 @@ DEMO_CONFIG: dict[str, Any] = {
         "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001},
         "schedule": {"name": "cosine", "warmup_epochs": 0.5},
     },
+    "specialists": {
+        "epochs": 10,
+        "batch_size": 128,
+        "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001},
+        "schedule": {"name": "cosine", "warmup_epochs": 0.5},
+    },
+    "student": {
+        "epochs": 10,
+        "batch_size": 128,
+        "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.0001},
+        "schedule": {"name": "cosine", "warmup_epochs": 0.5},
+    },
 }
 
 
 def run_demo(
-    run_dir: Path,
-    preset: str,
-    overrides: list[str],
-    progress: bool = True,
-    echo: Callable[[str], None] = print,
+    run_dir: Path, preset: str, overrides: list[str], progress: bool = True, echo: Callable[[str], None] = print
 ) -> dict[str, Any]:
     if preset not in PRESETS:
         raise KCError(f"--preset: '{preset}' is not one of {', '.join(PRESETS)}")
     run_dir = run_dir.resolve()
-    timings: dict[str, float] = {}
-
-    start = time.perf_counter()
     spec = PRESETS[preset]
+    start = time.perf_counter()
     manifest = generate_benchmark(run_dir / "benchmark", spec, progress=progress)
-    timings["generate benchmark"] = time.perf_counter() - start
+    generate_seconds = time.perf_counter() - start
 
     data = merge(
         DEMO_CONFIG,
@@ -66,23 +72,21 @@ def run_demo(
     for text in overrides:
         data = merge(data, parse_override(text))
     cfg = config_from_dict(data, source="kc demo")
-
     start = time.perf_counter()
     run = prepare_run(cfg, progress=progress)
-    timings["prepare data"] = time.perf_counter() - start
-    start = time.perf_counter()
-    train_generalist(run, progress=progress)
-    timings["train generalist"] = time.perf_counter() - start
-    start = time.perf_counter()
-    metrics = evaluate_stage(run, "generalist", "test", progress=progress)
-    timings["evaluate"] = time.perf_counter() - start
+    prepare_seconds = time.perf_counter() - start
+    result = run_pipeline(run, progress=progress)
 
-    atomic_write_json(run.dir / "demo_timings.json", timings)
     echo(
-        f"\nGeneralist on the built-in benchmark ({preset}: {spec.verticals} verticals x "
-        f"{spec.classes_per_vertical} classes), test split, {metrics['images']} images:\n"
+        f"\nKnowledge concentration on the built-in benchmark ({preset}: {spec.verticals} verticals x "
+        f"{spec.classes_per_vertical} classes), test split, {result['images']} images:\n"
     )
-    echo(metrics_table(metrics, run.taxonomy))
+    echo(comparison_table(result))
+    timings = {
+        "generate benchmark": generate_seconds,
+        "prepare data": prepare_seconds,
+        **read_json(run.dir / "timings.json"),
+    }
     echo("\nwall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
-    echo(f"run directory: {run.dir}")
-    return metrics
+    echo(f"report: {run.dir / 'report.md'}")
+    return result

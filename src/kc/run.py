@@ -29,9 +29,9 @@ from kc.io import atomic_write_json, atomic_write_text, read_json
 from kc.taxonomy import Taxonomy
 
 # Keys whose change does not change any result, so a run may be resumed with them changed.
-_FREE_KEYS = {"device", "data.num_workers"}
+_FREE_KEYS = {"run_dir", "device", "data.num_workers"}
 # Training sections: each stage's checkpoint fingerprint guards its own section, so they are not checked here.
-_STAGE_SECTIONS = ("generalist.",)
+_STAGE_SECTIONS = ("generalist.", "specialists.", "student.", "control")
 
 
 @dataclass

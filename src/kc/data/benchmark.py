@@ -19,7 +19,6 @@ right halves) and carries both labels. Everything follows from ``seed``: the sam
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -70,11 +69,13 @@ class BenchmarkSpec:
 
 
 PRESETS: dict[str, BenchmarkSpec] = {
-    "tiny": BenchmarkSpec(verticals=3, classes_per_vertical=4, train_per_class=12, val_per_class=3,
-                          test_per_class=4, image_size=16),
+    "tiny": BenchmarkSpec(
+        verticals=3, classes_per_vertical=4, train_per_class=12, val_per_class=3, test_per_class=4, image_size=16
+    ),
     "default": BenchmarkSpec(),
-    "large": BenchmarkSpec(verticals=20, classes_per_vertical=50, train_per_class=60, val_per_class=5,
-                           test_per_class=10, fine_bits=6),
+    "large": BenchmarkSpec(
+        verticals=20, classes_per_vertical=50, train_per_class=60, val_per_class=5, test_per_class=10, fine_bits=6
+    ),
 }
 
 
@@ -135,8 +136,15 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)
 
 
-def _draw_object(img: np.ndarray, design: _Design, spec: BenchmarkSpec, v: int, k: int,
-                 box: tuple[int, int, int, int], rng: np.random.Generator) -> None:
+def _draw_object(
+    img: np.ndarray,
+    design: _Design,
+    spec: BenchmarkSpec,
+    v: int,
+    k: int,
+    box: tuple[int, int, int, int],
+    rng: np.random.Generator,
+) -> None:
     """Draw class (v, k) into img[y0:y1, x0:x1] in place."""
     y0, y1, x0, x1 = box
     h, w = y1 - y0, x1 - x0
@@ -164,8 +172,9 @@ def _draw_object(img: np.ndarray, design: _Design, spec: BenchmarkSpec, v: int, 
     img[mask] = texture[mask]
 
 
-def render(design: _Design, spec: BenchmarkSpec, objects: list[tuple[int, int]], rng: np.random.Generator
-           ) -> np.ndarray:
+def render(
+    design: _Design, spec: BenchmarkSpec, objects: list[tuple[int, int]], rng: np.random.Generator
+) -> np.ndarray:
     """An (S, S, 3) uint8 image of one object, or two side by side."""
     size = spec.image_size
     bg = _hsv_to_rgb(rng.random(), rng.uniform(0.0, 0.3), rng.uniform(0.2, 0.7))
@@ -227,8 +236,9 @@ def generate_benchmark(out: Path, spec: BenchmarkSpec, progress: bool = True) ->
                     path = out / rel
                     path.parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(render(design, spec, objects, img_rng)).save(path, compress_level=1)
-                    labels = ";".join(taxonomy.classes[taxonomy.class_index[f"v{a:02d}.c{b:03d}"]].id
-                                      for a, b in sorted(set(objects)))
+                    labels = ";".join(
+                        taxonomy.classes[taxonomy.class_index[f"v{a:02d}.c{b:03d}"]].id for a, b in sorted(set(objects))
+                    )
                     rows.append((rel, labels, split))
                     bar.update()
     bar.close()

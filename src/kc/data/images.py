@@ -47,8 +47,14 @@ def check_images(
     paths = [image_root / s.path for s in samples]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = list(
-            tqdm(pool.map(image_problem, paths), total=len(paths), desc="checking images", disable=not progress,
-                 leave=False, unit="img")
+            tqdm(
+                pool.map(image_problem, paths),
+                total=len(paths),
+                desc="checking images",
+                disable=not progress,
+                leave=False,
+                unit="img",
+            )
         )
     bad = [(s, why) for s, why in zip(samples, results, strict=True) if why is not None]
     if bad and policy == "fail":

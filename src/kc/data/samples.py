@@ -112,9 +112,9 @@ def _read_jsonl(path: Path) -> list[tuple[str, str, list[str] | str, str | None]
             if not isinstance(obj, dict) or "path" not in obj or "labels" not in obj:
                 raise DataError(f"{where}: each line needs an object with 'path' and 'labels'")
             labels = obj["labels"]
-            if not isinstance(labels, (list, str)) or (isinstance(labels, list) and not all(
-                isinstance(x, str) for x in labels
-            )):
+            if not isinstance(labels, (list, str)) or (
+                isinstance(labels, list) and not all(isinstance(x, str) for x in labels)
+            ):
                 raise DataError(f"{where}: 'labels' must be a list of class ids")
             rows.append((where, str(obj["path"]).strip(), labels, obj.get("split")))
     return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import timm
@@ -76,3 +77,22 @@ def build_classifier(cfg: ModelConfig, num_classes: int) -> Classifier:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def restrict_outputs(model: Classifier, start: int, end: int, other_output: bool = False) -> Classifier:
+    """A copy of `model` whose output layer keeps only classes [start, end): a specialist made from a generalist.
+
+    Backbone and hidden layers are copied unchanged and the kept output rows copied exactly, so the new model's
+    outputs equal the old model's on those classes until it is trained. An 'other' output, if asked for, starts
+    with zero weights and bias (probability 0.5 on every image).
+    """
+    specialist = copy.deepcopy(model)
+    old = model.head.out
+    new = nn.Linear(old.in_features, end - start + (1 if other_output else 0))
+    with torch.no_grad():
+        new.weight.zero_()
+        new.bias.zero_()
+        new.weight[: end - start].copy_(old.weight[start:end])
+        new.bias[: end - start].copy_(old.bias[start:end])
+    specialist.head.out = new
+    return specialist

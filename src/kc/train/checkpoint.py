@@ -28,7 +28,7 @@ def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None =
 
 def load_weights(path: Path, model: nn.Module, strict: bool = True) -> None:
     if not path.is_file():
-        raise CheckpointError(f"{path}: weights not found; has this stage been trained?")
+        raise CheckpointError(f"{path}: weights not found; train that stage first (kc pipeline runs every stage)")
     try:
         state = load_file(str(path))
     except Exception as exc:

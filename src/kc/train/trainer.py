@@ -43,18 +43,27 @@ class TrainingDiverged(KCError):
 
 
 class EpochBatches(Sampler[list[int]]):
-    """The batches of one epoch: a permutation seeded by (seed, epoch), from batch `start` on; last partial dropped."""
+    """The batches of one epoch: a permutation seeded by (seed, epoch), from batch `start` on.
+
+    A last partial batch is dropped (tiny batches upset BatchNorm), except that a dataset smaller than one batch
+    is one batch of all its images, so a small vertical still trains.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
-        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+        self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
+        self.batch_size = min(batch_size, n)
+
+    @staticmethod
+    def per_epoch(n: int, batch_size: int) -> int:
+        return n // min(batch_size, n) if n else 0
 
     def __len__(self) -> int:
-        return max(0, self.n // self.batch_size - self.start)
+        return max(0, self.per_epoch(self.n, self.batch_size) - self.start)
 
     def __iter__(self) -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=gen).tolist()
-        for b in range(self.start, self.n // self.batch_size):
+        for b in range(self.start, self.per_epoch(self.n, self.batch_size)):
             yield order[b * self.batch_size : (b + 1) * self.batch_size]
 
 
@@ -146,12 +155,9 @@ class Trainer:
         self.on_step = on_step
         self.name = name
         self.ckpt = CheckpointDir(self.stage_dir / "checkpoints")
-        self.steps_per_epoch = len(train_set) // cfg.batch_size  # type: ignore[arg-type]
+        self.steps_per_epoch = EpochBatches.per_epoch(len(train_set), cfg.batch_size)  # type: ignore[arg-type]
         if self.steps_per_epoch == 0:
-            raise KCError(
-                f"{name}: {len(train_set)} training images is fewer than one batch of {cfg.batch_size}; "  # type: ignore[arg-type]
-                "lower batch_size or add images"
-            )
+            raise KCError(f"{name}: no training images")
 
     # ------------------------------------------------------------------------------------------------ api
     def fit(self) -> TrainResult:
@@ -312,3 +318,9 @@ class Trainer:
     def _log(self, text: str) -> None:
         if self.verbose:
             tqdm.write(text, file=sys.stderr)
+
+
+def stage_complete(stage_dir: Path) -> bool:
+    """Whether a stage has finished training (its last checkpoint says so)."""
+    last = CheckpointDir(Path(stage_dir) / "checkpoints")
+    return last.exists() and bool(last.read_state().get("complete"))

@@ -1,0 +1,63 @@
+"""`kc pipeline`: generalist -> specialists -> student -> control -> comparison report, resumable at every stage.
+
+Finished stages are skipped and an interrupted one resumes from its last checkpoint, so re-running the same
+command after any interruption finishes the run. Each stage's wall time is kept in RUN/timings.json (a stage
+skipped because it was already done keeps the time it took when it ran).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kc.evaluate.compare import compare
+from kc.evaluate.report import run_report
+from kc.io import atomic_write_json, atomic_write_text, read_json
+from kc.run import Run
+from kc.train.common import CONTROL, GENERALIST, STUDENT, specialist_dir
+from kc.train.generalist import train_control, train_generalist
+from kc.train.specialists import train_specialists
+from kc.train.student import train_student
+from kc.train.trainer import stage_complete
+
+
+def _stage_dirs(run: Run, stage: str) -> list[Path]:
+    if stage == "specialists":
+        return [specialist_dir(run, v) for v in range(run.taxonomy.num_verticals)]
+    return [run.stage_dir(stage)]
+
+
+def run_pipeline(
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    timings_path = run.dir / "timings.json"
+    timings: dict[str, float] = read_json(timings_path) if timings_path.is_file() else {}
+    kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
+    stages: list[tuple[str, Callable[[], Any]]] = [
+        (GENERALIST, lambda: train_generalist(run, **kw)),
+        ("specialists", lambda: train_specialists(run, **kw)),
+        (STUDENT, lambda: train_student(run, **kw)),
+    ]
+    if run.cfg.control:
+        stages.append((CONTROL, lambda: train_control(run, **kw)))
+    for name, train in stages:
+        done_before = all(stage_complete(d) for d in _stage_dirs(run, name))
+        start = time.perf_counter()
+        train()
+        if not done_before or name not in timings:
+            timings[name] = time.perf_counter() - start
+            atomic_write_json(timings_path, timings)
+    start = time.perf_counter()
+    result = compare(run, "test", progress=progress)
+    timings["evaluation"] = time.perf_counter() - start
+    atomic_write_json(timings_path, timings)
+    write_report(run, result, timings)
+    return result
+
+
+def write_report(run: Run, result: dict[str, Any], timings: dict[str, float]) -> None:
+    config_yaml = (run.dir / "config.yaml").read_text(encoding="utf-8")
+    atomic_write_json(run.dir / "metrics.json", {**result, "timings": timings, "config": run.cfg.resolved()})
+    atomic_write_text(run.dir / "report.md", run_report(result, run.taxonomy, config_yaml, timings))

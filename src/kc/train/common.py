@@ -1,0 +1,112 @@
+"""What every stage shares: the ground-truth loss, validation, stage directories and loading trained models."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kc.data.dataset import dense_targets
+from kc.errors import CheckpointError, DataError
+from kc.evaluate.metrics import average_precision, classification_metrics
+from kc.evaluate.predict import predict
+from kc.models.classifier import Classifier, build_classifier
+from kc.run import Run
+from kc.train.checkpoint import load_weights
+
+GENERALIST, STUDENT, CONTROL = "generalist", "student", "control"
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+def ground_truth_loss(kind: str, num_classes: int) -> LossFn:
+    """bce: sigmoid cross-entropy summed over classes, averaged over images. softmax: cross-entropy."""
+
+    def bce(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(batch["images"]).float()
+        targets = dense_targets(batch["labels"], num_classes)
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+
+    def softmax(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(model(batch["images"]).float(), batch["labels"][:, 0])
+
+    return bce if kind == "bce" else softmax
+
+
+def check_single_label(run: Run) -> None:
+    for split, samples in run.splits.items():
+        for s in samples:
+            if len(s.labels) != 1:
+                raise DataError(
+                    f"{s.where}: has {len(s.labels)} labels, but loss 'softmax' needs exactly one per image "
+                    f"({split} split); use loss: bce for multi-label data"
+                )
+
+
+def validation_fn(
+    run: Run, device: torch.device, batch_size: int, activation: str = "sigmoid", classes: tuple[int, int] | None = None
+) -> Callable[[nn.Module], dict[str, Any]] | None:
+    """Metrics on the val split: over all classes, or (specialists) mAP over the classes [start, end) only."""
+    if not run.splits["val"]:
+        return None
+
+    def validate(model: nn.Module) -> dict[str, Any]:
+        C = run.taxonomy.num_classes
+        scores, targets, _ = predict(
+            model,
+            run.splits["val"],
+            run.image_root,
+            run.cfg.data,
+            C,
+            batch_size=batch_size,
+            device=device,
+            activation=activation,
+        )
+        if classes is not None:
+            start, end = classes
+            ap = average_precision(scores[:, : end - start], targets[:, start:end])
+            scored = ap[~np.isnan(ap)]
+            return {"mAP": 100 * float(scored.mean()) if scored.size else 0.0}
+        m = classification_metrics(scores, targets, run.taxonomy)
+        return {k: v for k, v in m.items() if isinstance(v, (int, float))}
+
+    return validate
+
+
+def specialist_dir(run: Run, vertical: int) -> Path:
+    """RUN/specialists/<index>_<vertical id>, the id made safe for a file name (Open Images ids hold '/')."""
+    vid = run.taxonomy.verticals[vertical].id
+    return run.dir / "specialists" / f"{vertical:03d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', vid)}"
+
+
+def best_weights(stage_dir: Path) -> Path:
+    return stage_dir / "checkpoints" / "best.safetensors"
+
+
+def file_digest(path: Path) -> str:
+    """What a later stage records of the weights it started from, to notice when they were retrained."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights not found; train that stage first (kc pipeline runs every stage)")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def new_generalist_model(run: Run) -> Classifier:
+    """The generalist architecture (also the student's and the control's), seeded."""
+    torch.manual_seed(run.cfg.seed)
+    return build_classifier(run.cfg.model, run.taxonomy.num_classes)
+
+
+def load_stage(run: Run, stage_dir: Path, model: Classifier) -> Classifier:
+    """Load a finished stage's best weights into `model`."""
+    load_weights(best_weights(stage_dir), model)
+    return model

@@ -1,0 +1,82 @@
+"""The generalist (all classes, ground truth only) and the control (the generalist trained on for the student's
+epochs, same data and schedule: the comparison without which a student's gain may be extra training alone)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from kc.config import TrainConfig
+from kc.data.dataset import ImageDataset
+from kc.run import Run
+from kc.train.common import (
+    CONTROL,
+    GENERALIST,
+    best_weights,
+    check_single_label,
+    file_digest,
+    ground_truth_loss,
+    load_stage,
+    new_generalist_model,
+    validation_fn,
+)
+from kc.train.trainer import Trainer, TrainResult, resolve_device
+
+
+def _train_on_ground_truth(
+    run: Run,
+    stage: str,
+    tcfg: TrainConfig,
+    init_from: str | None,
+    progress: bool,
+    verbose: bool,
+    on_step: Callable[[int], None] | None,
+) -> TrainResult:
+    cfg = run.cfg
+    if tcfg.loss == "softmax":
+        check_single_label(run)
+    device = resolve_device(cfg.device)
+    model = new_generalist_model(run)
+    fingerprint = run.taxonomy.fingerprint() + str(cfg.model.model_dump(mode="json"))
+    if init_from is not None:
+        init = best_weights(run.stage_dir(init_from))
+        fingerprint += file_digest(init)
+        load_stage(run, run.stage_dir(init_from), model)
+    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=cfg.seed)
+    activation = "sigmoid" if tcfg.loss == "bce" else "softmax"
+    trainer = Trainer(
+        model,
+        tcfg,
+        run.stage_dir(stage),
+        train_set,
+        ground_truth_loss(tcfg.loss, run.taxonomy.num_classes),
+        validation_fn(run, device, tcfg.eval_batch_size, activation),
+        seed=cfg.seed,
+        device=device,
+        fingerprint=fingerprint,
+        num_workers=cfg.data.num_workers,
+        progress=progress,
+        verbose=verbose,
+        on_step=on_step,
+        name=stage,
+    )
+    return trainer.fit()
+
+
+def train_generalist(
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
+) -> TrainResult:
+    """Backbone + head over all classes, trained on the ground truth alone."""
+    return _train_on_ground_truth(run, GENERALIST, run.cfg.generalist, None, progress, verbose, on_step)
+
+
+def control_config(run: Run) -> TrainConfig:
+    """The student's epochs, batch, optimizer and schedule, with the generalist's ground-truth loss."""
+    fields = run.cfg.student.model_dump(include=set(TrainConfig.model_fields))
+    return TrainConfig.model_validate({**fields, "loss": run.cfg.generalist.loss})
+
+
+def train_control(
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
+) -> TrainResult:
+    """The generalist, from its best checkpoint, trained on for as many epochs as the student gets."""
+    return _train_on_ground_truth(run, CONTROL, control_config(run), GENERALIST, progress, verbose, on_step)

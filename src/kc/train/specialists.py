@@ -1,0 +1,127 @@
+"""Specialists: one per vertical, initialised from the generalist, trained on that vertical's images.
+
+Each specialist keeps the generalist's backbone and hidden layers and the rows of its output layer for the
+vertical's classes (optionally plus an 'other' output). Its training set is every training image with a label in
+the vertical plus, as all-negative examples, `negatives_per_image` times as many images of other verticals, drawn
+once with the run's seed (Hinton et al. 2015 used half and half).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kc.data.dataset import ImageDataset, dense_targets
+from kc.data.samples import Sample
+from kc.errors import KCError
+from kc.models.classifier import Classifier, restrict_outputs
+from kc.run import Run
+from kc.train.common import (
+    GENERALIST,
+    LossFn,
+    best_weights,
+    file_digest,
+    load_stage,
+    new_generalist_model,
+    specialist_dir,
+    validation_fn,
+)
+from kc.train.trainer import Trainer, TrainResult, resolve_device
+
+
+def specialist_samples(
+    samples: list[Sample], start: int, end: int, negatives_per_image: float, seed: int
+) -> list[Sample]:
+    """The vertical's images (a label in [start, end)) plus a seeded draw of other images as negatives."""
+    own = [s for s in samples if any(start <= c < end for c in s.labels)]
+    others = [s for s in samples if not any(start <= c < end for c in s.labels)]
+    count = min(len(others), round(negatives_per_image * len(own)))
+    pick = np.random.default_rng([seed, start]).choice(len(others), size=count, replace=False)
+    return own + [others[i] for i in sorted(pick)]
+
+
+def specialist_loss(start: int, end: int, num_classes: int, other_output: bool) -> LossFn:
+    """Sigmoid cross-entropy over the vertical's classes (+ 'other': 1 on images with none of them)."""
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = model(batch["images"]).float()
+        targets = dense_targets(batch["labels"], num_classes)[:, start:end]
+        if other_output:
+            targets = torch.cat([targets, (targets.sum(dim=1, keepdim=True) == 0).float()], dim=1)
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+
+    return loss
+
+
+def new_specialist_model(run: Run, vertical: int) -> Classifier:
+    """The specialist architecture for a vertical (weights are overwritten by init or by loading)."""
+    start, end = run.taxonomy.vertical_ranges[vertical]
+    return restrict_outputs(new_generalist_model(run), start, end, run.cfg.specialists.other_output)
+
+
+def vertical_number(run: Run, vertical: str) -> int:
+    if vertical not in run.taxonomy.vertical_index:
+        known = ", ".join(v.id for v in run.taxonomy.verticals[:20])
+        raise KCError(f"--only: '{vertical}' is not a vertical of this run (verticals: {known})")
+    return run.taxonomy.vertical_index[vertical]
+
+
+def train_specialist(
+    run: Run,
+    vertical: int,
+    *,
+    progress: bool = True,
+    verbose: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    cfg, scfg = run.cfg, run.cfg.specialists
+    start, end = run.taxonomy.vertical_ranges[vertical]
+    device = resolve_device(cfg.device)
+    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    model = restrict_outputs(generalist, start, end, scfg.other_output)
+    samples = specialist_samples(run.splits["train"], start, end, scfg.negatives_per_image, cfg.seed)
+    name = f"specialist {run.taxonomy.verticals[vertical].id}"
+    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=cfg.seed + vertical)
+    trainer = Trainer(
+        model,
+        scfg,
+        specialist_dir(run, vertical),
+        train_set,
+        specialist_loss(start, end, run.taxonomy.num_classes, scfg.other_output),
+        validation_fn(run, device, scfg.eval_batch_size, classes=(start, end)),
+        seed=cfg.seed + vertical,
+        device=device,
+        fingerprint=f"{run.taxonomy.fingerprint()}:{vertical}:" + file_digest(best_weights(run.stage_dir(GENERALIST))),
+        num_workers=cfg.data.num_workers,
+        progress=progress,
+        verbose=verbose,
+        on_step=on_step,
+        name=name,
+    )
+    return trainer.fit()
+
+
+def train_specialists(
+    run: Run,
+    only: str | None = None,
+    *,
+    progress: bool = True,
+    verbose: bool = True,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, TrainResult]:
+    """Train every vertical's specialist in turn (finished ones are skipped, an interrupted one resumes)."""
+    verticals = [vertical_number(run, only)] if only is not None else range(run.taxonomy.num_verticals)
+    return {
+        run.taxonomy.verticals[v].id: train_specialist(run, v, progress=progress, verbose=verbose, on_step=on_step)
+        for v in verticals
+    }
+
+
+def load_specialists(run: Run) -> list[Classifier]:
+    return [
+        load_stage(run, specialist_dir(run, v), new_specialist_model(run, v)) for v in range(run.taxonomy.num_verticals)
+    ]

@@ -1,0 +1,82 @@
+"""The student: the generalist's architecture and weights, distilled from the specialists each image selects."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from kc.data.dataset import ImageDataset, dense_targets
+from kc.distill.loss import distillation_loss
+from kc.distill.targets import OnlineTeachers
+from kc.run import Run
+from kc.train.common import (
+    GENERALIST,
+    STUDENT,
+    LossFn,
+    best_weights,
+    file_digest,
+    load_stage,
+    new_generalist_model,
+    specialist_dir,
+    validation_fn,
+)
+from kc.train.specialists import load_specialists
+from kc.train.trainer import Trainer, TrainResult, resolve_device
+
+
+def student_loss(run: Run, teachers: OnlineTeachers, vertical_weights: torch.Tensor) -> LossFn:
+    s = run.cfg.student
+    vertical_of_class = torch.tensor(run.taxonomy.vertical_of_class)
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        images, labels = batch["images"], batch["labels"]
+        soft = teachers(images, labels)
+        truth = dense_targets(labels, run.taxonomy.num_classes)
+        return distillation_loss(
+            model(images),
+            soft,
+            truth,
+            vertical_of_class.to(images.device),
+            vertical_weights.to(images.device),
+            mode=s.ground_truth,
+            truth_weight=s.ground_truth_weight,
+            temperature=s.temperature,
+        )
+
+    return loss
+
+
+def train_student(
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
+) -> TrainResult:
+    cfg, scfg = run.cfg, run.cfg.student
+    device = resolve_device(cfg.device)
+    model = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    teachers = OnlineTeachers(load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected).to(
+        device
+    )
+    # Equal, fixed weights per vertical: the interface through which pacing strategies plug in.
+    vertical_weights = torch.ones(run.taxonomy.num_verticals)
+    inputs = [best_weights(run.stage_dir(GENERALIST))] + [
+        best_weights(specialist_dir(run, v)) for v in range(run.taxonomy.num_verticals)
+    ]
+    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=cfg.seed)
+    trainer = Trainer(
+        model,
+        scfg,
+        run.stage_dir(STUDENT),
+        train_set,
+        student_loss(run, teachers, vertical_weights),
+        validation_fn(run, device, scfg.eval_batch_size),
+        seed=cfg.seed,
+        device=device,
+        fingerprint=run.taxonomy.fingerprint() + "".join(file_digest(p) for p in inputs),
+        num_workers=cfg.data.num_workers,
+        progress=progress,
+        verbose=verbose,
+        on_step=on_step,
+        name=STUDENT,
+    )
+    return trainer.fit()

@@ -1,0 +1,91 @@
+"""The whole pipeline on the tiny benchmark: end to end, and resumed after an interruption mid-specialists."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import tiny_config
+from kc.cli import app
+from kc.config import config_from_dict
+from kc.pipeline import run_pipeline
+from kc.run import prepare_run
+from kc.train.common import specialist_dir
+
+EPOCHS = {"epochs": 2, "batch_size": 16, "eval_batch_size": 64, "checkpoint_every_steps": 4}
+
+
+def config(bench, run_dir):
+    data = tiny_config(bench, run_dir)
+    data["specialists"] = dict(EPOCHS)
+    data["student"] = {**EPOCHS, "top_k": 2}
+    return config_from_dict(data)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_pipeline_end_to_end_and_resumed_after_an_interruption_mid_specialists(tmp_path, tiny_benchmark):
+    straight = prepare_run(config(tiny_benchmark, tmp_path / "straight"), progress=False)
+    result = run_pipeline(straight, progress=False, verbose=False)
+    names = [m["model"] for m in result["models"]]
+    assert names == [
+        "generalist",
+        "specialists (oracle-routed)",
+        "specialists (ensemble)",
+        "student",
+        "control (generalist + student's epochs)",
+    ]
+    assert [m["networks_per_image"] for m in result["models"]] == [1, 3, 4, 1, 1]
+    assert all(0 <= m["mAP"] <= 100 for m in result["models"])
+    report = (straight.dir / "report.md").read_text()
+    assert "mean per-vertical AP" in report and "closed" in report and "```yaml" in report
+    metrics = json.loads((straight.dir / "metrics.json").read_text())
+    assert set(metrics["timings"]) == {"generalist", "specialists", "student", "control", "evaluation"}
+
+    # Interrupt in the second specialist: generalist 18 steps, first specialist 12, then 5 more.
+    calls = {"n": 0}
+
+    def interrupt(step):
+        calls["n"] += 1
+        if calls["n"] == 18 + 12 + 5:
+            raise Interrupt
+
+    resumed = prepare_run(config(tiny_benchmark, tmp_path / "resumed"), progress=False)
+    with pytest.raises(Interrupt):
+        run_pipeline(resumed, progress=False, verbose=False, on_step=interrupt)
+    assert (specialist_dir(resumed, 0) / "checkpoints" / "best.safetensors").is_file()
+    assert not (specialist_dir(resumed, 2) / "checkpoints").exists()
+    again = run_pipeline(resumed, progress=False, verbose=False)
+    for stage in ("specialists/001_v01", "student", "control"):
+        a = load_file(str(straight.dir / stage / "checkpoints" / "best.safetensors"))
+        b = load_file(str(resumed.dir / stage / "checkpoints" / "best.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+    assert [m["mAP"] for m in again["models"]] == [m["mAP"] for m in result["models"]]
+
+
+def test_stage_commands(tmp_path, tiny_benchmark):
+    import yaml
+
+    cfg = tiny_config(tiny_benchmark, tmp_path / "run")
+    cfg["specialists"] = dict(EPOCHS)
+    cfg["student"] = dict(EPOCHS)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    runner = CliRunner()
+    assert runner.invoke(app, ["generalist", str(path), "--no-progress"]).exit_code == 0
+    missing = runner.invoke(app, ["distill", str(path), "--no-progress"])
+    assert missing.exit_code == 2 and "train that stage first" in missing.output
+    bad = runner.invoke(app, ["specialists", str(path), "--only", "v99", "--no-progress"])
+    assert bad.exit_code == 2 and "'v99' is not a vertical" in bad.output
+    one = runner.invoke(app, ["specialists", str(path), "--only", "v01", "--no-progress"])
+    assert one.exit_code == 0 and "specialist v01" in one.output
+    assert [p.name for p in (tmp_path / "run" / "specialists").iterdir()] == ["001_v01"]
+    out = runner.invoke(app, ["pipeline", str(path), "--no-progress"])
+    assert out.exit_code == 0, out.output
+    assert "| student |" in out.output and (tmp_path / "run" / "report.md").is_file()
+    ev = runner.invoke(app, ["evaluate", str(path), "--stage", "student", "--no-progress"])
+    assert ev.exit_code == 0 and (tmp_path / "run" / "student" / "metrics_test.json").is_file()

@@ -1,0 +1,49 @@
+import torch
+
+from kc.config import ModelConfig
+from kc.data.samples import Sample
+from kc.evaluate.compare import gap_closed
+from kc.models.classifier import build_classifier, restrict_outputs
+from kc.train.specialists import specialist_loss, specialist_samples
+
+
+def test_a_specialist_starts_with_the_generalists_outputs_on_its_vertical():
+    torch.manual_seed(0)
+    generalist = build_classifier(
+        ModelConfig(backbone_args={"widths": [8, 16], "depth": 1}, head={"hidden": [32, 16]}), num_classes=10
+    ).eval()
+    x = torch.randn(5, 3, 16, 16)
+    for other in (False, True):
+        specialist = restrict_outputs(generalist, 3, 7, other_output=other).eval()
+        out = specialist(x)
+        assert out.shape == (5, 4 + other)
+        torch.testing.assert_close(out[:, :4], generalist(x)[:, 3:7], rtol=0, atol=0)
+        if other:
+            assert (out[:, 4] == 0).all()
+    assert generalist.head.out.out_features == 10  # the generalist itself is untouched
+
+
+def test_specialist_training_set_is_the_vertical_plus_seeded_negatives():
+    samples = [Sample(f"{i}.png", (i % 10,), "train", f"m:{i}") for i in range(100)]  # classes 0-9, 10 images each
+    picked = specialist_samples(samples, 2, 4, negatives_per_image=1.5, seed=0)
+    own = [s for s in picked if s.labels[0] in (2, 3)]
+    assert len(own) == 20 and len(picked) == 20 + 30
+    assert picked == specialist_samples(samples, 2, 4, 1.5, seed=0)
+    assert picked != specialist_samples(samples, 2, 4, 1.5, seed=1)
+    assert len(specialist_samples(samples, 2, 4, 0.0, seed=0)) == 20
+
+
+def test_specialist_loss_targets_its_classes_and_other():
+    labels = torch.tensor([[3, -1], [8, -1]])  # in the vertical [2, 5); outside it
+    logits = torch.zeros(2, 4, requires_grad=True)
+    model = lambda images: logits  # noqa: E731
+    loss = specialist_loss(2, 5, 10, other_output=True)(model, {"images": torch.zeros(2), "labels": labels})
+    loss.backward()
+    # d/dlogit of BCE at logit 0 is sigmoid(0) - target: -0.5 where the target is 1
+    assert logits.grad[0].tolist() == [0.25, -0.25, 0.25, 0.25]  # class 3 is column 1; 'other' target 0
+    assert logits.grad[1].tolist() == [0.25, 0.25, 0.25, -0.25]  # no class of the vertical: 'other' target 1
+
+
+def test_gap_closed():
+    assert gap_closed(30.0, 20.0, 40.0) == 0.5
+    assert gap_closed(30.0, 20.0, 20.0) is None
