@@ -75,3 +75,19 @@ def test_bytes_do_not_depend_on_the_process(tmp_path):
     assert len(paths) == 12 * 3
     for path in paths:
         assert path.read_bytes() == (tmp_path / "b" / path.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_label_noise_swaps_training_labels_within_the_vertical_only(tmp_path):
+    spec = replace(SMALL, train_per_class=10, label_noise=0.3)
+    generate_benchmark(tmp_path / "noisy", spec, progress=False)
+    generate_benchmark(tmp_path / "clean", replace(spec, label_noise=0.0), progress=False)
+    noisy, clean = rows(tmp_path / "noisy"), rows(tmp_path / "clean")
+    assert [r["path"] for r in noisy] == [r["path"] for r in clean]
+    changed = 0
+    for n, c in zip(noisy, clean, strict=True):
+        assert (tmp_path / "noisy" / n["path"]).read_bytes() == (tmp_path / "clean" / c["path"]).read_bytes()
+        if n["labels"] != c["labels"]:
+            changed += 1
+            assert n["split"] == "train"
+            assert n["labels"].split(".")[0] == c["labels"].split(".")[0]  # same vertical, other class
+    assert 20 < changed < 55  # about 30% of the 120 training labels (expected 36)

@@ -92,24 +92,12 @@ def test_generate_benchmark_command(tmp_path):
 
 
 def test_demo_on_the_tiny_preset(tmp_path):
-    result = runner.invoke(
-        app,
-        [
-            "demo",
-            "--preset",
-            "tiny",
-            "--run-dir",
-            str(tmp_path / "demo"),
-            "--no-progress",
-            "--set",
-            "generalist.epochs=2",
-        ],
-    )
+    short = ["--set", "generalist.epochs=2", "--set", "specialists.epochs=2", "--set", "student.epochs=2"]
+    demo = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--preset", "tiny", "--run-dir", str(demo), "--no-progress", *short])
     assert result.exit_code == 0, result.output
     assert "| student |" in result.output and "wall time" in result.output
-    assert (tmp_path / "demo" / "run" / "report.md").is_file() and (
-        tmp_path / "demo" / "run" / "timings.json"
-    ).is_file()
+    assert (demo / "run" / "report.md").is_file() and (demo / "run" / "timings.json").is_file()
 
 
 def test_a_moved_run_directory_still_works(tmp_path, tiny_benchmark):

@@ -74,6 +74,9 @@ def generate_benchmark_cmd(
     image_size: Annotated[int | None, typer.Option()] = None,
     fine_bits: Annotated[int | None, typer.Option(help="texture bits that tell classes of a vertical apart")] = None,
     multilabel_fraction: Annotated[float | None, typer.Option(help="share of images with two objects")] = None,
+    label_noise: Annotated[
+        float | None, typer.Option(help="share of training labels naming another class of the same vertical")
+    ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     no_progress: NoProgress = False,
 ) -> None:
@@ -95,6 +98,7 @@ def generate_benchmark_cmd(
             image_size=image_size,
             fine_bits=fine_bits,
             multilabel_fraction=multilabel_fraction,
+            label_noise=label_noise,
             seed=seed,
         ).items()
         if v is not None

@@ -105,6 +105,14 @@ class TrainConfig(_Strict):
     compile: bool = Field(False, description="torch.compile the model (GPUs)")
     checkpoint_every_steps: int = Field(200, ge=1)
     grad_clip: float | None = Field(None, gt=0)
+    seed: int | None = Field(
+        None,
+        description="seed of this stage's data order and dropout (default: the run's seed); set it to repeat "
+        "a stage with another seed on the same data and split",
+    )
+
+    def stage_seed(self, run_seed: int) -> int:
+        return run_seed if self.seed is None else self.seed
 
 
 class SpecialistConfig(TrainConfig):

@@ -14,7 +14,9 @@ classes inside a vertical that differ in fine detail (two sparrows). Here:
   colour, pixel noise, and a share of texture cells replaced by noise (``texture_noise``).
 
 With ``multilabel_fraction`` > 0, that share of images holds two objects from two different verticals (left and
-right halves) and carries both labels. Everything follows from ``seed``: the same spec writes the same bytes.
+right halves) and carries both labels. With ``label_noise`` > 0, that share of training labels names another class
+of the same vertical (the confusions of fine-grained labelling at scale); val and test labels stay clean.
+Everything follows from ``seed``: the same spec writes the same bytes.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class BenchmarkSpec:
     texture_noise: float = 0.05
     pixel_noise: float = 0.06
     multilabel_fraction: float = 0.0
+    label_noise: float = 0.0
     seed: int = 0
 
     def validate(self) -> None:
@@ -64,6 +67,8 @@ class BenchmarkSpec:
                 f"benchmark: {self.classes_per_vertical} classes per vertical need fine_bits >= "
                 f"{(self.classes_per_vertical - 1).bit_length()} (each class is a distinct code on fine_bits bits)"
             )
+        if not 0.0 <= self.label_noise < 1.0 or (self.label_noise > 0 and self.classes_per_vertical < 2):
+            raise DataError("benchmark: label_noise must be in [0, 1) and needs at least 2 classes per vertical")
         if not 0.0 <= self.multilabel_fraction <= 1.0 or (self.multilabel_fraction > 0 and self.verticals < 2):
             raise DataError("benchmark: multilabel_fraction must be in [0, 1] and needs at least 2 verticals")
 
@@ -190,6 +195,14 @@ def render(
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def _mislabel(obj: tuple[int, int], classes: int, rate: float, rng: np.random.Generator) -> tuple[int, int]:
+    """With probability `rate`, another class of the same vertical: the confusions of fine-grained labelling."""
+    v, k = obj
+    if rng.random() < rate:
+        k = (k + 1 + int(rng.integers(classes - 1))) % classes
+    return v, k
+
+
 def benchmark_taxonomy(spec: BenchmarkSpec) -> Taxonomy:
     verticals = [Vertical(f"v{v:02d}", f"vertical {v:02d} ({SHAPES[v % len(SHAPES)]})") for v in range(spec.verticals)]
     classes = [
@@ -215,6 +228,7 @@ def generate_benchmark(out: Path, spec: BenchmarkSpec, progress: bool = True) ->
         raise DataError(f"{out}: holds a benchmark with another spec ({done}); choose an empty directory")
     rng = np.random.default_rng(spec.seed)
     design = _design(spec, rng)
+    noise_rng = np.random.default_rng([spec.seed, 7])  # its own stream: noise leaves the images unchanged
     taxonomy = benchmark_taxonomy(spec)
     V, K = spec.verticals, spec.classes_per_vertical
     rows = []
@@ -236,6 +250,8 @@ def generate_benchmark(out: Path, spec: BenchmarkSpec, progress: bool = True) ->
                     path = out / rel
                     path.parent.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(render(design, spec, objects, img_rng)).save(path, compress_level=1)
+                    if split == "train" and spec.label_noise > 0:
+                        objects = [_mislabel(o, K, spec.label_noise, noise_rng) for o in objects]
                     labels = ";".join(
                         taxonomy.classes[taxonomy.class_index[f"v{a:02d}.c{b:03d}"]].id for a, b in sorted(set(objects))
                     )

@@ -41,7 +41,8 @@ def _train_on_ground_truth(
         init = best_weights(run.stage_dir(init_from))
         fingerprint += file_digest(init)
         load_stage(run, run.stage_dir(init_from), model)
-    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=cfg.seed)
+    seed = tcfg.stage_seed(cfg.seed)
+    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed)
     activation = "sigmoid" if tcfg.loss == "bce" else "softmax"
     trainer = Trainer(
         model,
@@ -50,7 +51,7 @@ def _train_on_ground_truth(
         train_set,
         ground_truth_loss(tcfg.loss, run.taxonomy.num_classes),
         validation_fn(run, device, tcfg.eval_batch_size, activation),
-        seed=cfg.seed,
+        seed=seed,
         device=device,
         fingerprint=fingerprint,
         num_workers=cfg.data.num_workers,

@@ -83,9 +83,10 @@ def train_specialist(
     device = resolve_device(cfg.device)
     generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
     model = restrict_outputs(generalist, start, end, scfg.other_output)
-    samples = specialist_samples(run.splits["train"], start, end, scfg.negatives_per_image, cfg.seed)
+    seed = scfg.stage_seed(cfg.seed)
+    samples = specialist_samples(run.splits["train"], start, end, scfg.negatives_per_image, seed)
     name = f"specialist {run.taxonomy.verticals[vertical].id}"
-    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=cfg.seed + vertical)
+    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed + vertical)
     trainer = Trainer(
         model,
         scfg,
@@ -93,7 +94,7 @@ def train_specialist(
         train_set,
         specialist_loss(start, end, run.taxonomy.num_classes, scfg.other_output),
         validation_fn(run, device, scfg.eval_batch_size, classes=(start, end)),
-        seed=cfg.seed + vertical,
+        seed=seed + vertical,
         device=device,
         fingerprint=f"{run.taxonomy.fingerprint()}:{vertical}:" + file_digest(best_weights(run.stage_dir(GENERALIST))),
         num_workers=cfg.data.num_workers,

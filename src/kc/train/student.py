@@ -62,7 +62,8 @@ def train_student(
     inputs = [best_weights(run.stage_dir(GENERALIST))] + [
         best_weights(specialist_dir(run, v)) for v in range(run.taxonomy.num_verticals)
     ]
-    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=cfg.seed)
+    seed = scfg.stage_seed(cfg.seed)
+    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed)
     trainer = Trainer(
         model,
         scfg,
@@ -70,7 +71,7 @@ def train_student(
         train_set,
         student_loss(run, teachers, vertical_weights),
         validation_fn(run, device, scfg.eval_batch_size),
-        seed=cfg.seed,
+        seed=seed,
         device=device,
         fingerprint=run.taxonomy.fingerprint() + "".join(file_digest(p) for p in inputs),
         num_workers=cfg.data.num_workers,
