@@ -35,8 +35,8 @@ def test_layout_taxonomy_and_counts(tmp_path):
     assert all(x["labels"] in tax.class_index for x in r)
     # Re-running is a no-op; a different spec in the same place is refused.
     generate_benchmark(tmp_path, SMALL, progress=False)
-    with pytest.raises(DataError, match="another spec"):
-        generate_benchmark(tmp_path, replace(SMALL, seed=5), progress=False)
+    with pytest.raises(DataError, match=r"another spec \(differs in: seed\)"):
+        generate_benchmark(tmp_path, replace(SMALL, seed=5), progress=False)  # message names the key: seed
 
 
 def test_multilabel_images_carry_two_verticals(tmp_path):

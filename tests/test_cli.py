@@ -109,3 +109,19 @@ def test_a_moved_run_directory_still_works(tmp_path, tiny_benchmark):
     result = runner.invoke(app, ["evaluate", str(tmp_path / "moved"), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "moved" / "generalist" / "metrics_test.json").is_file()
+
+
+def test_fixing_the_data_config_after_a_data_error_is_accepted(tmp_path, tiny_benchmark):
+    import shutil
+
+    bench = tmp_path / "bench"
+    shutil.copytree(tiny_benchmark, bench)
+    first = next(p for p in sorted((bench / "images" / "train").rglob("*.png")))
+    first.write_bytes(b"not a png")
+    config = write_config(tmp_path, bench)
+    failed = runner.invoke(app, ["generalist", str(config), "--no-progress"])
+    assert failed.exit_code == 2 and "1 unreadable image(s)" in failed.output and "bad_images: skip" in failed.output
+    fixed = runner.invoke(app, ["generalist", str(config), "--no-progress", "--set", "data.bad_images=skip"])
+    assert fixed.exit_code == 0, fixed.output
+    check = json.loads((tmp_path / "run" / "data" / "check.json").read_text())
+    assert [s["path"] for s in check["skipped"]] == [str(first.relative_to(bench))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -21,7 +22,14 @@ app = typer.Typer(
 F = TypeVar("F", bound=Callable[..., Any])
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: KEY=VALUE (repeatable)")]
-NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bars")]
+NoProgress = Annotated[
+    bool, typer.Option("--no-progress", help="no progress bars (they are shown only on a terminal anyway)")
+]
+
+
+def bars(no_progress: bool) -> bool:
+    """Progress bars on a terminal only: redirected output (logs, CI) gets the one-line epoch summaries alone."""
+    return not no_progress and sys.stderr.isatty()
 
 
 def user_errors(fn: F) -> F:
@@ -104,7 +112,7 @@ def generate_benchmark_cmd(
         if v is not None
     }
     spec = replace(PRESETS[preset], **given)
-    manifest = generate_benchmark(out, spec, progress=not no_progress)
+    manifest = generate_benchmark(out, spec, progress=bars(no_progress))
     typer.echo(f"wrote {manifest} and {out / 'taxonomy.json'}")
 
 
@@ -118,8 +126,8 @@ def generalist_cmd(
     """Train the generalist (all classes, ground-truth loss). Resumes an interrupted run; skips a finished one."""
     from kc.train.generalist import train_generalist
 
-    run = _open_run(config, set_, not no_progress)
-    result = train_generalist(run, progress=not no_progress)
+    run = _open_run(config, set_, bars(no_progress))
+    result = train_generalist(run, progress=bars(no_progress))
     typer.echo(
         f"generalist: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}"
     )
@@ -140,8 +148,8 @@ def evaluate_cmd(
 
     if split not in ("train", "val", "test"):
         raise KCError(f"--split: '{split}' is not one of train, val, test")
-    run = _open_run(config, set_, not no_progress)
-    metrics = evaluate_stage(run, stage, split, progress=not no_progress)
+    run = _open_run(config, set_, bars(no_progress))
+    metrics = evaluate_stage(run, stage, split, progress=bars(no_progress))
     typer.echo(f"\n{stage} on {split} ({metrics['images']} images):\n")
     typer.echo(metrics_table(metrics, run.taxonomy))
 
@@ -157,8 +165,8 @@ def specialists_cmd(
     """Train one specialist per vertical from the generalist. Skips finished ones, resumes an interrupted one."""
     from kc.train.specialists import train_specialists
 
-    run = _open_run(config, set_, not no_progress)
-    for vertical, result in train_specialists(run, only, progress=not no_progress).items():
+    run = _open_run(config, set_, bars(no_progress))
+    for vertical, result in train_specialists(run, only, progress=bars(no_progress)).items():
         typer.echo(f"specialist {vertical}: best epoch {result.best_epoch}, val mAP {result.best_metric}")
 
 
@@ -172,8 +180,8 @@ def distill_cmd(
     """Train the student from the generalist, taught by the specialists each image's labels select."""
     from kc.train.student import train_student
 
-    run = _open_run(config, set_, not no_progress)
-    result = train_student(run, progress=not no_progress)
+    run = _open_run(config, set_, bars(no_progress))
+    result = train_student(run, progress=bars(no_progress))
     typer.echo(f"student: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
 
 
@@ -187,8 +195,8 @@ def control_cmd(
     """Train the same-compute control: the generalist trained on for the student's epochs, ground truth only."""
     from kc.train.generalist import train_control
 
-    run = _open_run(config, set_, not no_progress)
-    result = train_control(run, progress=not no_progress)
+    run = _open_run(config, set_, bars(no_progress))
+    result = train_control(run, progress=bars(no_progress))
     typer.echo(f"control: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
 
 
@@ -205,8 +213,8 @@ def report_cmd(
     from kc.io import read_json
     from kc.pipeline import write_report
 
-    run = _open_run(config, set_, not no_progress)
-    result = compare(run, "test", progress=not no_progress)
+    run = _open_run(config, set_, bars(no_progress))
+    result = compare(run, "test", progress=bars(no_progress))
     timings_path = run.dir / "timings.json"
     write_report(run, result, read_json(timings_path) if timings_path.is_file() else {})
     typer.echo(comparison_table(result))
@@ -224,8 +232,8 @@ def pipeline_cmd(
     from kc.evaluate.report import comparison_table
     from kc.pipeline import run_pipeline
 
-    run = _open_run(config, set_, not no_progress)
-    result = run_pipeline(run, progress=not no_progress)
+    run = _open_run(config, set_, bars(no_progress))
+    result = run_pipeline(run, progress=bars(no_progress))
     typer.echo(comparison_table(result))
     typer.echo(f"\nreport: {run.dir / 'report.md'}")
 
@@ -241,7 +249,7 @@ def demo_cmd(
     """Generate the built-in benchmark and run the whole pipeline on it; print the comparison table."""
     from kc.demo import run_demo
 
-    run_demo(run_dir, preset, set_ or [], progress=not no_progress, echo=typer.echo)
+    run_demo(run_dir, preset, set_ or [], progress=bars(no_progress), echo=typer.echo)
 
 
 def main() -> None:

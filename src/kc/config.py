@@ -133,9 +133,9 @@ class StudentConfig(TrainConfig):
     top_k: int = Field(100, ge=1, description="teacher probabilities kept per selected vertical (paper: 100)")
     temperature: float = Field(1.0, gt=0, description="teacher and student logits divided by T, loss times T^2")
     ground_truth: Literal["none", "max", "weighted"] = Field(
-        "max",
-        description="none: soft targets only (paper); max: target max(y, z*); "
-        "weighted: (1-w) * distillation loss + w * ground-truth loss",
+        "none",
+        description="none: soft targets only (the paper; best measured on noisy labels); max: target "
+        "max(y, z*); weighted: (1-w) * distillation loss + w * ground-truth loss",
     )
     ground_truth_weight: float = Field(0.5, ge=0, le=1, description="w for ground_truth: weighted")
     unselected: Literal["zero", "ignore"] = Field(

@@ -76,8 +76,11 @@ def _read_split(path: Path, split: str) -> list[Sample]:
 def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
     run_dir = cfg.run_dir
     config_path = run_dir / "config.yaml"
+    data_dir = run_dir / "data"
+    check_file = data_dir / "check.json"
     resolved = cfg.resolved()
-    if config_path.is_file():
+    # Once the data is prepared, the run is bound to it; before that (e.g. after a data error), any config goes.
+    if check_file.is_file() and config_path.is_file():
         old = yaml.safe_load(config_path.read_text(encoding="utf-8"))
         diff = [k for k in changed_keys(old, resolved) if not k.startswith(_STAGE_SECTIONS)]
         if diff:
@@ -87,9 +90,6 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, dump_yaml(resolved))
-
-    data_dir = run_dir / "data"
-    check_file = data_dir / "check.json"
     if check_file.is_file():
         taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
         splits = {s: _read_split(data_dir / f"{s}.jsonl", s) for s in SPLITS}
