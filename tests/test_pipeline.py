@@ -89,3 +89,20 @@ def test_stage_commands(tmp_path, tiny_benchmark):
     assert "| student |" in out.output and (tmp_path / "run" / "report.md").is_file()
     ev = runner.invoke(app, ["evaluate", str(path), "--stage", "student", "--no-progress"])
     assert ev.exit_code == 0 and (tmp_path / "run" / "student" / "metrics_test.json").is_file()
+
+
+def test_self_paced_student_end_to_end(tmp_path, tiny_benchmark):
+    data = tiny_config(tiny_benchmark, tmp_path / "run")
+    data["specialists"] = dict(EPOCHS)
+    data["student"] = {**EPOCHS, "self_paced": {"variant": "vertical"}}
+    data["control"] = False
+    run = prepare_run(config_from_dict(data), progress=False)
+    result = run_pipeline(run, progress=False, verbose=False)
+    student = next(m for m in result["models"] if m["model"] == "student")
+    assert set(student["self_paced_scales"]) == {"v00", "v01", "v02"}
+    assert all(g != 2.0 for g in student["self_paced_scales"].values())  # trained away from sqrt(4)
+    assert "Self-paced scales of the student" in (run.dir / "report.md").read_text()
+    history = json.loads((run.dir / "student" / "checkpoints" / "last.json").read_text())["history"]
+    assert {"gamma/v00", "gamma/v01", "gamma/v02"} <= set(history[-1])
+    weights = load_file(str(run.dir / "student" / "checkpoints" / "best.safetensors"))
+    assert weights["output_scales.gamma"].shape == (3,)

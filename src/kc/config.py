@@ -127,6 +127,20 @@ class SpecialistConfig(TrainConfig):
     other_output: bool = Field(False, description="add an 'other' output, 1 on images of no class of the vertical")
 
 
+class SelfPacedConfig(_Strict):
+    """Per-vertical L2-normalised logits times a scale (the paper's self-paced learning)."""
+
+    variant: Literal["none", "fixed", "class", "vertical"] = Field(
+        "none",
+        description="vertical: one learned scale per vertical (the paper's best); class: one per class; "
+        "fixed: not trained; none: plain logits",
+    )
+    init: Literal["sqrt"] | float = Field(
+        "sqrt", description="initial scale: sqrt(classes in the vertical), or a number"
+    )
+    init_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the initial scales")
+
+
 class StudentConfig(TrainConfig):
     """The student: initialised from the generalist, distilled from the specialists selected by each image's labels."""
 
@@ -138,6 +152,7 @@ class StudentConfig(TrainConfig):
         "max(y, z*); weighted: (1-w) * distillation loss + w * ground-truth loss",
     )
     ground_truth_weight: float = Field(0.5, ge=0, le=1, description="w for ground_truth: weighted")
+    self_paced: SelfPacedConfig = SelfPacedConfig()
     unselected: Literal["zero", "ignore"] = Field(
         "zero",
         description="classes of verticals no teacher was selected for: target 0 (paper), or no distillation loss there",

@@ -26,8 +26,9 @@ import torch
 from kc.evaluate.metrics import classification_metrics
 from kc.evaluate.predict import predict
 from kc.models.classifier import count_parameters
+from kc.models.self_paced import SelfPacedScales
 from kc.run import Run
-from kc.train.common import CONTROL, GENERALIST, STUDENT, best_weights, load_stage, new_generalist_model
+from kc.train.common import CONTROL, GENERALIST, STUDENT, best_weights, load_stage, new_generalist_model, new_model
 from kc.train.specialists import load_specialists
 from kc.train.trainer import resolve_device
 
@@ -39,6 +40,14 @@ class Scored:
     parameters: int
     networks_per_image: int
     seconds: float  # forward time over the whole split
+    scales: dict[str, float] | None = None  # self-paced scale per vertical, where the model has them
+
+
+def output_scales(model: torch.nn.Module, run: Run) -> dict[str, float] | None:
+    scales = getattr(model, "output_scales", None)
+    if not isinstance(scales, SelfPacedScales) or scales.variant == "none":
+        return None
+    return {v.id: float(g) for v, g in zip(run.taxonomy.verticals, scales.per_vertical_scale(), strict=True)}
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -91,10 +100,10 @@ def score_models(run: Run, split: str = "test", progress: bool = False) -> tuple
 
     for stage in (STUDENT, CONTROL):
         if best_weights(run.stage_dir(stage)).is_file():
-            model = load_stage(run, run.stage_dir(stage), new_generalist_model(run))
+            model = load_stage(run, run.stage_dir(stage), new_model(run, stage))
             scores, _, seconds = run_model(model, stage)
             name = "student" if stage == STUDENT else "control (generalist + student's epochs)"
-            rows.append(Scored(name, scores, count_parameters(model), 1, seconds))
+            rows.append(Scored(name, scores, count_parameters(model), 1, seconds, output_scales(model, run)))
     return rows, targets
 
 
@@ -120,6 +129,7 @@ def compare(run: Run, split: str = "test", progress: bool = False) -> dict[str, 
                 "parameters": row.parameters,
                 "networks_per_image": row.networks_per_image,
                 "images_per_s": _rate(n, row.seconds),
+                **({"self_paced_scales": row.scales} if row.scales else {}),
             }
         )
     by_name = {m["model"]: m for m in models}

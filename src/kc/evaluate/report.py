@@ -67,6 +67,15 @@ def run_report(result: dict[str, Any], taxonomy: Taxonomy, config_yaml: str, tim
         "## Mean AP per vertical",
         per_vertical_table(result, taxonomy),
     ]
+    for m in result["models"]:
+        if m.get("self_paced_scales"):
+            rows = "\n".join(f"| {vid} | {g:.3f} |" for vid, g in m["self_paced_scales"].items())
+            parts += [
+                f"## Self-paced scales of the {m['model']} (final)",
+                "Per vertical; their trajectory over training is in the stage's history "
+                "(`checkpoints/last.json`, keys `gamma/<vertical>`) and in TensorBoard.",
+                "| vertical | scale |\n|---|---:|\n" + rows,
+            ]
     if timings:
         parts += [
             "## Wall time per stage",

@@ -10,7 +10,7 @@ from kc.evaluate.predict import predict
 from kc.io import atomic_write_json
 from kc.models.classifier import count_parameters
 from kc.run import Run
-from kc.train.common import CONTROL, GENERALIST, STUDENT, load_stage, new_generalist_model
+from kc.train.common import CONTROL, GENERALIST, STUDENT, load_stage, new_model
 from kc.train.trainer import resolve_device
 
 FULL_MODEL_STAGES = (GENERALIST, STUDENT, CONTROL)
@@ -27,7 +27,7 @@ def evaluate_stage(run: Run, stage: str = GENERALIST, split: str = "test", progr
     if not samples:
         raise DataError(f"{run.dir}: the '{split}' split is empty; nothing to evaluate")
     device = resolve_device(run.cfg.device)
-    model = load_stage(run, run.stage_dir(stage), new_generalist_model(run))
+    model = load_stage(run, run.stage_dir(stage), new_model(run, stage))
     tcfg = run.cfg.generalist
     activation = "sigmoid" if tcfg.loss == "bce" or stage == STUDENT else "softmax"
     scores, targets, images_per_s = predict(

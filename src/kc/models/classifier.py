@@ -17,16 +17,19 @@ from kc.models.heads import DenseHead
 
 
 class Classifier(nn.Module):
-    def __init__(self, backbone: nn.Module, head: nn.Module):
+    """backbone -> head -> output scales (the student's self-paced scales; identity otherwise)."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, output_scales: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.output_scales = output_scales if output_scales is not None else nn.Identity()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+        return self.output_scales(self.head(self.backbone(images)))
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:

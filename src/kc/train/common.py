@@ -18,6 +18,7 @@ from kc.errors import CheckpointError, DataError
 from kc.evaluate.metrics import average_precision, classification_metrics
 from kc.evaluate.predict import predict
 from kc.models.classifier import Classifier, build_classifier
+from kc.models.self_paced import SelfPacedScales
 from kc.run import Run
 from kc.train.checkpoint import load_weights
 
@@ -104,6 +105,19 @@ def new_generalist_model(run: Run) -> Classifier:
     """The generalist architecture (also the student's and the control's), seeded."""
     torch.manual_seed(run.cfg.seed)
     return build_classifier(run.cfg.model, run.taxonomy.num_classes)
+
+
+def new_student_model(run: Run) -> Classifier:
+    """The generalist architecture with the configured self-paced output scales."""
+    model = new_generalist_model(run)
+    sp = run.cfg.student.self_paced
+    model.output_scales = SelfPacedScales(run.taxonomy.vertical_of_class, sp.variant, sp.init, sp.init_noise)
+    return model
+
+
+def new_model(run: Run, stage: str) -> Classifier:
+    """The architecture of a full-vocabulary stage: generalist, student or control."""
+    return new_student_model(run) if stage == STUDENT else new_generalist_model(run)
 
 
 def load_stage(run: Run, stage_dir: Path, model: Classifier) -> Classifier:

@@ -19,6 +19,7 @@ from kc.train.common import (
     file_digest,
     load_stage,
     new_generalist_model,
+    new_student_model,
     specialist_dir,
     validation_fn,
 )
@@ -48,12 +49,28 @@ def student_loss(run: Run, teachers: OnlineTeachers, vertical_weights: torch.Ten
     return loss
 
 
+def scale_scalars(run: Run) -> Callable[[nn.Module], dict[str, float]] | None:
+    """The self-paced scale of each vertical, for TensorBoard and the training history."""
+    if run.cfg.student.self_paced.variant == "none":
+        return None
+    ids = [v.id for v in run.taxonomy.verticals]
+
+    def scalars(model: nn.Module) -> dict[str, float]:
+        values = model.output_scales.per_vertical_scale().tolist()
+        return {f"gamma/{vid}": value for vid, value in zip(ids, values, strict=True)}
+
+    return scalars
+
+
 def train_student(
     run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
 ) -> TrainResult:
     cfg, scfg = run.cfg, run.cfg.student
     device = resolve_device(cfg.device)
-    model = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    # The student starts as the generalist (backbone and head), with its own output scales on top.
+    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    model = new_student_model(run)
+    model.backbone, model.head = generalist.backbone, generalist.head
     teachers = OnlineTeachers(load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected).to(
         device
     )
@@ -79,5 +96,6 @@ def train_student(
         verbose=verbose,
         on_step=on_step,
         name=STUDENT,
+        scalars=scale_scalars(run),
     )
     return trainer.fit()

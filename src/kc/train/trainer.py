@@ -136,6 +136,7 @@ class Trainer:
         progress: bool = True,
         verbose: bool = True,
         on_step: StepCallback | None = None,
+        scalars: Callable[[nn.Module], dict[str, float]] | None = None,
         name: str = "train",
     ):
         self.model = model
@@ -153,6 +154,7 @@ class Trainer:
         self.progress = progress
         self.verbose = verbose
         self.on_step = on_step
+        self.scalars = scalars  # extra model quantities (e.g. self-paced scales): TensorBoard and history
         self.name = name
         self.ckpt = CheckpointDir(self.stage_dir / "checkpoints")
         self.steps_per_epoch = EpochBatches.per_epoch(len(train_set), cfg.batch_size)  # type: ignore[arg-type]
@@ -265,6 +267,8 @@ class Trainer:
             if state["step"] % 10 == 0:
                 writer.add_scalar(f"{self.name}/loss", value, state["step"])
                 writer.add_scalar(f"{self.name}/lr", lr, state["step"])
+                for key, extra in (self.scalars(self.model) if self.scalars else {}).items():
+                    writer.add_scalar(f"{self.name}/{key}", extra, state["step"])
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}", refresh=False)
             bar.update()
             if state["step"] % self.cfg.checkpoint_every_steps == 0:
@@ -283,6 +287,8 @@ class Trainer:
         self, optimizer: torch.optim.Optimizer, state: dict[str, Any], stats: dict[str, float], writer: Any
     ) -> None:
         entry: dict[str, Any] = {"epoch": state["epoch"] + 1, "step": state["step"], **stats}
+        if self.scalars is not None:
+            entry.update(self.scalars(self.model))
         if self.validate is not None:
             val = self.validate(self.model)
             entry.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))})

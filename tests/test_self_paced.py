@@ -1,0 +1,134 @@
+"""Self-paced output scales: y_v = gamma_v * x_v / ||x_v|| per vertical, batched."""
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from kc.config import TrainConfig
+from kc.models.self_paced import SelfPacedScales
+from kc.train.trainer import Trainer
+
+VOC = [0, 0, 0, 1, 1, 2, 2, 2, 2]  # verticals of 3, 2 and 4 classes
+
+
+def blocks(x):
+    return [x[:, 0:3], x[:, 3:5], x[:, 5:9]]
+
+
+def test_init_is_sqrt_of_vertical_size_and_class_variant_has_one_scale_per_class():
+    vertical = SelfPacedScales(VOC, "vertical")
+    assert vertical.gamma.tolist() == pytest.approx([math.sqrt(3), math.sqrt(2), math.sqrt(4)])
+    assert isinstance(vertical.gamma, nn.Parameter)
+    per_class = SelfPacedScales(VOC, "class")
+    assert per_class.gamma.shape == (9,)
+    assert per_class.gamma.tolist() == pytest.approx([math.sqrt(3)] * 3 + [math.sqrt(2)] * 2 + [2.0] * 4)
+    fixed = SelfPacedScales(VOC, "fixed")
+    assert not any(True for _ in fixed.parameters()) and "gamma" in dict(fixed.named_buffers())
+    assert SelfPacedScales(VOC, "vertical", init=10.0).gamma.tolist() == [10.0, 10.0, 10.0]
+    torch.manual_seed(0)
+    noisy = SelfPacedScales(VOC, "vertical", init_noise=1e-3).gamma
+    assert (noisy - vertical.gamma).abs().max() < 1e-2 and not torch.equal(noisy, vertical.gamma)
+    with pytest.raises(ValueError, match="not one of"):
+        SelfPacedScales(VOC, "global")
+
+
+def test_each_vertical_block_has_norm_gamma_and_ignores_the_scale_of_its_logits():
+    layer = SelfPacedScales(VOC, "vertical")
+    with torch.no_grad():
+        layer.gamma.copy_(torch.tensor([0.5, 2.0, 3.0]))
+    x = torch.randn(4, 9)
+    y = layer(x)
+    for block, g in zip(blocks(y), [0.5, 2.0, 3.0], strict=True):
+        torch.testing.assert_close(block.norm(dim=1), torch.full((4,), g))
+    rescaled = x.clone()
+    rescaled[:, 3:5] *= 7.0  # rescaling one vertical's logits changes nothing
+    torch.testing.assert_close(layer(rescaled), y)
+    assert torch.equal(SelfPacedScales(VOC, "none")(x), x)
+
+
+@pytest.mark.parametrize("variant", ["vertical", "class", "fixed"])
+def test_batched_layer_equals_a_per_vertical_loop(variant):
+    torch.manual_seed(0)
+    layer = SelfPacedScales(VOC, variant, init_noise=0.1)
+    x = torch.randn(5, 9)
+    scale = layer.per_class_scale()
+    expected = torch.cat([b / b.norm(dim=1, keepdim=True) for b in blocks(x)], dim=1) * scale
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_gamma_receives_gradient_and_changes_under_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 9), SelfPacedScales(VOC, "vertical"))
+    start = model[1].gamma.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = torch.randn(32, 6), (torch.rand(32, 9) < 0.2).float()
+    for _ in range(5):
+        loss = nn.functional.binary_cross_entropy_with_logits(model(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        assert model[1].gamma.grad is not None and (model[1].gamma.grad != 0).all()
+        optimizer.step()
+    assert not torch.equal(model[1].gamma, start)
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(40, 6, generator=g)
+        self.y = torch.randint(0, 9, (40,), generator=g)
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i : i + 1], i
+
+
+class Crash(Exception):
+    pass
+
+
+def test_scales_survive_checkpoint_and_resume(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 9), SelfPacedScales(VOC, "vertical"))
+
+    def loss(model, batch):
+        logits = model(batch["images"])
+        target = torch.zeros_like(logits).scatter_(1, batch["labels"], 1.0)
+        return nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum") / len(logits)
+
+    cfg = TrainConfig(epochs=2, batch_size=8, checkpoint_every_steps=3, optimizer={"name": "adamw", "lr": 0.05})
+
+    def fit(name, on_step=None):
+        model = make()
+        Trainer(
+            model,
+            cfg,
+            tmp_path / name,
+            Data(),
+            loss,
+            seed=0,
+            progress=False,
+            verbose=False,
+            on_step=on_step,
+            scalars=lambda m: {"gamma/v0": float(m[1].gamma[0].detach())},
+        ).fit()
+        return model
+
+    straight = fit("a")
+
+    def crash(step):
+        if step == 7:
+            raise Crash
+
+    with pytest.raises(Crash):
+        fit("b", crash)
+    resumed = fit("b")
+    assert torch.equal(straight[1].gamma, resumed[1].gamma)
+    assert not torch.equal(straight[1].gamma, make()[1].gamma)  # it did train
+    history = json.loads((tmp_path / "b" / "checkpoints" / "last.json").read_text())["history"]
+    assert [round(h["gamma/v0"], 6) for h in history][-1] == round(float(resumed[1].gamma[0].detach()), 6)
