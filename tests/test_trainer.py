@@ -150,3 +150,15 @@ def test_learning_rate_schedule():
     )
     tiny_warmup = cfg(schedule={"warmup_epochs": 0.5})
     assert learning_rate(tiny_warmup, 0, 1) == pytest.approx(0.01)  # never above the base LR
+
+
+def test_lr_multiplier_gives_named_parameters_their_own_learning_rate(tmp_path):
+    from kc.models.self_paced import SelfPacedScales
+    from kc.train.trainer import make_optimizer
+
+    model = nn.Sequential(nn.Linear(4, 3), SelfPacedScales([0, 0, 1], "vertical"))
+    optimizer = make_optimizer(model, cfg(), {"1.": 100.0})
+    by_scale = {g["lr_scale"]: g for g in optimizer.param_groups}
+    assert [p.shape for p in by_scale[100.0]["params"]] == [torch.Size([2])]  # only the scales
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == 3
+    assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if g["lr_scale"] == 100.0)

@@ -97,5 +97,6 @@ def train_student(
         on_step=on_step,
         name=STUDENT,
         scalars=scale_scalars(run),
+        lr_multipliers={"output_scales.": scfg.self_paced.lr_multiplier},
     )
     return trainer.fit()

@@ -83,18 +83,24 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return base * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases and norm parameters: the usual practice, and it keeps small nets from collapsing.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [
-        {"params": decay, "weight_decay": cfg.optimizer.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+def make_optimizer(
+    model: nn.Module, cfg: TrainConfig, lr_multipliers: dict[str, float] | None = None
+) -> torch.optim.Optimizer:
+    """Weight decay on matrices only (not biases, norms or scales); parameters whose name starts with a prefix in
+    `lr_multipliers` get their own group whose LR is the schedule's times that multiplier."""
+    lr_multipliers = lr_multipliers or {}
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = next((m for prefix, m in lr_multipliers.items() if name.startswith(prefix)), 1.0)
+        decay = cfg.optimizer.weight_decay if p.ndim > 1 else 0.0
+        groups.setdefault((decay, scale), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (decay, scale), ps in groups.items()]
     o = cfg.optimizer
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
-    return torch.optim.AdamW(groups, lr=o.lr)
+        return torch.optim.SGD(param_groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
+    return torch.optim.AdamW(param_groups, lr=o.lr)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -137,6 +143,7 @@ class Trainer:
         verbose: bool = True,
         on_step: StepCallback | None = None,
         scalars: Callable[[nn.Module], dict[str, float]] | None = None,
+        lr_multipliers: dict[str, float] | None = None,
         name: str = "train",
     ):
         self.model = model
@@ -155,6 +162,7 @@ class Trainer:
         self.verbose = verbose
         self.on_step = on_step
         self.scalars = scalars  # extra model quantities (e.g. self-paced scales): TensorBoard and history
+        self.lr_multipliers = lr_multipliers
         self.name = name
         self.ckpt = CheckpointDir(self.stage_dir / "checkpoints")
         self.steps_per_epoch = EpochBatches.per_epoch(len(train_set), cfg.batch_size)  # type: ignore[arg-type]
@@ -165,7 +173,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         torch.manual_seed(self.seed)
         self.model.to(self.device)
-        optimizer = make_optimizer(self.model, self.cfg)
+        optimizer = make_optimizer(self.model, self.cfg, self.lr_multipliers)
         state = {
             "step": 0,
             "epoch": 0,
@@ -246,7 +254,7 @@ class Trainer:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             lr = learning_rate(self.cfg, state["step"], self.steps_per_epoch)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
                 loss = self.loss_fn(forward_model, batch)
             if not torch.isfinite(loss):
