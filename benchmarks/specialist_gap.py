@@ -1,6 +1,6 @@
 """Does the built-in benchmark put the generalist in the regime where specialists help? Measured, side by side.
 
-    python benchmarks/specialist_gap.py [--preset default] [--verticals 2] [--extra-epochs 10] [--set KEY=VALUE ...]
+    python benchmarks/specialist_gap.py [--preset default] [--label-noise X] [--verticals 2] [--extra-epochs 10]
 
 Trains the demo's generalist on the benchmark, then for the first N verticals a specialist of the same
 architecture (initialised from the generalist, output layer cut to the vertical's classes, trained on the
@@ -44,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label-noise", type=float, help="override the preset's training-label noise")
     parser.add_argument("--verticals", type=int, default=2, help="how many specialists to train")
     parser.add_argument("--extra-epochs", type=int, default=10, help="specialists' and control's epochs")
     parser.add_argument("--work", default="runs/specialist_gap")
@@ -53,6 +54,8 @@ def main() -> None:
 
     work = Path(args.work)
     spec = replace(PRESETS[args.preset], seed=args.seed)
+    if args.label_noise is not None:
+        spec = replace(spec, label_noise=args.label_noise)
     manifest = generate_benchmark(work / "benchmark", spec, progress=False)
     data = merge(
         DEMO_CONFIG,
