@@ -27,9 +27,11 @@ from kc.train.specialists import load_specialists
 from kc.train.trainer import Trainer, TrainResult, resolve_device
 
 
-def student_loss(run: Run, teachers: OnlineTeachers, vertical_weights: torch.Tensor) -> LossFn:
+def student_loss(run: Run, teachers: OnlineTeachers, vertical_weights: torch.Tensor, device: torch.device) -> LossFn:
     s = run.cfg.student
-    vertical_of_class = torch.tensor(run.taxonomy.vertical_of_class)
+    # Constant per run: placed on the device once, not per batch.
+    vertical_of_class = torch.tensor(run.taxonomy.vertical_of_class, device=device)
+    vertical_weights = vertical_weights.to(device)
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         images, labels = batch["images"], batch["labels"]
@@ -39,8 +41,8 @@ def student_loss(run: Run, teachers: OnlineTeachers, vertical_weights: torch.Ten
             model(images),
             soft,
             truth,
-            vertical_of_class.to(images.device),
-            vertical_weights.to(images.device),
+            vertical_of_class,
+            vertical_weights,
             mode=s.ground_truth,
             truth_weight=s.ground_truth_weight,
             temperature=s.temperature,
@@ -86,7 +88,7 @@ def train_student(
         scfg,
         run.stage_dir(STUDENT),
         train_set,
-        student_loss(run, teachers, vertical_weights),
+        student_loss(run, teachers, vertical_weights, device),
         validation_fn(run, device, scfg.eval_batch_size),
         seed=seed,
         device=device,
