@@ -147,6 +147,22 @@ class SelfPacedConfig(_Strict):
     )
 
 
+class StudentHeadConfig(_Strict):
+    """The student's head structure (the paper's structurally connected layers); widths are model.head.hidden."""
+
+    structure: Literal["fc-fc", "fc-sc", "sc-sc"] = Field(
+        "fc-fc",
+        description="fc-fc: the generalist's dense head; fc-sc: shared FC then one block per vertical feeding only "
+        "that vertical's outputs (the paper's best); sc-sc: both layers per vertical",
+    )
+    shared_units: int = Field(
+        0, ge=0, description="fc-sc only: units of each vertical's block shared by all verticals (x; x = s2 is fc-fc)"
+    )
+    max_padding: float = Field(
+        0.25, ge=0, lt=1, description="share of padded outputs allowed when verticals of unequal size share a bmm"
+    )
+
+
 class StudentConfig(TrainConfig):
     """The student: initialised from the generalist, distilled from the specialists selected by each image's labels."""
 
@@ -159,6 +175,7 @@ class StudentConfig(TrainConfig):
     )
     ground_truth_weight: float = Field(0.5, ge=0, le=1, description="w for ground_truth: weighted")
     self_paced: SelfPacedConfig = SelfPacedConfig()
+    head: StudentHeadConfig = StudentHeadConfig()
     unselected: Literal["zero", "ignore"] = Field(
         "zero",
         description="classes of verticals no teacher was selected for: target 0 (paper), or no distillation loss there",
@@ -179,6 +196,24 @@ class RunConfig(_Strict):
         description="also train the generalist on for the student's epochs with ground truth only: the "
         "same-compute control without which a student's gain may be nothing but extra training",
     )
+
+    @model_validator(mode="after")
+    def _student_head_fits(self) -> RunConfig:
+        head, hidden = self.student.head, self.model.head.hidden
+        needed = {"fc-fc": 0, "fc-sc": 1, "sc-sc": 2}[head.structure]
+        if len(hidden) < needed:
+            raise ValueError(
+                f"student.head.structure {head.structure} needs at least {needed} widths in model.head.hidden, "
+                f"which has {hidden}"
+            )
+        if head.shared_units and head.structure != "fc-sc":
+            raise ValueError("student.head.shared_units applies to structure fc-sc only; set it to 0")
+        if hidden and head.shared_units > hidden[-1]:
+            raise ValueError(
+                f"student.head.shared_units {head.shared_units} exceeds the block width {hidden[-1]} "
+                "(the last of model.head.hidden)"
+            )
+        return self
 
     def resolved(self) -> dict[str, Any]:
         """The config as plain data with absolute paths, for the run directory."""

@@ -19,6 +19,7 @@ from kc.evaluate.metrics import average_precision, classification_metrics
 from kc.evaluate.predict import predict
 from kc.models.classifier import Classifier, build_classifier
 from kc.models.self_paced import SelfPacedScales
+from kc.models.structured import StructuredHead
 from kc.run import Run
 from kc.train.checkpoint import load_weights
 
@@ -107,17 +108,41 @@ def new_generalist_model(run: Run) -> Classifier:
     return build_classifier(run.cfg.model, run.taxonomy.num_classes)
 
 
-def new_student_model(run: Run) -> Classifier:
-    """The generalist architecture with the configured self-paced output scales."""
-    model = new_generalist_model(run)
+def with_student_head(run: Run, model: Classifier) -> Classifier:
+    """`model` (the generalist's architecture) with the student's head structure (student.head). A structured head
+    starts as a copy of the generalist's dense head: loaded with the generalist's weights first, the model keeps
+    computing the generalist's function. The control gets the same head, so that it differs from the student in
+    its training targets only."""
+    h, mh = run.cfg.student.head, run.cfg.model.head
+    if h.structure == "fc-fc":
+        return model
+    sizes = [run.taxonomy.vertical_size(v) for v in range(run.taxonomy.num_verticals)]
+    head = StructuredHead(
+        model.backbone.num_features, mh.hidden, sizes, h.structure, h.shared_units, mh.dropout, h.max_padding
+    )
+    model.head = head.copy_from_dense(model.head)
+    return model
+
+
+def with_self_paced_scales(run: Run, model: Classifier) -> Classifier:
     sp = run.cfg.student.self_paced
     model.output_scales = SelfPacedScales(run.taxonomy.vertical_of_class, sp.variant, sp.init, sp.init_noise)
     return model
 
 
 def new_model(run: Run, stage: str) -> Classifier:
-    """The architecture of a full-vocabulary stage: generalist, student or control."""
-    return new_student_model(run) if stage == STUDENT else new_generalist_model(run)
+    """The architecture of a full-vocabulary stage: generalist; control (the student's head); student (the
+    student's head and self-paced output scales)."""
+    model = new_generalist_model(run)
+    if stage in (STUDENT, CONTROL):
+        model = with_student_head(run, model)
+    return with_self_paced_scales(run, model) if stage == STUDENT else model
+
+
+def start_from_generalist(run: Run, stage: str) -> Classifier:
+    """The student or control before training: the trained generalist, given the stage's architecture."""
+    model = with_student_head(run, load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run)))
+    return with_self_paced_scales(run, model) if stage == STUDENT else model
 
 
 def load_stage(run: Run, stage_dir: Path, model: Classifier) -> Classifier:

@@ -15,8 +15,8 @@ from kc.train.common import (
     check_single_label,
     file_digest,
     ground_truth_loss,
-    load_stage,
     new_generalist_model,
+    start_from_generalist,
     validation_fn,
 )
 from kc.train.trainer import Trainer, TrainResult, resolve_device
@@ -26,7 +26,6 @@ def _train_on_ground_truth(
     run: Run,
     stage: str,
     tcfg: TrainConfig,
-    init_from: str | None,
     progress: bool,
     verbose: bool,
     on_step: Callable[[int], None] | None,
@@ -35,12 +34,12 @@ def _train_on_ground_truth(
     if tcfg.loss == "softmax":
         check_single_label(run)
     device = resolve_device(cfg.device)
-    model = new_generalist_model(run)
     fingerprint = run.taxonomy.fingerprint() + str(cfg.model.model_dump(mode="json"))
-    if init_from is not None:
-        init = best_weights(run.stage_dir(init_from))
-        fingerprint += file_digest(init)
-        load_stage(run, run.stage_dir(init_from), model)
+    if stage == GENERALIST:
+        model = new_generalist_model(run)
+    else:  # the control: the trained generalist, in the student's head structure
+        fingerprint += file_digest(best_weights(run.stage_dir(GENERALIST))) + str(cfg.student.head.model_dump())
+        model = start_from_generalist(run, stage)
     seed = tcfg.stage_seed(cfg.seed)
     train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed)
     activation = "sigmoid" if tcfg.loss == "bce" else "softmax"
@@ -67,7 +66,7 @@ def train_generalist(
     run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
 ) -> TrainResult:
     """Backbone + head over all classes, trained on the ground truth alone."""
-    return _train_on_ground_truth(run, GENERALIST, run.cfg.generalist, None, progress, verbose, on_step)
+    return _train_on_ground_truth(run, GENERALIST, run.cfg.generalist, progress, verbose, on_step)
 
 
 def control_config(run: Run) -> TrainConfig:
@@ -80,4 +79,4 @@ def train_control(
     run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
 ) -> TrainResult:
     """The generalist, from its best checkpoint, trained on for as many epochs as the student gets."""
-    return _train_on_ground_truth(run, CONTROL, control_config(run), GENERALIST, progress, verbose, on_step)
+    return _train_on_ground_truth(run, CONTROL, control_config(run), progress, verbose, on_step)

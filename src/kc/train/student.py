@@ -17,10 +17,8 @@ from kc.train.common import (
     LossFn,
     best_weights,
     file_digest,
-    load_stage,
-    new_generalist_model,
-    new_student_model,
     specialist_dir,
+    start_from_generalist,
     validation_fn,
 )
 from kc.train.specialists import load_specialists
@@ -69,10 +67,8 @@ def train_student(
 ) -> TrainResult:
     cfg, scfg = run.cfg, run.cfg.student
     device = resolve_device(cfg.device)
-    # The student starts as the generalist (backbone and head), with its own output scales on top.
-    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
-    model = new_student_model(run)
-    model.backbone, model.head = generalist.backbone, generalist.head
+    # The student starts as the generalist (backbone, head in the student's structure), its output scales on top.
+    model = start_from_generalist(run, STUDENT)
     teachers = OnlineTeachers(load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected).to(
         device
     )

@@ -1,0 +1,237 @@
+"""Structurally connected heads (the paper's SC layers): hidden blocks per vertical that feed only their vertical.
+
+With the backbone feature of size s_b, M verticals, N classes and the head's last hidden widths s1, s2:
+
+- `fc-fc`  FC(s1)-FC(s2): the dense head (`DenseHead`), the generalist's.
+- `fc-sc`  FC(s1)-SC(s2): a shared FC(s1), then per vertical its own block of s2 units reading the whole shared layer;
+  vertical v's classes read only v's block. With `shared_units` x > 0 (the paper's FC-SC(s2, x)) each vertical's block
+  is x units shared by all verticals plus s2 - x private ones: x = 0 is FC-SC, x = s2 is FC-FC.
+- `sc-sc`  SC(s1)-SC(s2): each vertical has its own s1 block on the backbone feature and its own s2 block on that.
+
+Dense layers before the last one (fc-sc) or two (sc-sc) hidden widths are shared, as in `DenseHead`.
+
+Fast: the per-vertical hidden layers are one matmul (fc-sc: a dense layer with M*(s2-x) outputs) or one bmm over
+the M equal-sized blocks (sc-sc); the block-sparse output layer is one bmm per *bucket* of verticals of similar size
+(`VerticalBlocks`), so there is no Python loop over verticals and verticals of very different sizes cost little
+padding. Output weights are kept (N, k) in class order, as a dense layer keeps them, so parameter counts equal the
+paper's formulas and a head initialised from the generalist's dense head starts as the same function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kc.models.heads import DenseHead
+
+STRUCTURES = ("fc-fc", "fc-sc", "sc-sc")
+
+
+def plan_buckets(sizes: list[int], max_padding: float) -> list[list[int]]:
+    """Group verticals (indices into `sizes`) so that padding each group to its largest size wastes at most
+    `max_padding` of the group's padded outputs. Greedy over sizes in decreasing order: a few buckets (about
+    log(largest / smallest) / log(1 / (1 - max_padding))), whatever the number of verticals."""
+    order = sorted(range(len(sizes)), key=lambda v: (-sizes[v], v))
+    buckets: list[list[int]] = []
+    for v in order:
+        if buckets:
+            bucket = buckets[-1]
+            padded = sizes[bucket[0]] * (len(bucket) + 1)
+            if sum(sizes[u] for u in bucket) + sizes[v] >= (1 - max_padding) * padded:
+                bucket.append(v)
+                continue
+        buckets.append([v])
+    return buckets
+
+
+class VerticalBlocks(nn.Module):
+    """The block-sparse product logits[b, c] = hidden[b, v(c)] . weight[c], for classes grouped by vertical.
+
+    hidden: (B, M, k), one k-vector per vertical; weight: (N, k) in class order. Computed as one bmm per bucket of
+    verticals of similar size, each vertical's weight rows padded (with a zero row) to the bucket's largest size,
+    then one gather back into class order. Holds only index buffers, no parameters.
+    """
+
+    def __init__(self, vertical_sizes: list[int], max_padding: float = 0.25):
+        super().__init__()
+        starts = [0]
+        for n in vertical_sizes:
+            starts.append(starts[-1] + n)
+        num_classes = starts[-1]
+        self.buckets = plan_buckets(vertical_sizes, max_padding)
+        self.padded_outputs = 0
+        gather = torch.empty(num_classes, dtype=torch.long)
+        for i, bucket in enumerate(self.buckets):
+            width = vertical_sizes[bucket[0]]
+            rows = torch.full((len(bucket), width), num_classes, dtype=torch.long)  # num_classes = the zero row
+            for j, v in enumerate(bucket):
+                n = vertical_sizes[v]
+                rows[j, :n] = torch.arange(starts[v], starts[v] + n)
+                gather[starts[v] : starts[v] + n] = self.padded_outputs + j * width + torch.arange(n)
+            self.padded_outputs += rows.numel()
+            self.register_buffer(f"verticals_{i}", torch.tensor(bucket), persistent=False)
+            self.register_buffer(f"rows_{i}", rows.flatten(), persistent=False)
+        self.register_buffer("gather", gather, persistent=False)
+        self.ranges = list(zip(starts[:-1], starts[1:], strict=True))
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        batch, k = hidden.shape[0], weight.shape[1]
+        padded_weight = torch.cat([weight, weight.new_zeros(1, k)])
+        pieces = []
+        for i, bucket in enumerate(self.buckets):
+            h = hidden.index_select(1, getattr(self, f"verticals_{i}")).transpose(0, 1)  # (Mb, B, k)
+            w = padded_weight.index_select(0, getattr(self, f"rows_{i}")).view(len(bucket), -1, k)  # (Mb, P, k)
+            pieces.append(torch.bmm(h, w.transpose(1, 2)).transpose(0, 1).reshape(batch, -1))  # (B, Mb * P)
+        flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+        return flat.index_select(1, self.gather)
+
+    def loop(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The same product as a Python loop over verticals: the reference for tests and benchmarks."""
+        return torch.cat([hidden[:, v] @ weight[a:b].T for v, (a, b) in enumerate(self.ranges)], 1)
+
+    def extra_repr(self) -> str:
+        return f"buckets={len(self.buckets)}, padded_outputs={self.padded_outputs}, classes={len(self.gather)}"
+
+
+def _linear_parameter(rows: int, cols: int, fan_in: int) -> nn.Parameter:
+    """nn.Linear's default initialisation, for weights that are not an nn.Linear."""
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return nn.Parameter(torch.empty(rows, cols).uniform_(-bound, bound))
+
+
+class StructuredHead(nn.Module):
+    """fc-sc (optionally with x shared units per block) or sc-sc; maps (B, in_features) -> (B, N) logits."""
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden: list[int],
+        vertical_sizes: list[int],
+        structure: str = "fc-sc",
+        shared_units: int = 0,
+        dropout: float = 0.0,
+        max_padding: float = 0.25,
+    ):
+        super().__init__()
+        if structure not in ("fc-sc", "sc-sc"):
+            raise ValueError(f"structured head: structure '{structure}' is not fc-sc or sc-sc")
+        structured_layers = 1 if structure == "fc-sc" else 2
+        if len(hidden) < structured_layers:
+            raise ValueError(f"structure {structure} needs at least {structured_layers} hidden widths, got {hidden}")
+        s2 = hidden[-1]
+        if structure == "sc-sc" and shared_units:
+            raise ValueError("shared_units applies to fc-sc only")
+        if not 0 <= shared_units <= s2:
+            raise ValueError(f"shared_units must lie in [0, {s2}] (the last hidden width), got {shared_units}")
+        self.structure, self.shared_units, self.hidden_widths = structure, shared_units, list(hidden)
+        self.num_verticals, self.num_classes = len(vertical_sizes), sum(vertical_sizes)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        M, N = self.num_verticals, self.num_classes
+        # The shared dense layers, laid out as DenseHead.hidden so that the generalist's copy over one to one.
+        self.dense = DenseHead(in_features, hidden[:-structured_layers], 1, dropout).hidden
+        prev = ([in_features] + hidden)[-structured_layers - 1]
+        self.sc1: nn.Linear | None = None
+        self.shared: nn.Linear | None = None
+        self.private: nn.Linear | None = None
+        if structure == "sc-sc":
+            s1 = hidden[-2]
+            self.sc1 = nn.Linear(prev, M * s1)  # vertical v's block: output rows [v * s1, (v + 1) * s1)
+            self.sc2_weight = nn.Parameter(torch.stack([_linear_parameter(s2, s1, s1).data for _ in range(M)]))
+            self.sc2_bias = nn.Parameter(torch.stack([_linear_parameter(1, s2, s1).data[0] for _ in range(M)]))
+        else:
+            if shared_units:
+                self.shared = nn.Linear(prev, shared_units)
+            if s2 - shared_units:
+                self.private = nn.Linear(prev, M * (s2 - shared_units))  # vertical v's block: rows v*(s2-x)...
+        self.out_shared_weight = _linear_parameter(N, shared_units, s2) if shared_units else None
+        self.out_private_weight = _linear_parameter(N, s2 - shared_units, s2) if s2 - shared_units else None
+        self.out_bias = nn.Parameter(_linear_parameter(1, N, s2).data[0])
+        self.blocks = VerticalBlocks(vertical_sizes, max_padding)
+
+    def private_hidden(self, a: torch.Tensor) -> torch.Tensor | None:
+        """(B, M, k): each vertical's private block of the last hidden layer, from the shared layers' output."""
+        batch = a.shape[0]
+        if self.sc1 is not None:
+            h1 = self.dropout(F.relu(self.sc1(a))).view(batch, self.num_verticals, -1).transpose(0, 1)  # (M, B, s1)
+            h2 = torch.baddbmm(self.sc2_bias.unsqueeze(1), h1, self.sc2_weight.transpose(1, 2))  # (M, B, s2)
+            return self.dropout(F.relu(h2)).transpose(0, 1)
+        if self.private is None:
+            return None
+        return self.dropout(F.relu(self.private(a))).view(batch, self.num_verticals, -1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        a = self.dense(features)
+        logits = self.out_bias
+        if self.shared is not None:
+            shared = self.dropout(F.relu(self.shared(a)))
+            logits = logits + F.linear(shared, self.out_shared_weight)
+        private = self.private_hidden(a)
+        if private is not None:
+            logits = logits + self.blocks(private, self.out_private_weight)
+        return logits
+
+    @torch.no_grad()
+    def copy_from_dense(self, dense: DenseHead) -> StructuredHead:
+        """Start from a trained dense head of the same widths: every block copies the dense layer it replaces, so
+        this head computes exactly the dense head's function (up to float rounding) until it is trained."""
+        linears = [m for m in dense.hidden if isinstance(m, nn.Linear)]
+        widths = [m.out_features for m in linears]
+        if widths != self.hidden_widths or dense.out.out_features != self.num_classes:
+            raise ValueError(
+                f"cannot start a {self.structure} head {self.hidden_widths} over {self.num_classes} classes from a "
+                f"dense head {widths} over {dense.out.out_features}: widths and classes must match"
+            )
+        own_dense = [m for m in self.dense if isinstance(m, nn.Linear)]
+        for mine, theirs in zip(own_dense, linears, strict=False):
+            mine.load_state_dict(theirs.state_dict())
+        M, x = self.num_verticals, self.shared_units
+        last = linears[-1]
+        if self.sc1 is not None:
+            first = linears[-2]
+            self.sc1.weight.copy_(first.weight.repeat(M, 1))
+            self.sc1.bias.copy_(first.bias.repeat(M))
+            self.sc2_weight.copy_(last.weight.expand(M, -1, -1))
+            self.sc2_bias.copy_(last.bias.expand(M, -1))
+        if self.shared is not None:
+            self.shared.weight.copy_(last.weight[:x])
+            self.shared.bias.copy_(last.bias[:x])
+            self.out_shared_weight.copy_(dense.out.weight[:, :x])
+        if self.private is not None:
+            self.private.weight.copy_(last.weight[x:].repeat(M, 1))
+            self.private.bias.copy_(last.bias[x:].repeat(M))
+        if self.out_private_weight is not None:
+            self.out_private_weight.copy_(dense.out.weight[:, x:])
+        self.out_bias.copy_(dense.out.bias)
+        return self
+
+
+def head_name(structure: str, hidden: list[int], shared_units: int = 0) -> str:
+    """The paper's notation: FC256-FC64, FC256-SC64, SC256-SC64, FC256-SC64(x=16)."""
+    kinds = {"fc-fc": [], "fc-sc": ["SC"], "sc-sc": ["SC", "SC"]}[structure]
+    kinds = ["FC"] * (len(hidden) - len(kinds)) + kinds
+    name = "-".join(f"{k}{w}" for k, w in zip(kinds, hidden, strict=True))
+    return name + (f"(x={shared_units})" if shared_units else "")
+
+
+def head_weight_formula(
+    structure: str, in_features: int, hidden: list[int], num_verticals: int, num_classes: int, shared_units: int = 0
+) -> int:
+    """Weights (biases excluded) of a head, by the paper's formulas; leading dense layers added as s_i * s_(i+1).
+
+    fc-fc: s_b*s1 + s1*s2 + s2*N; fc-sc(x): s_b*s1 + s1*x + M*s1*(s2-x) + s2*N; sc-sc: s_b*s1*M + M*s1*s2 + s2*N.
+    """
+    M, N = num_verticals, num_classes
+    chain = [in_features] + hidden
+    sc_layers = {"fc-fc": 0, "fc-sc": 1, "sc-sc": 2}[structure]
+    dense_pairs = list(zip(chain[:-1], chain[1:], strict=True))[: len(hidden) - sc_layers]
+    total = sum(a * b for a, b in dense_pairs) + hidden[-1] * N
+    if structure == "fc-sc":
+        s1, s2, x = chain[-2], chain[-1], shared_units
+        total += s1 * x + M * s1 * (s2 - x)
+    elif structure == "sc-sc":
+        s_b, s1, s2 = chain[-3], chain[-2], chain[-1]
+        total += s_b * s1 * M + M * s1 * s2
+    return total

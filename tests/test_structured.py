@@ -1,0 +1,162 @@
+"""Structurally connected heads: block structure, batched = naive, parameter formulas, start from the generalist."""
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from kc.config import config_from_dict
+from kc.errors import ConfigError
+from kc.models.classifier import count_parameters
+from kc.models.heads import DenseHead
+from kc.models.structured import StructuredHead, VerticalBlocks, head_name, head_weight_formula, plan_buckets
+from kc.pipeline import run_pipeline
+from kc.run import prepare_run
+from kc.train.common import CONTROL, GENERALIST, STUDENT, load_stage, new_generalist_model, start_from_generalist
+
+SIZES = [5, 1, 12, 3, 3, 7]  # verticals of very different sizes
+N, S_B, S1, S2 = sum(SIZES), 10, 16, 8
+STARTS = [sum(SIZES[:v]) for v in range(len(SIZES))]
+
+
+def weights_only(module):
+    return sum(p.numel() for name, p in module.named_parameters() if "bias" not in name)
+
+
+def test_buckets_cover_every_vertical_once_and_bound_the_padding():
+    rng = random.Random(0)
+    sizes = [rng.choice([1, 2, 3, 50, 51, 400, 1000]) for _ in range(300)]
+    buckets = plan_buckets(sizes, 0.25)
+    assert sorted(v for b in buckets for v in b) == list(range(300))
+    for bucket in buckets:
+        padded = max(sizes[v] for v in bucket) * len(bucket)
+        assert sum(sizes[v] for v in bucket) >= 0.75 * padded
+    assert len(buckets) <= 12  # a few bmm calls, not 300
+    assert len(plan_buckets([4] * 50, 0.0)) == 1
+
+
+def test_batched_block_product_equals_the_per_vertical_loop_forward_and_backward():
+    torch.manual_seed(0)
+    blocks = VerticalBlocks(SIZES)
+    assert len(blocks.buckets) < len(SIZES)
+    hidden = torch.randn(4, len(SIZES), 6, requires_grad=True)
+    weight = torch.randn(N, 6, requires_grad=True)
+    batched = blocks(hidden, weight)
+    naive = blocks.loop(hidden, weight)
+    torch.testing.assert_close(batched, naive)
+    grads = torch.autograd.grad(batched.square().sum(), [hidden, weight])
+    expected = torch.autograd.grad(naive.square().sum(), [hidden, weight])
+    for a, b in zip(grads, expected, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("shared_units", [0, 3])
+def test_fc_sc_logits_of_a_vertical_get_no_gradient_from_other_verticals_private_blocks(shared_units):
+    torch.manual_seed(0)
+    head = StructuredHead(S_B, [S1, S2], SIZES, "fc-sc", shared_units)
+    k = S2 - shared_units
+    for v, (start, size) in enumerate(zip(STARTS, SIZES, strict=True)):
+        head.zero_grad()
+        head(torch.randn(3, S_B))[:, start : start + size].sum().backward()
+        block_grad = head.private.weight.grad.view(len(SIZES), k, -1).abs().sum(dim=(1, 2))
+        assert block_grad[v] > 0
+        assert torch.all(block_grad[torch.arange(len(SIZES)) != v] == 0)
+        out_grad = head.out_private_weight.grad.abs().sum(dim=1)
+        assert torch.all(out_grad[:start] == 0) and torch.all(out_grad[start + size :] == 0)
+        if shared_units:
+            assert head.shared.weight.grad.abs().sum() > 0  # shared units feed every vertical
+
+
+def test_sc_sc_blocks_are_private_in_both_layers():
+    torch.manual_seed(0)
+    head = StructuredHead(S_B, [S1, S2], SIZES, "sc-sc")
+    v, start = 2, STARTS[2]
+    head(torch.randn(3, S_B))[:, start : start + SIZES[v]].sum().backward()
+    first = head.sc1.weight.grad.view(len(SIZES), S1, S_B).abs().sum(dim=(1, 2))
+    second = head.sc2_weight.grad.abs().sum(dim=(1, 2))
+    others = torch.arange(len(SIZES)) != v
+    assert first[v] > 0 and second[v] > 0
+    assert torch.all(first[others] == 0) and torch.all(second[others] == 0)
+
+
+@pytest.mark.parametrize(
+    ("structure", "x", "formula"),
+    [
+        ("fc-sc", 0, S_B * S1 + len(SIZES) * S1 * S2 + S2 * N),
+        ("fc-sc", 3, S_B * S1 + S1 * 3 + len(SIZES) * S1 * (S2 - 3) + S2 * N),
+        ("sc-sc", 0, S_B * S1 * len(SIZES) + len(SIZES) * S1 * S2 + S2 * N),
+    ],
+)
+def test_parameter_counts_equal_the_papers_formulas(structure, x, formula):
+    head = StructuredHead(S_B, [S1, S2], SIZES, structure, x)
+    assert weights_only(head) == formula == head_weight_formula(structure, S_B, [S1, S2], len(SIZES), N, x)
+    assert weights_only(DenseHead(S_B, [S1, S2], N)) == S_B * S1 + S1 * S2 + S2 * N
+    assert head_weight_formula("fc-fc", S_B, [S1, S2], len(SIZES), N) == S_B * S1 + S1 * S2 + S2 * N
+    # a leading dense layer is shared and counted once, as in the dense head
+    deeper = StructuredHead(S_B, [12, S1, S2], SIZES, structure, x)
+    assert weights_only(deeper) == head_weight_formula(structure, S_B, [12, S1, S2], len(SIZES), N, x)
+
+
+def test_fc_sc_with_every_unit_shared_is_fc_fc_in_function_and_parameter_count():
+    torch.manual_seed(0)
+    dense = DenseHead(S_B, [S1, S2], N)
+    shared_all = StructuredHead(S_B, [S1, S2], SIZES, "fc-sc", shared_units=S2).copy_from_dense(dense)
+    assert count_parameters(shared_all) == count_parameters(dense)
+    assert weights_only(shared_all) == weights_only(dense)
+    features = torch.randn(5, S_B)
+    torch.testing.assert_close(shared_all(features), dense(features), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("structure", "x", "hidden"), [("fc-sc", 0, [S1, S2]), ("fc-sc", 5, [S1, S2]), ("sc-sc", 0, [12, S1, S2])]
+)
+def test_a_head_copied_from_a_dense_head_computes_the_same_function(structure, x, hidden):
+    torch.manual_seed(0)
+    dense = DenseHead(S_B, hidden, N)
+    head = StructuredHead(S_B, hidden, SIZES, structure, x).copy_from_dense(dense)
+    features = torch.randn(7, S_B)
+    torch.testing.assert_close(head(features), dense(features), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="widths and classes must match"):
+        StructuredHead(S_B, hidden, SIZES, structure, x).copy_from_dense(DenseHead(S_B, [S1, S2 + 1], N))
+
+
+def test_head_names_follow_the_paper():
+    assert head_name("fc-fc", [4096, 512]) == "FC4096-FC512"
+    assert head_name("fc-sc", [4096, 512]) == "FC4096-SC512"
+    assert head_name("sc-sc", [4096, 512]) == "SC4096-SC512"
+    assert head_name("fc-sc", [4096, 512], 128) == "FC4096-SC512(x=128)"
+
+
+def test_config_rejects_structures_the_hidden_widths_cannot_hold(tmp_path, tiny_benchmark):
+    data = tiny_config(tiny_benchmark, tmp_path)
+    data["model"]["head"]["hidden"] = [32]
+    data["student"] = {"head": {"structure": "sc-sc"}}
+    with pytest.raises(ConfigError, match="needs at least 2 widths"):
+        config_from_dict(data)
+    data["student"] = {"head": {"structure": "fc-sc", "shared_units": 33}}
+    with pytest.raises(ConfigError, match="exceeds the block width 32"):
+        config_from_dict(data)
+
+
+def test_structured_student_and_control_start_as_the_generalist_and_train(tmp_path, tiny_benchmark):
+    data = tiny_config(tiny_benchmark, tmp_path / "run")
+    epochs = {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "checkpoint_every_steps": 4}
+    data["specialists"] = dict(epochs)
+    data["student"] = {**epochs, "head": {"structure": "fc-sc", "shared_units": 4}, "self_paced": {"variant": "none"}}
+    run = prepare_run(config_from_dict(data), progress=False)
+    result = run_pipeline(run, progress=False, verbose=False)
+
+    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run)).eval()
+    images = torch.randn(4, 3, 16, 16)
+    for stage in (STUDENT, CONTROL):
+        start = start_from_generalist(run, stage).eval()
+        assert isinstance(start.head, StructuredHead)
+        with torch.no_grad():
+            torch.testing.assert_close(start(images), generalist(images), rtol=1e-5, atol=1e-5)
+        trained = load_file(str(run.stage_dir(stage) / "checkpoints" / "best.safetensors"))
+        assert trained["head.private.weight"].shape == (3 * (16 - 4), 32)
+        assert not torch.equal(trained["head.out_private_weight"], start.head.out_private_weight.detach())
+    params = {m["model"]: m["parameters"] for m in result["models"]}
+    assert params["student"] == params["control (generalist + student's epochs)"] > params["generalist"]
