@@ -56,6 +56,11 @@ def main() -> None:
             "seed": seed,
             **{f"student_{m}": student[m] for m in METRICS},
             **{f"control_{m}": control[m] for m in METRICS},
+            **{
+                f"{name}_{key}": stage[key]
+                for name, stage in (("student", student), ("control", control))
+                for key in ("parameters", "inference_images_per_s")
+            },
         }
         rows.append(row)
         print(
@@ -74,14 +79,24 @@ def main() -> None:
             "difference_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
             "student_wins": sum(d > 0 for d in diffs),
         }
+    summary["parameters"] = {"student": rows[0]["student_parameters"], "control": rows[0]["control_parameters"]}
+    summary["inference_images_per_s"] = {
+        name: statistics.median(r[f"{name}_inference_images_per_s"] for r in rows) for name in ("student", "control")
+    }
     print(f"\n{len(rows)} seeds, overrides: {args.set or 'none'}\n")
     print("| metric | student (mean) | control (mean) | student - control (mean ± std) | seeds student wins |")
     print("|---|---:|---:|---:|---:|")
-    for m, s in summary.items():
+    for m in METRICS:
+        s = summary[m]
         print(
             f"| {m} | {s['student_mean']:.2f} | {s['control_mean']:.2f} | "
             f"{s['difference_mean']:+.2f} ± {s['difference_std']:.2f} | {s['student_wins']}/{len(rows)} |"
         )
+    params, speed = summary["parameters"], summary["inference_images_per_s"]
+    print(
+        f"\nparameters: student {params['student']:,}, control {params['control']:,}; inference images/s "
+        f"(forward only, median over seeds): student {speed['student']:,.0f}, control {speed['control']:,.0f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "overrides": args.set}, indent=1))
 

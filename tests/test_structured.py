@@ -4,17 +4,29 @@ import random
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from conftest import tiny_config
+from kc.cli import app
 from kc.config import config_from_dict
 from kc.errors import ConfigError
+from kc.models.accounting import parameter_accounting
 from kc.models.classifier import count_parameters
 from kc.models.heads import DenseHead
 from kc.models.structured import StructuredHead, VerticalBlocks, head_name, head_weight_formula, plan_buckets
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run
-from kc.train.common import CONTROL, GENERALIST, STUDENT, load_stage, new_generalist_model, start_from_generalist
+from kc.train.common import (
+    CONTROL,
+    GENERALIST,
+    STUDENT,
+    load_stage,
+    new_generalist_model,
+    new_model,
+    start_from_generalist,
+)
 
 SIZES = [5, 1, 12, 3, 3, 7]  # verticals of very different sizes
 N, S_B, S1, S2 = sum(SIZES), 10, 16, 8
@@ -41,7 +53,7 @@ def test_batched_block_product_equals_the_per_vertical_loop_forward_and_backward
     torch.manual_seed(0)
     blocks = VerticalBlocks(SIZES)
     assert len(blocks.buckets) < len(SIZES)
-    hidden = torch.randn(4, len(SIZES), 6, requires_grad=True)
+    hidden = torch.randn(len(SIZES), 6, 4, requires_grad=True)  # (verticals, k, batch)
     weight = torch.randn(N, 6, requires_grad=True)
     batched = blocks(hidden, weight)
     naive = blocks.loop(hidden, weight)
@@ -160,3 +172,20 @@ def test_structured_student_and_control_start_as_the_generalist_and_train(tmp_pa
         assert not torch.equal(trained["head.out_private_weight"], start.head.out_private_weight.detach())
     params = {m["model"]: m["parameters"] for m in result["models"]}
     assert params["student"] == params["control (generalist + student's epochs)"] > params["generalist"]
+
+    # parameter accounting (kc describe, the report) counts what the stages build
+    totals = {r["model"]: r["total"] for r in parameter_accounting(run.cfg, run.taxonomy)["models"]}
+    for stage in (GENERALIST, STUDENT, CONTROL):
+        assert totals[stage] == count_parameters(new_model(run, stage))
+    assert "| control | FC32-SC16(x=4) |" in (run.dir / "report.md").read_text()
+
+
+def test_describe_command_needs_no_run(tmp_path, tiny_benchmark):
+    data = tiny_config(tiny_benchmark, tmp_path / "never_made")
+    data["student"] = {"head": {"structure": "sc-sc"}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    out = CliRunner().invoke(app, ["describe", str(path)])
+    assert out.exit_code == 0, out.output
+    assert "| student | SC32-SC16 |" in out.output and "| FC32-SC16(x=8) |" in out.output
+    assert not (tmp_path / "never_made").exists()

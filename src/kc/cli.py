@@ -221,6 +221,29 @@ def report_cmd(
     typer.echo(f"\nreport: {run.dir / 'report.md'}")
 
 
+@app.command("describe")
+@user_errors
+def describe_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    set_: SetOption = None,
+) -> None:
+    """Parameters of backbone and head of every model of the run, and of each head structure at its sizes."""
+    from kc.data.samples import load_image_folder
+    from kc.models.accounting import accounting_tables, parameter_accounting
+    from kc.taxonomy import Taxonomy
+
+    prepared = config / "taxonomy.json" if config.is_dir() else None
+    cfg = _load(config / "config.yaml" if config.is_dir() else config, set_)
+    if prepared is not None and prepared.is_file():
+        taxonomy = Taxonomy.load(prepared)
+    elif cfg.data.taxonomy is not None:
+        taxonomy = Taxonomy.load(cfg.data.taxonomy)
+    else:
+        assert cfg.data.image_folder is not None
+        taxonomy, _ = load_image_folder(cfg.data.image_folder)
+    typer.echo(accounting_tables(parameter_accounting(cfg, taxonomy)))
+
+
 @app.command("pipeline")
 @user_errors
 def pipeline_cmd(

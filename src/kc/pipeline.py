@@ -15,6 +15,7 @@ from typing import Any
 from kc.evaluate.compare import compare
 from kc.evaluate.report import run_report
 from kc.io import atomic_write_json, atomic_write_text, read_json
+from kc.models.accounting import accounting_tables, parameter_accounting
 from kc.run import Run
 from kc.train.common import CONTROL, GENERALIST, STUDENT, specialist_dir
 from kc.train.generalist import train_control, train_generalist
@@ -59,5 +60,10 @@ def run_pipeline(
 
 def write_report(run: Run, result: dict[str, Any], timings: dict[str, float]) -> None:
     config_yaml = (run.dir / "config.yaml").read_text(encoding="utf-8")
-    atomic_write_json(run.dir / "metrics.json", {**result, "timings": timings, "config": run.cfg.resolved()})
-    atomic_write_text(run.dir / "report.md", run_report(result, run.taxonomy, config_yaml, timings))
+    parameters = parameter_accounting(run.cfg, run.taxonomy)
+    atomic_write_json(
+        run.dir / "metrics.json",
+        {**result, "timings": timings, "parameters": parameters, "config": run.cfg.resolved()},
+    )
+    report = run_report(result, run.taxonomy, config_yaml, timings, accounting_tables(parameters))
+    atomic_write_text(run.dir / "report.md", report)

@@ -57,7 +57,9 @@ def per_vertical_table(result: dict[str, Any], taxonomy: Taxonomy) -> str:
     return "\n".join(lines)
 
 
-def run_report(result: dict[str, Any], taxonomy: Taxonomy, config_yaml: str, timings: dict[str, float]) -> str:
+def run_report(
+    result: dict[str, Any], taxonomy: Taxonomy, config_yaml: str, timings: dict[str, float], parameters_md: str = ""
+) -> str:
     parts = [
         "# kc run report",
         f"Test split: {result['images']} images, {taxonomy.num_classes} classes in {taxonomy.num_verticals} "
@@ -76,6 +78,8 @@ def run_report(result: dict[str, Any], taxonomy: Taxonomy, config_yaml: str, tim
                 "(`checkpoints/last.json`, keys `gamma/<vertical>`) and in TensorBoard.",
                 "| vertical | scale |\n|---|---:|\n" + rows,
             ]
+    if parameters_md:
+        parts += ["## Parameters", parameters_md]
     if timings:
         parts += [
             "## Wall time per stage",

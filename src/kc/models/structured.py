@@ -48,11 +48,15 @@ def plan_buckets(sizes: list[int], max_padding: float) -> list[list[int]]:
 
 
 class VerticalBlocks(nn.Module):
-    """The block-sparse product logits[b, c] = hidden[b, v(c)] . weight[c], for classes grouped by vertical.
+    """The block-sparse product logits[b, c] = hidden[v(c), :, b] . weight[c], for classes grouped by vertical.
 
-    hidden: (B, M, k), one k-vector per vertical; weight: (N, k) in class order. Computed as one bmm per bucket of
-    verticals of similar size, each vertical's weight rows padded (with a zero row) to the bucket's largest size,
-    then one gather back into class order. Holds only index buffers, no parameters.
+    hidden: (M, k, B), one k-vector per vertical and image, laid out feature-major so that every matmul below reads
+    contiguous memory without a transpose; weight: (N, k) in class order. Returns (B, N) logits (a transposed view).
+
+    Computed as one bmm per bucket of verticals of similar size: one gather puts the verticals in bucket order and
+    one gathers their weight rows, each vertical's rows padded to its bucket's largest size (padding rows repeat
+    row 0; their outputs are computed and dropped, so no gradient reaches them); one final gather puts the outputs
+    back in class order. Gathers that would be the identity (equal-sized verticals) are skipped.
     """
 
     def __init__(self, vertical_sizes: list[int], max_padding: float = 0.25):
@@ -60,40 +64,47 @@ class VerticalBlocks(nn.Module):
         starts = [0]
         for n in vertical_sizes:
             starts.append(starts[-1] + n)
-        num_classes = starts[-1]
-        self.buckets = plan_buckets(vertical_sizes, max_padding)
-        self.padded_outputs = 0
-        gather = torch.empty(num_classes, dtype=torch.long)
-        for i, bucket in enumerate(self.buckets):
-            width = vertical_sizes[bucket[0]]
-            rows = torch.full((len(bucket), width), num_classes, dtype=torch.long)  # num_classes = the zero row
-            for j, v in enumerate(bucket):
-                n = vertical_sizes[v]
-                rows[j, :n] = torch.arange(starts[v], starts[v] + n)
-                gather[starts[v] : starts[v] + n] = self.padded_outputs + j * width + torch.arange(n)
-            self.padded_outputs += rows.numel()
-            self.register_buffer(f"verticals_{i}", torch.tensor(bucket), persistent=False)
-            self.register_buffer(f"rows_{i}", rows.flatten(), persistent=False)
-        self.register_buffer("gather", gather, persistent=False)
         self.ranges = list(zip(starts[:-1], starts[1:], strict=True))
+        self.buckets = plan_buckets(vertical_sizes, max_padding)
+        self.shapes = [(len(b), vertical_sizes[b[0]]) for b in self.buckets]  # (verticals, padded size)
+        order = [v for b in self.buckets for v in b]
+        rows, gather = [], [0] * starts[-1]
+        for bucket, (_, width) in zip(self.buckets, self.shapes, strict=True):
+            for v in bucket:
+                a, b = self.ranges[v]
+                gather[a:b] = range(len(rows), len(rows) + b - a)
+                rows += list(range(a, b)) + [0] * (width - (b - a))
+        self.padded_outputs = len(rows)
+        identity = list(range(starts[-1]))
+        # Index buffers follow the module's device and are not saved; None where the gather is the identity.
+        indexes = (("order", order, sorted(order)), ("rows", rows, identity), ("gather", gather, identity))
+        for name, index, skip in indexes:
+            value = None if index == skip else torch.tensor(index, dtype=torch.long, device="cpu")
+            self.register_buffer(name, value, persistent=False)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        batch, k = hidden.shape[0], weight.shape[1]
-        padded_weight = torch.cat([weight, weight.new_zeros(1, k)])
-        pieces = []
-        for i, bucket in enumerate(self.buckets):
-            h = hidden.index_select(1, getattr(self, f"verticals_{i}")).transpose(0, 1)  # (Mb, B, k)
-            w = padded_weight.index_select(0, getattr(self, f"rows_{i}")).view(len(bucket), -1, k)  # (Mb, P, k)
-            pieces.append(torch.bmm(h, w.transpose(1, 2)).transpose(0, 1).reshape(batch, -1))  # (B, Mb * P)
-        flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
-        return flat.index_select(1, self.gather)
+        k, batch = weight.shape[1], hidden.shape[2]
+        if self.order is not None:
+            hidden = hidden.index_select(0, self.order)
+        if self.rows is not None:
+            weight = weight.index_select(0, self.rows)
+        counts = [count for count, _ in self.shapes]
+        padded = [count * width for count, width in self.shapes]
+        outputs = [
+            torch.bmm(w.view(count, width, k), h).view(count * width, batch)  # (Mb, P, k) @ (Mb, k, B)
+            for h, w, (count, width) in zip(hidden.split(counts), weight.split(padded), self.shapes, strict=True)
+        ]
+        flat = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (padded outputs, B)
+        if self.gather is not None:
+            flat = flat.index_select(0, self.gather)
+        return flat.t()
 
     def loop(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The same product as a Python loop over verticals: the reference for tests and benchmarks."""
-        return torch.cat([hidden[:, v] @ weight[a:b].T for v, (a, b) in enumerate(self.ranges)], 1)
+        return torch.cat([weight[a:b] @ hidden[v] for v, (a, b) in enumerate(self.ranges)]).t()
 
     def extra_repr(self) -> str:
-        return f"buckets={len(self.buckets)}, padded_outputs={self.padded_outputs}, classes={len(self.gather)}"
+        return f"buckets={len(self.buckets)}, padded_outputs={self.padded_outputs}, classes={self.ranges[-1][1]}"
 
 
 def _linear_parameter(rows: int, cols: int, fan_in: int) -> nn.Parameter:
@@ -152,15 +163,18 @@ class StructuredHead(nn.Module):
         self.blocks = VerticalBlocks(vertical_sizes, max_padding)
 
     def private_hidden(self, a: torch.Tensor) -> torch.Tensor | None:
-        """(B, M, k): each vertical's private block of the last hidden layer, from the shared layers' output."""
-        batch = a.shape[0]
+        """(M, k, B): each vertical's private block of the last hidden layer, feature-major (see VerticalBlocks),
+        from the shared layers' output a (B, s)."""
+        M, a_t = self.num_verticals, a.t()
         if self.sc1 is not None:
-            h1 = self.dropout(F.relu(self.sc1(a))).view(batch, self.num_verticals, -1).transpose(0, 1)  # (M, B, s1)
-            h2 = torch.baddbmm(self.sc2_bias.unsqueeze(1), h1, self.sc2_weight.transpose(1, 2))  # (M, B, s2)
-            return self.dropout(F.relu(h2)).transpose(0, 1)
+            h1 = torch.addmm(self.sc1.bias.unsqueeze(1), self.sc1.weight, a_t).view(M, -1, a.shape[0])  # (M, s1, B)
+            h1 = self.dropout(F.relu(h1))
+            h2 = torch.baddbmm(self.sc2_bias.unsqueeze(2), self.sc2_weight, h1)  # (M, s2, B)
+            return self.dropout(F.relu(h2))
         if self.private is None:
             return None
-        return self.dropout(F.relu(self.private(a))).view(batch, self.num_verticals, -1)
+        h = torch.addmm(self.private.bias.unsqueeze(1), self.private.weight, a_t).view(M, -1, a.shape[0])
+        return self.dropout(F.relu(h))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         a = self.dense(features)
