@@ -134,6 +134,20 @@ def test_a_head_copied_from_a_dense_head_computes_the_same_function(structure, x
         StructuredHead(S_B, hidden, SIZES, structure, x).copy_from_dense(DenseHead(S_B, [S1, S2 + 1], N))
 
 
+def test_sc_sc_started_from_specialists_computes_each_specialists_head_on_its_vertical():
+    torch.manual_seed(0)
+    dense = DenseHead(S_B, [S1, S2], N)
+    specialists = [DenseHead(S_B, [S1, S2], n + 1) for n in SIZES]  # with an 'other' output, dropped
+    head = StructuredHead(S_B, [S1, S2], SIZES, "sc-sc").copy_from_dense(dense).copy_from_specialists(specialists)
+    features = torch.randn(6, S_B)
+    logits = head(features)
+    for (start, n), specialist in zip(zip(STARTS, SIZES, strict=True), specialists, strict=True):
+        torch.testing.assert_close(logits[:, start : start + n], specialist(features)[:, :n], rtol=1e-5, atol=1e-5)
+    fc_sc = StructuredHead(S_B, [S1, S2], SIZES, "fc-sc", 2).copy_from_dense(dense).copy_from_specialists(specialists)
+    assert torch.equal(fc_sc.out_bias[STARTS[2] : STARTS[2] + 12], specialists[2].out.bias[:12])
+    assert torch.equal(fc_sc.shared.weight, dense.hidden[2].weight[:2])  # shared units stay the generalist's
+
+
 def test_head_names_follow_the_paper():
     assert head_name("fc-fc", [4096, 512]) == "FC4096-FC512"
     assert head_name("fc-sc", [4096, 512]) == "FC4096-SC512"

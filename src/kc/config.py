@@ -161,6 +161,11 @@ class StudentHeadConfig(_Strict):
     max_padding: float = Field(
         0.25, ge=0, lt=1, description="share of padded outputs allowed when verticals of unequal size share a bmm"
     )
+    init: Literal["generalist", "specialists"] = Field(
+        "generalist",
+        description="generalist: every block copies the generalist's layer (the student starts as the generalist); "
+        "specialists: each vertical's private blocks and output rows copy its specialist's (beyond the paper)",
+    )
 
 
 class StudentConfig(TrainConfig):
@@ -206,6 +211,8 @@ class RunConfig(_Strict):
                 f"student.head.structure {head.structure} needs at least {needed} widths in model.head.hidden, "
                 f"which has {hidden}"
             )
+        if head.init == "specialists" and head.structure == "fc-fc":
+            raise ValueError("student.head.init 'specialists' needs a structured head (fc-sc or sc-sc)")
         if head.shared_units and head.structure != "fc-sc":
             raise ValueError("student.head.shared_units applies to structure fc-sc only; set it to 0")
         if hidden and head.shared_units > hidden[-1]:

@@ -28,8 +28,16 @@ from kc.evaluate.predict import predict
 from kc.models.classifier import count_parameters
 from kc.models.self_paced import SelfPacedScales
 from kc.run import Run
-from kc.train.common import CONTROL, GENERALIST, STUDENT, best_weights, load_stage, new_generalist_model, new_model
-from kc.train.specialists import load_specialists
+from kc.train.common import (
+    CONTROL,
+    GENERALIST,
+    STUDENT,
+    best_weights,
+    load_specialists,
+    load_stage,
+    new_generalist_model,
+    new_model,
+)
 from kc.train.trainer import resolve_device
 
 

@@ -221,6 +221,37 @@ class StructuredHead(nn.Module):
         self.out_bias.copy_(dense.out.bias)
         return self
 
+    @torch.no_grad()
+    def copy_from_specialists(self, heads: list[DenseHead]) -> StructuredHead:
+        """Beyond the paper: vertical v's private blocks and its classes' output rows copy specialist v's top layers
+        (sc-sc: both hidden layers; fc-sc: the last, its x shared units excepted), the rest staying as they are.
+        A specialist's extra 'other' output is dropped. sc-sc then computes, on each vertical's classes, the
+        specialist's head applied to the student's features; fc-sc feeds the specialist's last layer the shared
+        layer's output instead of the specialist's own, so it starts near, not at, the specialist."""
+        if len(heads) != self.num_verticals:
+            raise ValueError(f"{len(heads)} specialist heads for {self.num_verticals} verticals")
+        x, k = self.shared_units, self.hidden_widths[-1] - self.shared_units
+        for v, (head, (a, b)) in enumerate(zip(heads, self.blocks.ranges, strict=True)):
+            linears = [m for m in head.hidden if isinstance(m, nn.Linear)]
+            if [m.out_features for m in linears] != self.hidden_widths or head.out.out_features < b - a:
+                raise ValueError(f"specialist {v}: head widths {[m.out_features for m in linears]} do not match")
+            last = linears[-1]
+            if self.sc1 is not None:
+                s1 = self.hidden_widths[-2]
+                self.sc1.weight[v * s1 : (v + 1) * s1].copy_(linears[-2].weight)
+                self.sc1.bias[v * s1 : (v + 1) * s1].copy_(linears[-2].bias)
+                self.sc2_weight[v].copy_(last.weight)
+                self.sc2_bias[v].copy_(last.bias)
+            elif self.private is not None:
+                self.private.weight[v * k : (v + 1) * k].copy_(last.weight[x:])
+                self.private.bias[v * k : (v + 1) * k].copy_(last.bias[x:])
+            if self.out_private_weight is not None:
+                self.out_private_weight[a:b].copy_(head.out.weight[: b - a, x:])
+            if self.out_shared_weight is not None:
+                self.out_shared_weight[a:b].copy_(head.out.weight[: b - a, :x])
+            self.out_bias[a:b].copy_(head.out.bias[: b - a])
+        return self
+
 
 def head_name(structure: str, hidden: list[int], shared_units: int = 0) -> str:
     """The paper's notation: FC256-FC64, FC256-SC64, SC256-SC64, FC256-SC64(x=16)."""

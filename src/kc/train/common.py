@@ -17,7 +17,7 @@ from kc.data.dataset import dense_targets
 from kc.errors import CheckpointError, DataError
 from kc.evaluate.metrics import average_precision, classification_metrics
 from kc.evaluate.predict import predict
-from kc.models.classifier import Classifier, build_classifier
+from kc.models.classifier import Classifier, build_classifier, restrict_outputs
 from kc.models.self_paced import SelfPacedScales
 from kc.models.structured import StructuredHead
 from kc.run import Run
@@ -108,6 +108,18 @@ def new_generalist_model(run: Run) -> Classifier:
     return build_classifier(run.cfg.model, run.taxonomy.num_classes)
 
 
+def new_specialist_model(run: Run, vertical: int) -> Classifier:
+    """The specialist architecture for a vertical (weights are overwritten by init or by loading)."""
+    start, end = run.taxonomy.vertical_ranges[vertical]
+    return restrict_outputs(new_generalist_model(run), start, end, run.cfg.specialists.other_output)
+
+
+def load_specialists(run: Run) -> list[Classifier]:
+    return [
+        load_stage(run, specialist_dir(run, v), new_specialist_model(run, v)) for v in range(run.taxonomy.num_verticals)
+    ]
+
+
 def with_student_head(run: Run, model: Classifier) -> Classifier:
     """`model` (the generalist's architecture) with the student's head structure (student.head). A structured head
     starts as a copy of the generalist's dense head: loaded with the generalist's weights first, the model keeps
@@ -140,9 +152,21 @@ def new_model(run: Run, stage: str) -> Classifier:
 
 
 def start_from_generalist(run: Run, stage: str) -> Classifier:
-    """The student or control before training: the trained generalist, given the stage's architecture."""
+    """The student or control before training: the trained generalist, given the stage's architecture; with
+    student.head.init 'specialists', each vertical's blocks then start from its specialist's top layers."""
     model = with_student_head(run, load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run)))
+    if run.cfg.student.head.init == "specialists":
+        model.head.copy_from_specialists([s.head for s in load_specialists(run)])
     return with_self_paced_scales(run, model) if stage == STUDENT else model
+
+
+def start_digests(run: Run) -> str:
+    """What the student or control starts from: the generalist's weights and, when blocks start from the
+    specialists, theirs."""
+    inputs = [best_weights(run.stage_dir(GENERALIST))]
+    if run.cfg.student.head.init == "specialists":
+        inputs += [best_weights(specialist_dir(run, v)) for v in range(run.taxonomy.num_verticals)]
+    return "".join(file_digest(p) for p in inputs)
 
 
 def load_stage(run: Run, stage_dir: Path, model: Classifier) -> Classifier:

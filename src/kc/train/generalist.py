@@ -11,11 +11,10 @@ from kc.run import Run
 from kc.train.common import (
     CONTROL,
     GENERALIST,
-    best_weights,
     check_single_label,
-    file_digest,
     ground_truth_loss,
     new_generalist_model,
+    start_digests,
     start_from_generalist,
     validation_fn,
 )
@@ -38,7 +37,7 @@ def _train_on_ground_truth(
     if stage == GENERALIST:
         model = new_generalist_model(run)
     else:  # the control: the trained generalist, in the student's head structure
-        fingerprint += file_digest(best_weights(run.stage_dir(GENERALIST))) + str(cfg.student.head.model_dump())
+        fingerprint += start_digests(run) + str(cfg.student.head.model_dump())
         model = start_from_generalist(run, stage)
     seed = tcfg.stage_seed(cfg.seed)
     train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed)

@@ -18,7 +18,7 @@ from torch import nn
 from kc.data.dataset import ImageDataset, dense_targets
 from kc.data.samples import Sample
 from kc.errors import KCError
-from kc.models.classifier import Classifier, restrict_outputs
+from kc.models.classifier import restrict_outputs
 from kc.run import Run
 from kc.train.common import (
     GENERALIST,
@@ -55,12 +55,6 @@ def specialist_loss(start: int, end: int, num_classes: int, other_output: bool) 
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
 
     return loss
-
-
-def new_specialist_model(run: Run, vertical: int) -> Classifier:
-    """The specialist architecture for a vertical (weights are overwritten by init or by loading)."""
-    start, end = run.taxonomy.vertical_ranges[vertical]
-    return restrict_outputs(new_generalist_model(run), start, end, run.cfg.specialists.other_output)
 
 
 def vertical_number(run: Run, vertical: str) -> int:
@@ -120,9 +114,3 @@ def train_specialists(
         run.taxonomy.verticals[v].id: train_specialist(run, v, progress=progress, verbose=verbose, on_step=on_step)
         for v in verticals
     }
-
-
-def load_specialists(run: Run) -> list[Classifier]:
-    return [
-        load_stage(run, specialist_dir(run, v), new_specialist_model(run, v)) for v in range(run.taxonomy.num_verticals)
-    ]

@@ -17,11 +17,11 @@ from kc.train.common import (
     LossFn,
     best_weights,
     file_digest,
+    load_specialists,
     specialist_dir,
     start_from_generalist,
     validation_fn,
 )
-from kc.train.specialists import load_specialists
 from kc.train.trainer import Trainer, TrainResult, resolve_device
 
 
