@@ -244,6 +244,101 @@ def describe_cmd(
     typer.echo(accounting_tables(parameter_accounting(cfg, taxonomy)))
 
 
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="run directory (or its config)")],
+    format_: Annotated[str, typer.Option("--format", help="onnx | torchscript")] = "onnx",
+    stage: Annotated[str, typer.Option(help="student | generalist | control")] = "student",
+    out: Annotated[Path | None, typer.Option(help="artifact directory (default: RUN/export/<stage>-<format>)")] = None,
+    parity_images: Annotated[int, typer.Option(help="test images the export is checked on")] = 1024,
+    tolerance: Annotated[float, typer.Option(help="largest allowed abs logit difference from PyTorch")] = 1e-4,
+) -> None:
+    """Export a trained model with its label table, preprocessing and model card, checked against PyTorch."""
+    from kc.serve.export import export_stage
+
+    run = _open_run(run_dir, None, progress=False)
+    target = out or run.dir / "export" / f"{stage}-{format_}"
+    manifest = export_stage(run, target, format_, stage, parity_images, tolerance)
+    parity = manifest["parity"]
+    typer.echo(
+        f"exported {stage} as {format_} to {target} (max abs logit difference from PyTorch "
+        f"{parity['max_abs_logit_difference']:.2g} on {parity['images']} images)"
+    )
+
+
+@app.command("predict")
+@user_errors
+def predict_cmd(
+    model: Annotated[Path, typer.Argument(help="export directory (kc export) or run directory")],
+    images: Annotated[list[Path], typer.Argument(help="image files, folders, or manifests (.csv/.jsonl, 'path')")],
+    top_k: Annotated[int, typer.Option(min=1, help="labels per image")] = 5,
+    threshold: Annotated[float, typer.Option(min=0, max=1, help="only labels scoring at least this")] = 0.0,
+    thresholds: Annotated[Path | None, typer.Option(help="JSON {class_id: threshold}, per class")] = None,
+    vertical: Annotated[list[str] | None, typer.Option(help="only labels of this vertical (repeatable)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write .jsonl or .csv instead of printing")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    stage: Annotated[str, typer.Option(help="for a run directory: which model")] = "student",
+    no_progress: NoProgress = False,
+) -> None:
+    """Top-k labels per image, with scores, verticals and hierarchy paths. Exit 1 if any image was unreadable."""
+    from kc.io import read_json
+    from kc.serve.labels import LabelPicker
+    from kc.serve.predict_files import collect_images, format_line, predict_images, write_records
+    from kc.serve.runtime import open_model
+
+    loaded = open_model(model, stage)
+    picker = LabelPicker(loaded.taxonomy, read_json(thresholds) if thresholds else None)
+    paths = collect_images(images)
+    records = []
+    for record in predict_images(
+        loaded,
+        paths,
+        picker,
+        top_k=top_k,
+        threshold=threshold,
+        verticals=vertical,
+        batch_size=batch_size,
+        progress=bars(no_progress) and out is not None,
+    ):
+        records.append(record)
+        if out is None:
+            typer.echo(format_line(record))
+    failed = sum("error" in r for r in records)
+    if out is not None:
+        write_records(records, out)
+        typer.echo(f"{len(records) - failed} images labelled -> {out}", err=True)
+    if failed:
+        typer.echo(f"kc: {failed} of {len(records)} images could not be read (see their 'error')", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    model: Annotated[Path, typer.Argument(help="export directory (kc export) or run directory")],
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    stage: Annotated[str, typer.Option(help="for a run directory: which model")] = "student",
+    max_batch: Annotated[int, typer.Option(min=1, help="images per model batch")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="wait for more images after the first")] = 5.0,
+    max_pending: Annotated[int, typer.Option(min=1, help="requests admitted at once; more get 503")] = 256,
+    max_upload_mb: Annotated[float, typer.Option(help="largest request body")] = 10.0,
+    max_pixels: Annotated[int, typer.Option(help="largest image (width x height)")] = 40_000_000,
+    thresholds: Annotated[Path | None, typer.Option(help="JSON {class_id: threshold}, per class")] = None,
+    threads: Annotated[int | None, typer.Option(help="model threads (default: torch's)")] = None,
+) -> None:
+    """Serve the model over HTTP: POST /v1/classify, GET /v1/labels, /healthz, /metrics, /docs."""
+    from kc.io import read_json
+    from kc.serve.app import ServerLimits, serve
+    from kc.serve.runtime import open_model
+
+    loaded = open_model(model, stage, threads)
+    limits = ServerLimits(max_batch, max_wait_ms, max_pending, int(max_upload_mb * 2**20), max_pixels)
+    typer.echo(f"kc serve: {loaded.description} on http://{host}:{port} (docs at /docs)", err=True)
+    serve(loaded, host, port, limits, read_json(thresholds) if thresholds else None)
+
+
 @app.command("pipeline")
 @user_errors
 def pipeline_cmd(

@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as TF
 
 from kc.config import DataConfig
-from kc.data.images import decode_rgb
+from kc.data.images import Preprocess, decode_rgb
 from kc.data.samples import Sample
 from kc.errors import DataError
 
@@ -23,9 +22,8 @@ class ImageDataset(Dataset):
     def __init__(self, samples: list[Sample], image_root: Path, cfg: DataConfig, train: bool, seed: int = 0):
         self.samples = samples
         self.image_root = image_root
+        self.preprocess = Preprocess(cfg.image_size, cfg.mean, cfg.std)
         self.size = cfg.image_size
-        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
-        self.std = torch.tensor(cfg.std).view(3, 1, 1)
         self.augment = cfg.augment if train else None
         self.seed = seed
         self.epoch = 0
@@ -42,10 +40,7 @@ class ImageDataset(Dataset):
             img = decode_rgb(self.image_root / sample.path)
         except (OSError, ValueError, SyntaxError) as exc:
             raise DataError(f"{sample.where}: cannot read {self.image_root / sample.path}: {exc}") from None
-        x = TF.pil_to_tensor(img)
-        if x.shape[-2:] != (self.size, self.size):
-            x = TF.center_crop(TF.resize(x, self.size, antialias=True), [self.size, self.size])
-        return x.float().div_(255.0)
+        return self.preprocess.to_unit(img)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         x = self.load(index)
@@ -58,7 +53,7 @@ class ImageDataset(Dataset):
                 x = x[:, top : top + self.size, left : left + self.size]
             if self.augment.hflip and torch.rand((), generator=gen) < 0.5:
                 x = x.flip(-1)
-        x = (x - self.mean) / self.std
+        x = self.preprocess.normalise(x)
         return x, torch.tensor(self.samples[index].labels, dtype=torch.long), index
 
 

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+import torch
 from PIL import Image, ImageOps
+from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from kc.data.samples import Sample
 from kc.errors import DataError, format_problems
 
 
-def decode_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB, EXIF rotation applied. Raises OSError/ValueError on unreadable files."""
+def decode_rgb(source: Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+    """Open an image (a path or a binary file) as RGB, EXIF rotation applied. Raises OSError/ValueError on
+    unreadable data, ImageTooLarge above `max_pixels` (checked from the header, before decoding)."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise ImageTooLarge(f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels:,}")
             img = ImageOps.exif_transpose(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 # Composite transparency onto white rather than letting it turn black.
@@ -25,6 +32,33 @@ def decode_rgb(path: Path) -> Image.Image:
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
             return img.convert("RGB")
+
+
+class ImageTooLarge(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Decoded image -> model input: resize the shorter side to `size` and centre-crop (only when the image is not
+    already size x size), scale to [0, 1], normalise. Shared by training, evaluation, export and serving."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def to_unit(self, img: Image.Image) -> torch.Tensor:
+        """(3, size, size) floats in [0, 1], before normalisation (training augments here)."""
+        x = TF.pil_to_tensor(img)
+        if x.shape[-2:] != (self.size, self.size):
+            x = TF.center_crop(TF.resize(x, self.size, antialias=True), [self.size, self.size])
+        return x.float().div_(255.0)
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.normalise(self.to_unit(img))
 
 
 def image_problem(path: Path) -> str | None:

@@ -10,10 +10,8 @@ from kc.evaluate.predict import predict
 from kc.io import atomic_write_json
 from kc.models.classifier import count_parameters
 from kc.run import Run
-from kc.train.common import CONTROL, GENERALIST, STUDENT, load_stage, new_model
+from kc.train.common import FULL_MODEL_STAGES, GENERALIST, STUDENT, load_stage, new_model
 from kc.train.trainer import resolve_device
-
-FULL_MODEL_STAGES = (GENERALIST, STUDENT, CONTROL)
 
 
 def evaluate_stage(run: Run, stage: str = GENERALIST, split: str = "test", progress: bool = True) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from kc.run import Run
 from kc.train.checkpoint import load_weights
 
 GENERALIST, STUDENT, CONTROL = "generalist", "student", "control"
+FULL_MODEL_STAGES = (GENERALIST, STUDENT, CONTROL)  # the stages whose model covers every class
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 

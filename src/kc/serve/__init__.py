@@ -1,0 +1,1 @@
+"""Shipping the single model: export, prediction, the HTTP server."""

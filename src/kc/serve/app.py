@@ -1,0 +1,373 @@
+"""`kc serve`: the HTTP prediction server (FastAPI on uvicorn).
+
+    POST /v1/classify   an image as a multipart upload (field `image`) or JSON {"image_base64": ...}; parameters
+                        top_k, threshold, vertical (repeatable) in the query string or the JSON body
+    GET  /v1/labels     the label table (ids, names, verticals, hierarchy paths, in output order)
+    GET  /healthz       liveness and what model is loaded
+    GET  /metrics       request counts, latency and batch-size histograms (Prometheus text format)
+    GET  /openapi.json  the schema (FastAPI), /docs its browsable form
+
+Requests are micro-batched: each decoded image joins a queue; one worker takes up to `max_batch` images, waiting at
+most `max_wait_ms` for more after the first, and runs them as one batch in a thread, so throughput under
+concurrency approaches the model's batched throughput. Admission control: at most `max_pending` requests are admitted
+at once (reading, decoding, queued or running); more get 503 with Retry-After at once instead of waiting. Bodies over
+`max_upload_bytes` get 413 (checked from Content-Length and while reading), images over `max_pixels` 413 (checked
+from the image header, before decoding), a wrong content type 415, a body that is not an image or is truncated 400,
+bad parameters 422; every error is JSON {"error": ..., "detail": ...}. The model path comes from the command line
+only, never from a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from PIL import Image
+from python_multipart import MultipartParser
+from python_multipart.multipart import parse_options_header
+from starlette.concurrency import run_in_threadpool
+
+from kc.data.images import ImageTooLarge, decode_rgb
+from kc.errors import KCError
+from kc.serve.labels import LabelPicker, label_table
+from kc.serve.runtime import LoadedModel
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class ServerLimits:
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    max_pending: int = 256
+    max_upload_bytes: int = 10 * 2**20
+    max_pixels: int = 40_000_000
+    max_top_k: int = 1000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None):
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.headers = status, error, detail, headers or {}
+
+
+class MicroBatcher:
+    """Collects single images into batches for one model worker."""
+
+    def __init__(self, model: LoadedModel, max_batch: int, max_wait_s: float):
+        self.model, self.max_batch, self.max_wait_s = model, max_batch, max_wait_s
+        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] = asyncio.Queue()
+        self.batch_sizes: Counter[int] = Counter()
+
+    async def submit(self, image: np.ndarray) -> np.ndarray:
+        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        await self.queue.put((image, future))
+        return await future
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+            self.batch_sizes[len(batch)] += 1
+            try:
+                scores = await run_in_threadpool(self.model.scores, np.stack([image for image, _ in batch]))
+            except Exception as exc:  # the model failing fails this batch's requests, not the server
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), row in zip(batch, scores, strict=True):
+                if not future.done():
+                    future.set_result(row)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self.latency: dict[str, list[int]] = {}
+        self.latency_sum: Counter[str] = Counter()
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        self.requests[(path, status)] += 1
+        buckets = self.latency.setdefault(path, [0] * (len(LATENCY_BUCKETS) + 1))
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                buckets[i] += 1
+        buckets[-1] += 1  # +Inf: the count
+        self.latency_sum[path] += seconds
+
+    def render(self, batch_sizes: Counter[int], pending: int) -> str:
+        lines = [
+            "# HELP kc_requests_total HTTP requests by path and status.",
+            "# TYPE kc_requests_total counter",
+        ]
+        for (path, status), n in sorted(self.requests.items()):
+            lines.append(f'kc_requests_total{{path="{path}",status="{status}"}} {n}')
+        lines += [
+            "# HELP kc_request_seconds Request latency.",
+            "# TYPE kc_request_seconds histogram",
+        ]
+        for path, buckets in sorted(self.latency.items()):
+            for bound, n in zip([*LATENCY_BUCKETS, "+Inf"], buckets, strict=True):
+                lines.append(f'kc_request_seconds_bucket{{path="{path}",le="{bound}"}} {n}')
+            lines.append(f'kc_request_seconds_sum{{path="{path}"}} {self.latency_sum[path]:.6f}')
+            lines.append(f'kc_request_seconds_count{{path="{path}"}} {buckets[-1]}')
+        lines += ["# HELP kc_batches_total Model batches by size.", "# TYPE kc_batches_total counter"]
+        for size, n in sorted(batch_sizes.items()):
+            lines.append(f'kc_batches_total{{size="{size}"}} {n}')
+        lines += ["# HELP kc_pending_requests Requests admitted now.", "# TYPE kc_pending_requests gauge"]
+        lines.append(f"kc_pending_requests {pending}")
+        return "\n".join(lines) + "\n"
+
+
+def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "too_large", f"the body has {int(declared):,} bytes; the limit is {limit:,}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, "too_large", f"the body exceeds the limit of {limit:,} bytes")
+    return bytes(body)
+
+
+def _multipart_image(body: bytes, content_type: str) -> tuple[bytes, dict[str, Any]]:
+    """The `image` file field and the other fields of a multipart/form-data body."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "bad_request", "multipart body without a boundary")
+    parts: dict[str, bytes] = {}
+    current: dict[str, Any] = {}
+
+    def on_part_begin() -> None:
+        current.clear()
+        current.update({"headers": {}, "data": bytearray(), "field": b"", "value": b""})
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        current["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        current["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        current["headers"][current["field"].decode("latin-1").lower()] = current["value"].decode("latin-1")
+        current["field"], current["value"] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        current["data"] += data[start:end]
+
+    def on_part_end() -> None:
+        _, disposition = parse_options_header(current["headers"].get("content-disposition", ""))
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        parts[name] = bytes(current["data"])
+
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except Exception as exc:  # python-multipart raises its own error types
+        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from None
+    if "image" not in parts:
+        raise ApiError(400, "bad_request", "multipart body without an 'image' field; upload the file as 'image'")
+    image = parts.pop("image")
+    return image, {k: v.decode("utf-8", "replace") for k, v in parts.items()}
+
+
+def _parameters(query: Any, fields: dict[str, Any], limits: ServerLimits) -> tuple[int, float, list[str] | None]:
+    """top_k, threshold and verticals from the body's fields, else the query string; 422 when invalid."""
+
+    def get(name: str) -> Any:
+        return fields[name] if name in fields else query.get(name)
+
+    try:
+        top_k = int(get("top_k") if get("top_k") is not None else 5)
+        threshold = float(get("threshold") if get("threshold") is not None else 0.0)
+    except (TypeError, ValueError):
+        raise ApiError(422, "invalid_parameter", "top_k must be an integer and threshold a number") from None
+    if not 1 <= top_k <= limits.max_top_k:
+        raise ApiError(422, "invalid_parameter", f"top_k must lie in [1, {limits.max_top_k}], got {top_k}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ApiError(422, "invalid_parameter", f"threshold must lie in [0, 1], got {threshold}")
+    verticals = fields.get("vertical", fields.get("verticals")) or query.getlist("vertical") or None
+    if isinstance(verticals, str):
+        verticals = [verticals]
+    return top_k, threshold, verticals
+
+
+def _decode(data: bytes, model: LoadedModel, max_pixels: int) -> np.ndarray:
+    try:
+        image = decode_rgb(io.BytesIO(data), max_pixels=max_pixels)
+    except (ImageTooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ApiError(413, "too_many_pixels", str(exc)) from None
+    except Image.UnidentifiedImageError:
+        raise ApiError(400, "not_an_image", "the data is not an image in a format Pillow reads") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ApiError(400, "unreadable_image", f"the image is truncated or corrupt: {exc}") from None
+    return model.preprocess(image).numpy()
+
+
+def create_app(model: LoadedModel, limits: ServerLimits | None = None, class_thresholds: dict | None = None) -> FastAPI:
+    limits = limits or ServerLimits()
+    picker = LabelPicker(model.taxonomy, class_thresholds)
+    labels = label_table(model.taxonomy)
+    metrics = Metrics()
+    state = {"pending": 0}
+    batcher = MicroBatcher(model, limits.max_batch, limits.max_wait_ms / 1000)
+
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        worker = asyncio.create_task(batcher.run())
+        yield
+        worker.cancel()
+
+    app = FastAPI(
+        title="kc prediction server",
+        description="One classifier over a large label vocabulary (knowledge concentration).",
+        version="1",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.observe(path, response.status_code, time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.error, exc.detail, exc.headers)
+
+    @app.exception_handler(KCError)
+    async def kc_error(request: Request, exc: KCError) -> JSONResponse:
+        return _error(422, "invalid_parameter", str(exc))
+
+    classify_body = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "image": {"type": "string", "format": "binary"},
+                            "top_k": {"type": "integer", "default": 5},
+                            "threshold": {"type": "number", "default": 0.0},
+                            "vertical": {"type": "string"},
+                        },
+                        "required": ["image"],
+                    }
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "properties": {
+                            "image_base64": {"type": "string"},
+                            "top_k": {"type": "integer", "default": 5},
+                            "threshold": {"type": "number", "default": 0.0},
+                            "verticals": {"type": "array", "items": {"type": "string"}},
+                        },
+                        "required": ["image_base64"],
+                    }
+                },
+            },
+        }
+    }
+
+    @app.post("/v1/classify", openapi_extra=classify_body)
+    async def classify(request: Request) -> dict[str, Any]:
+        """Top-k labels of one image: multipart field `image`, or JSON `image_base64`."""
+        if state["pending"] >= limits.max_pending:
+            raise ApiError(
+                503, "overloaded", f"{state['pending']} requests in progress; retry shortly", {"Retry-After": "1"}
+            )
+        state["pending"] += 1
+        try:
+            content_type = request.headers.get("content-type", "")
+            kind = content_type.split(";")[0].strip().lower()
+            if kind not in ("multipart/form-data", "application/json"):
+                raise ApiError(
+                    415,
+                    "unsupported_media_type",
+                    f"content type '{kind or 'none'}': send multipart/form-data (field 'image') or application/json "
+                    "(key 'image_base64')",
+                )
+            body = await _read_body(request, limits.max_upload_bytes)
+            if kind == "application/json":
+                try:
+                    fields = json.loads(body)
+                    data = base64.b64decode(fields.pop("image_base64"), validate=True)
+                except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+                    raise ApiError(
+                        400, "bad_request", "expected a JSON object with 'image_base64' (base64 of the file)"
+                    ) from None
+            else:
+                data, fields = _multipart_image(body, content_type)
+            top_k, threshold, verticals = _parameters(request.query_params, fields, limits)
+            picker.vertical_mask(verticals)  # an unknown vertical: 422 before any work
+            image = await run_in_threadpool(_decode, data, model, limits.max_pixels)
+            scores = await batcher.submit(image)
+            return {"labels": picker.pick(scores, top_k, threshold, verticals)}
+        finally:
+            state["pending"] -= 1
+
+    @app.get("/v1/labels")
+    async def get_labels() -> dict[str, Any]:
+        """Every class in output order, with its vertical and hierarchy path."""
+        verticals = [{"id": v.id, "name": v.name} for v in model.taxonomy.verticals]
+        return {"classes": labels, "verticals": verticals}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": model.description, "classes": model.taxonomy.num_classes}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def get_metrics() -> str:
+        return metrics.render(batcher.batch_sizes, state["pending"])
+
+    return app
+
+
+def serve(model: LoadedModel, host: str, port: int, limits: ServerLimits, class_thresholds: dict | None) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(model, limits, class_thresholds), host=host, port=port, log_level="warning")
