@@ -1,6 +1,7 @@
 """Head benchmark: dense FC-FC against structurally connected heads, batched and as a naive per-vertical loop.
 
     python benchmarks/heads.py [--classes 1000 10000 100000] [--repeats 7] [--json out.json]
+    python benchmarks/heads.py --run RUN_DIR      # the run's whole student, forward images/s per head structure
 
 For each vocabulary size (about 100 classes per vertical, vertical sizes drawn log-uniformly between a quarter and
 four times that, so verticals differ 16x in size), times one forward + backward of each head on a batch of backbone
@@ -16,6 +17,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,6 +69,42 @@ def saved_activation_mib(head: torch.nn.Module, features: torch.Tensor) -> float
     return sum(storages.values()) / 2**20
 
 
+def student_inference(run_dir: Path, batch: int, repeats: int) -> None:
+    """Forward images/s of the run's student (backbone + head + self-paced scales) with each head structure,
+    interleaved round by round in one process; weights are the architecture's own (speed does not depend on them)."""
+    from kc.config import load_config
+    from kc.models.accounting import head_structures
+    from kc.run import Run
+    from kc.taxonomy import Taxonomy
+    from kc.train.common import STUDENT, new_model
+
+    taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
+    base = load_config(run_dir / "config.yaml", {"run_dir": str(run_dir)})
+    models = {}
+    for structure, x in head_structures(base.model.head.hidden, ("fc-fc", 0)):
+        cfg = base.model_copy(deep=True)
+        cfg.student.head = cfg.student.head.model_copy(update={"structure": structure, "shared_units": x})
+        model = new_model(Run(cfg, run_dir, taxonomy, Path("."), {}), STUDENT).eval()
+        models[head_name(structure, cfg.model.head.hidden, x)] = model
+    size = base.data.image_size
+    images = torch.randn(batch, 3, size, size)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for model in models.values():
+            model(images)
+        for _ in range(repeats):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(images)
+                times[name].append(time.perf_counter() - start)
+    print(f"\nstudent forward, batch {batch}, median of {repeats}\n")
+    print("| head | parameters | images/s |")
+    print("|---|---:|---:|")
+    for name, model in models.items():
+        rate = batch / statistics.median(times[name])
+        print(f"| {name} | {sum(p.numel() for p in model.parameters()):,} | {rate:,.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, nargs="+", default=[1000, 10000, 100000])
@@ -77,8 +115,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
+    parser.add_argument("--run", type=Path, help="instead: forward images/s of this run's student per head structure")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.run:
+        student_inference(args.run.resolve(), 256, args.repeats)
+        return
 
     results = []
     for num_classes in args.classes:

@@ -30,7 +30,7 @@ def _split(module: nn.Module) -> tuple[int, int]:
     return weights, biases
 
 
-def _structures(hidden: list[int], configured: tuple[str, int]) -> list[tuple[str, int]]:
+def head_structures(hidden: list[int], configured: tuple[str, int]) -> list[tuple[str, int]]:
     """Every structure the hidden widths allow (FC-SC(x) at a quarter and a half of the block width) and the one
     the student is configured with."""
     out = [("fc-fc", 0)]
@@ -58,7 +58,7 @@ def parameter_accounting(cfg: RunConfig, taxonomy: Taxonomy) -> dict[str, Any]:
 
         sh = cfg.student.head
         structures = []
-        for structure, x in _structures(hidden, (sh.structure, sh.shared_units)):
+        for structure, x in head_structures(hidden, (sh.structure, sh.shared_units)):
             weights, biases = _split(head(structure, x))
             formula = head_weight_formula(structure, s_b, hidden, M, N, x)
             if weights != formula:
