@@ -185,6 +185,31 @@ def distill_cmd(
     typer.echo(f"student: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
 
 
+@app.command("cache-targets")
+@user_errors
+def cache_targets_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    top_k: Annotated[
+        int | None, typer.Option(min=1, help="logits kept per image and teacher (default: student.top_k)")
+    ] = None,
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Run each specialist once over its vertical's training images and store its top-K logits (RUN/cache)."""
+    from kc.distill.cache import cache_bytes, cache_dir
+    from kc.train.student import cache_targets
+
+    run = _open_run(config, set_, bars(no_progress))
+    index = cache_targets(run, top_k, progress=bars(no_progress))
+    pairs = sum(s["images"] for s in index["shards"].values())
+    size = cache_bytes(run)
+    typer.echo(
+        f"cache: {len(index['shards'])} teachers, {pairs:,} (image, teacher) pairs, top {index['top_k']}, "
+        f"{size / 2**20:.1f} MiB ({size / max(1, len(run.splits['train'])):,.0f} bytes per training image) "
+        f"in {cache_dir(run)}"
+    )
+
+
 @app.command("control")
 @user_errors
 def control_cmd(

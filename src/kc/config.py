@@ -181,6 +181,11 @@ class StudentConfig(TrainConfig):
     ground_truth_weight: float = Field(0.5, ge=0, le=1, description="w for ground_truth: weighted")
     self_paced: SelfPacedConfig = SelfPacedConfig()
     head: StudentHeadConfig = StudentHeadConfig()
+    teachers: Literal["auto", "online", "cache"] = Field(
+        "auto",
+        description="where soft targets come from: online (run the specialists every batch), cache (RUN/cache, "
+        "built by kc cache-targets; the pipeline builds it), auto (the cache if one exists, else online)",
+    )
     unselected: Literal["zero", "ignore"] = Field(
         "zero",
         description="classes of verticals no teacher was selected for: target 0 (paper), or no distillation loss there",

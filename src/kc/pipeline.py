@@ -20,13 +20,15 @@ from kc.run import Run
 from kc.train.common import CONTROL, GENERALIST, STUDENT, specialist_dir
 from kc.train.generalist import train_control, train_generalist
 from kc.train.specialists import train_specialists
-from kc.train.student import train_student
+from kc.train.student import cache_targets, train_student
 from kc.train.trainer import stage_complete
 
 
 def _stage_dirs(run: Run, stage: str) -> list[Path]:
     if stage == "specialists":
         return [specialist_dir(run, v) for v in range(run.taxonomy.num_verticals)]
+    if stage == "cache":
+        return []
     return [run.stage_dir(stage)]
 
 
@@ -39,8 +41,10 @@ def run_pipeline(
     stages: list[tuple[str, Callable[[], Any]]] = [
         (GENERALIST, lambda: train_generalist(run, **kw)),
         ("specialists", lambda: train_specialists(run, **kw)),
-        (STUDENT, lambda: train_student(run, **kw)),
     ]
+    if run.cfg.student.teachers == "cache":  # resumes shard by shard; a complete cache costs a glance
+        stages.append(("cache", lambda: cache_targets(run, progress=progress)))
+    stages.append((STUDENT, lambda: train_student(run, **kw)))
     if run.cfg.control:
         stages.append((CONTROL, lambda: train_control(run, **kw)))
     for name, train in stages:

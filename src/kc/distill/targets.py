@@ -63,7 +63,9 @@ class OnlineTeachers:
         return self
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> SoftTargets:
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
+    ) -> SoftTargets:
         selected = selected_verticals(labels, self.vertical_of_class, len(self.teachers))
         values = torch.zeros(images.shape[0], self.num_classes, device=images.device)
         for v in selected.any(dim=0).nonzero().flatten().tolist():

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kc.data.dataset import ImageDataset, dense_targets
+from kc.distill.cache import INDEX, CachedTeachers, build_cache, cache_dir
 from kc.distill.loss import distillation_loss
 from kc.distill.targets import OnlineTeachers
 from kc.run import Run
@@ -25,7 +26,9 @@ from kc.train.common import (
 from kc.train.trainer import Trainer, TrainResult, resolve_device
 
 
-def student_loss(run: Run, teachers: OnlineTeachers, vertical_weights: torch.Tensor, device: torch.device) -> LossFn:
+def student_loss(
+    run: Run, teachers: OnlineTeachers | CachedTeachers, vertical_weights: torch.Tensor, device: torch.device
+) -> LossFn:
     s = run.cfg.student
     # Constant per run: placed on the device once, not per batch.
     vertical_of_class = torch.tensor(run.taxonomy.vertical_of_class, device=device)
@@ -33,7 +36,7 @@ def student_loss(run: Run, teachers: OnlineTeachers, vertical_weights: torch.Ten
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         images, labels = batch["images"], batch["labels"]
-        soft = teachers(images, labels)
+        soft = teachers(images, labels, batch["index"])
         truth = dense_targets(labels, run.taxonomy.num_classes)
         return distillation_loss(
             model(images),
@@ -62,6 +65,22 @@ def scale_scalars(run: Run) -> Callable[[nn.Module], dict[str, float]] | None:
     return scalars
 
 
+def cache_targets(run: Run, top_k: int | None = None, progress: bool = True) -> dict:
+    """`kc cache-targets`: run every specialist once over its vertical's training images; keep top-K logits."""
+    device = resolve_device(run.cfg.device)
+    digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(run.taxonomy.num_verticals)]
+    k = top_k or run.cfg.student.top_k
+    return build_cache(run, load_specialists(run), digests, k, device, run.cfg.student.eval_batch_size, progress)
+
+
+def teacher_mode(run: Run) -> str:
+    """online or cache: student.teachers, with auto resolved by whether RUN/cache holds a cache."""
+    mode = run.cfg.student.teachers
+    if mode == "auto":
+        return "cache" if (cache_dir(run) / INDEX).is_file() else "online"
+    return mode
+
+
 def train_student(
     run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
 ) -> TrainResult:
@@ -69,9 +88,16 @@ def train_student(
     device = resolve_device(cfg.device)
     # The student starts as the generalist (backbone, head in the student's structure), its output scales on top.
     model = start_from_generalist(run, STUDENT)
-    teachers = OnlineTeachers(load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected).to(
-        device
-    )
+    mode = teacher_mode(run)
+    digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(run.taxonomy.num_verticals)]
+    if mode == "cache":
+        teachers: OnlineTeachers | CachedTeachers = CachedTeachers(
+            run, digests, scfg.top_k, scfg.temperature, scfg.unselected
+        ).to(device)
+    else:
+        teachers = OnlineTeachers(
+            load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected
+        ).to(device)
     # Equal, fixed weights per vertical: the interface through which pacing strategies plug in.
     vertical_weights = torch.ones(run.taxonomy.num_verticals)
     inputs = [best_weights(run.stage_dir(GENERALIST))] + [
@@ -88,7 +114,7 @@ def train_student(
         validation_fn(run, device, scfg.eval_batch_size),
         seed=seed,
         device=device,
-        fingerprint=run.taxonomy.fingerprint() + "".join(file_digest(p) for p in inputs),
+        fingerprint=run.taxonomy.fingerprint() + "".join(file_digest(p) for p in inputs) + mode,
         num_workers=cfg.data.num_workers,
         progress=progress,
         verbose=verbose,

@@ -1,0 +1,112 @@
+"""The soft-target cache: same targets as the online teachers, reopened, resumed per shard, stale caches refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_config
+from kc.config import config_from_dict
+from kc.data.dataset import ImageDataset, collate
+from kc.distill.cache import CachedTeachers, build_cache, cache_dir
+from kc.distill.targets import OnlineTeachers
+from kc.errors import CheckpointError
+from kc.pipeline import run_pipeline
+from kc.run import prepare_run
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.fixture
+def run(tmp_path, tiny_benchmark):
+    return prepare_run(config_from_dict(tiny_config(tiny_benchmark, tmp_path / "run")), progress=False)
+
+
+def teachers(run, seed=0, other=True):
+    """Stand-in specialists: fixed random linear models over the pixels, with an 'other' output."""
+    torch.manual_seed(seed)
+    sizes = [run.taxonomy.vertical_size(v) for v in range(run.taxonomy.num_verticals)]
+    return [nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, n + int(other))) for n in sizes]
+
+
+def train_batches(run, batch_size=10):
+    dataset = ImageDataset(run.splits["train"], run.image_root, run.cfg.data, train=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, shuffle=False)
+    return list(loader)
+
+
+@pytest.mark.parametrize(("top_k", "temperature", "unselected"), [(2, 1.0, "zero"), (3, 2.0, "ignore")])
+def test_cached_targets_equal_online_targets_on_the_same_images(run, top_k, temperature, unselected):
+    models = teachers(run)
+    digests = [f"d{v}" for v in range(len(models))]
+    build_cache(run, models, digests, top_k=3, device=torch.device("cpu"), batch_size=7)
+    online = OnlineTeachers(models, run.taxonomy, top_k, temperature, unselected)
+    cached = CachedTeachers(run, digests, top_k, temperature, unselected)
+    reopened = CachedTeachers(run, digests, top_k, temperature, unselected)
+    for batch in train_batches(run):
+        a = online(batch["images"], batch["labels"])
+        b = cached(batch["images"], batch["labels"], batch["index"])
+        torch.testing.assert_close(b.values, a.values, rtol=0, atol=1e-6)
+        assert torch.equal(b.defined, a.defined) and torch.equal(b.selected, a.selected)
+        assert ((b.values > 0).sum(dim=1) <= top_k * b.selected.sum(dim=1)).all()
+        torch.testing.assert_close(reopened(batch["images"], batch["labels"], batch["index"]).values, b.values)
+    shards = json.loads((cache_dir(run) / "index.json").read_text())["shards"]
+    assert all(s["other"] for s in shards.values())
+    other = np.load(cache_dir(run) / "teacher_000.other.npy")
+    assert other.shape == (shards["0"]["images"],)
+
+
+def test_building_resumes_per_shard_and_rebuilds_only_stale_teachers(run, tmp_path):
+    models = teachers(run)
+    digests = ["a", "b", "c"]
+    built = []
+
+    def crash_after_first(v):
+        built.append(v)
+        if len(built) == 1:
+            raise Crash
+
+    with pytest.raises(Crash):
+        build_cache(run, models, digests, 3, torch.device("cpu"), on_shard=crash_after_first)
+    assert list(json.loads((cache_dir(run) / "index.json").read_text())["shards"]) == ["0"]
+    build_cache(run, models, digests, 3, torch.device("cpu"), on_shard=built.append)
+    assert built == [0, 1, 2]  # the finished shard was not rebuilt
+    files = {p.name: p.read_bytes() for p in cache_dir(run).glob("*.npy")}
+
+    retrained = teachers(run, seed=1)
+    build_cache(
+        run, [models[0], retrained[1], models[2]], ["a", "b2", "c"], 3, torch.device("cpu"), on_shard=built.append
+    )
+    assert built[3:] == [1]  # only the teacher whose weights changed
+    after = {p.name: p.read_bytes() for p in cache_dir(run).glob("*.npy")}
+    assert after["teacher_000.logits.npy"] == files["teacher_000.logits.npy"]
+    assert after["teacher_001.logits.npy"] != files["teacher_001.logits.npy"]
+
+
+def test_a_stale_or_short_cache_is_refused_with_the_fix(run):
+    build_cache(run, teachers(run), ["a", "b", "c"], 2, torch.device("cpu"))
+    with pytest.raises(CheckpointError, match="built from other specialist weights .*`kc cache-targets RUN`"):
+        CachedTeachers(run, ["a", "B", "c"], 2, 1.0)
+    with pytest.raises(CheckpointError, match="fewer than student.top_k=3 .* --top-k 3"):
+        CachedTeachers(run, ["a", "b", "c"], 3, 1.0)
+    run.splits["train"] = run.splits["train"][:-1]  # the training split changed
+    with pytest.raises(CheckpointError, match="other training images"):
+        CachedTeachers(run, ["a", "b", "c"], 2, 1.0)
+
+
+def test_pipeline_with_cached_teachers(tmp_path, tiny_benchmark):
+    data = tiny_config(tiny_benchmark, tmp_path / "run")
+    epochs = {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "checkpoint_every_steps": 4}
+    data["specialists"] = dict(epochs)
+    data["student"] = {**epochs, "teachers": "cache", "top_k": 2}
+    data["control"] = False
+    run = prepare_run(config_from_dict(data), progress=False)
+    result = run_pipeline(run, progress=False, verbose=False)
+    assert (cache_dir(run) / "index.json").is_file()
+    assert "cache" in json.loads((run.dir / "timings.json").read_text())
+    student = next(m for m in result["models"] if m["model"] == "student")
+    assert 0 <= student["mAP"] <= 100
