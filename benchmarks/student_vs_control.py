@@ -20,7 +20,7 @@ from kc.config import load_config, merge, parse_override
 from kc.evaluate.stage import evaluate_stage
 from kc.run import prepare_run
 from kc.train.generalist import train_control
-from kc.train.student import train_student
+from kc.train.student import cache_targets, train_student
 
 METRICS = ("mean_per_vertical_AP", "mAP")
 
@@ -48,6 +48,8 @@ def main() -> None:
         for text in args.set:
             overrides = merge(overrides, parse_override(text))
         run = prepare_run(load_config(target / "config.yaml", overrides), progress=False)
+        if run.cfg.student.teachers == "cache":
+            cache_targets(run, progress=False)
         train_student(run, progress=False, verbose=False)
         train_control(run, progress=False, verbose=False)
         student = evaluate_stage(run, "student", "test", progress=False)
