@@ -5,7 +5,7 @@
 Starts `kc serve MODEL_DIR` on a free loopback port in a subprocess, then for each concurrency level runs that many
 clients (asyncio + httpx), each uploading images from IMAGES_DIR (multipart) one request after another, until
 `--requests` requests are answered (bounded in time by `--max-seconds` per level). Reports requests/s, p50 and p99
-latency, and the mean model batch size (from the server's /metrics). Side by side, in this process: the model's
+latency as the clients saw it, the server's own mean latency and the mean model batch size (from its /metrics). Side by side, in this process: the model's
 ceiling, images/s of `scores` on preprocessed batches of the server's max batch, and of decode + preprocess + scores.
 Client and server share the machine's cores.
 """
@@ -36,11 +36,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def batches_total(url: str) -> tuple[int, int]:
-    """(batches, images) the server's model has run so far."""
+def server_counters(url: str) -> tuple[int, int, float, int]:
+    """(batches, images) the server's model has run so far, and (seconds, requests) of /v1/classify as the server
+    measured them."""
     text = httpx.get(url + "/metrics").text
     pairs = [(int(size), int(n)) for size, n in re.findall(r'kc_batches_total\{size="(\d+)"\} (\d+)', text)]
-    return sum(n for _, n in pairs), sum(size * n for size, n in pairs)
+    seconds = float(re.search(r'kc_request_seconds_sum\{path="/v1/classify"\} ([\d.]+)', text).group(1))
+    count = int(re.search(r'kc_request_seconds_count\{path="/v1/classify"\} (\d+)', text).group(1))
+    return sum(n for _, n in pairs), sum(size * n for size, n in pairs), seconds, count
 
 
 async def load(url: str, images: list[bytes], clients: int, requests: int, max_seconds: float) -> dict:
@@ -125,10 +128,11 @@ def main() -> None:
         asyncio.run(load(url, images, 4, 40, 30))  # warm-up
         rows = []
         for clients in args.concurrency:
-            before = batches_total(url)
+            before = server_counters(url)
             row = asyncio.run(load(url, images, clients, args.requests, args.max_seconds))
-            after = batches_total(url)
+            after = server_counters(url)
             row["mean_batch"] = (after[1] - before[1]) / max(1, after[0] - before[0])
+            row["server_mean_ms"] = 1000 * (after[2] - before[2]) / max(1, after[3] - before[3])
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
@@ -138,12 +142,14 @@ def main() -> None:
     print(json.dumps(limit))
 
     print(f"\nserver: max batch {args.max_batch}, max wait {args.max_wait_ms} ms, {args.threads} model thread(s)\n")
-    print("| concurrent clients | requests | requests/s | p50 ms | p99 ms | mean model batch | errors |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| concurrent clients | requests | requests/s | p50 ms | p99 ms | server mean ms | mean model batch | errors |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['clients']} | {r['requests']} | {r['requests_per_s']:.0f} | {r['p50_ms']:.1f} | "
-            f"{r['p99_ms']:.1f} | {r['mean_batch']:.1f} | {r['errors']} |"
+            f"{r['p99_ms']:.1f} | {r['server_mean_ms']:.1f} | {r['mean_batch']:.1f} | {r['errors']} |"
         )
     print(
         f"\nceiling (same model in-process, batch {limit['batch']}): model alone "
