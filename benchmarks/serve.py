@@ -5,9 +5,9 @@
 Starts `kc serve MODEL_DIR` on a free loopback port in a subprocess, then for each concurrency level runs that many
 clients (asyncio + httpx), each uploading images from IMAGES_DIR (multipart) one request after another, until
 `--requests` requests are answered (bounded in time by `--max-seconds` per level). Reports requests/s, p50 and p99
-latency as the clients saw it, the server's own mean latency and the mean model batch size (from its /metrics). Side by side, in this process: the model's
-ceiling, images/s of `scores` on preprocessed batches of the server's max batch, and of decode + preprocess + scores.
-Client and server share the machine's cores.
+latency as the clients saw them, the server's own mean latency and mean model batch size (from its /metrics), and,
+side by side in this process, the model's ceiling: images/s of `scores` on preprocessed batches of the server's max
+batch, and of decode + preprocess + scores. Client and server share the machine's cores.
 """
 
 from __future__ import annotations
