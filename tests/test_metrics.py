@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from kc.evaluate.metrics import average_precision, classification_metrics, topk_accuracy
+from kc.evaluate.metrics import (
+    average_precision,
+    classification_metrics,
+    streaming_average_precision,
+    topk_accuracy,
+)
 from kc.taxonomy import Taxonomy
 
 
@@ -60,3 +65,48 @@ def test_per_vertical_and_headline_metrics():
 def test_topk():
     scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05]])
     assert topk_accuracy(scores, np.array([2, 0]), ks=(1, 2)) == {"top1": 0.5, "top2": 1.0}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_streaming_ap_equals_exact_ap_without_the_score_matrix(seed):
+    rng = np.random.default_rng(seed)
+    n, c = 300, 25
+    scores = rng.random((n, c)).astype(np.float32)
+    if seed % 2:
+        scores = np.round(scores * 8) / 8  # ties within and across positives and negatives
+    targets = rng.random((n, c)) < 0.1
+    targets[:, 0] = False  # no positive: NaN
+    scores[targets] = np.minimum(1.0, scores[targets] + 0.25)
+
+    def batches():  # in another order on each pass: the result must not depend on it
+        order = rng.permutation(n)
+        for i in range(0, n, 37):
+            rows = order[i : i + 37]
+            yield scores[rows], targets[rows]
+
+    streaming = streaming_average_precision(batches, c)
+    exact = average_precision(scores, targets)
+    assert np.isnan(streaming[0]) and np.isnan(exact[0])
+    np.testing.assert_allclose(streaming[1:], exact[1:], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        streaming_average_precision(lambda: iter([(scores * 3, targets)]), c)
+
+
+def test_evaluation_switches_to_streaming_with_the_same_result(tmp_path, tiny_benchmark):
+    from safetensors.torch import save_file
+
+    from conftest import tiny_config
+    from kc.config import config_from_dict
+    from kc.evaluate.stage import evaluate_stage
+    from kc.run import prepare_run
+    from kc.train.common import GENERALIST, new_model
+
+    run = prepare_run(config_from_dict(tiny_config(tiny_benchmark, tmp_path / "run")), progress=False)
+    weights = run.stage_dir(GENERALIST) / "checkpoints"
+    weights.mkdir(parents=True)
+    save_file(new_model(run, GENERALIST).state_dict(), str(weights / "best.safetensors"))
+    in_memory = evaluate_stage(run, GENERALIST, progress=False)
+    streaming = evaluate_stage(run, GENERALIST, progress=False, max_score_bytes=0)
+    assert streaming["streaming"] and "streaming" not in in_memory
+    assert streaming["mAP"] == pytest.approx(in_memory["mAP"], abs=1e-9)
+    assert streaming["per_class_ap"] == pytest.approx(in_memory["per_class_ap"], abs=1e-9)

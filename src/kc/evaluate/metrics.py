@@ -7,6 +7,8 @@ mean. Classes are processed in chunks so that memory stays bounded by (images x 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 
 from kc.taxonomy import Taxonomy
@@ -45,6 +47,54 @@ def _ap_chunk(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return ap
 
 
+def streaming_average_precision(
+    batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], num_classes: int
+) -> np.ndarray:
+    """Per-class AP, exactly as `average_precision`, without ever holding the (images x classes) score matrix.
+
+    `batches()` yields (scores (B, C) in [0, 1], targets (B, C)) and is iterated twice, in the same order or not.
+    Pass 1 keeps the score of every positive (memory: one number per label). Pass 2 counts, for each class, the
+    negatives scoring at or above each of its positives' scores: one sorted search of the batch's scores against
+    all classes' positive scores at once (keys 2 * class + score keep the classes apart), and only for negatives
+    at or above their class's lowest positive, which for a useful model is a small share. Precision at each
+    positive = positives at or above it / (those + negatives at or above it); ties enter together, as in
+    scikit-learn. Memory: O(labels + batch).
+    """
+    pos_class, pos_score = [], []
+    for scores, targets in batches():
+        rows, cols = np.nonzero(np.asarray(targets) > 0)
+        pos_class.append(cols)
+        pos_score.append(np.asarray(scores)[rows, cols].astype(np.float64))
+    classes = np.concatenate(pos_class) if pos_class else np.zeros(0, dtype=np.int64)
+    values = np.concatenate(pos_score) if pos_score else np.zeros(0)
+    keys = np.sort(2.0 * classes + values)  # by class, then score ascending
+    counts = np.bincount(classes, minlength=num_classes)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    lowest = np.full(num_classes, np.inf)
+    has_pos = counts > 0
+    lowest[has_pos] = keys[offsets[:-1][has_pos]] - 2.0 * np.flatnonzero(has_pos)
+
+    marks = np.zeros(len(keys) + 1, dtype=np.int64)
+    for scores, targets in batches():
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.size and (scores.min() < 0 or scores.max() > 1):
+            raise ValueError("streaming AP needs scores in [0, 1] (probabilities)")
+        candidate = (np.asarray(targets) <= 0) & (scores >= lowest)
+        rows, cols = np.nonzero(candidate)
+        idx = np.searchsorted(keys, 2.0 * cols + scores[rows, cols], side="right")  # thresholds <= score, + offset
+        np.add.at(marks, idx - 1, 1)  # idx - 1 >= offsets[c] because the score is >= the class's lowest positive
+    marks = marks[:-1]
+
+    ap = np.full(num_classes, np.nan)
+    for c in np.flatnonzero(has_pos):  # one vectorised step per class that has positives
+        a, b = offsets[c], offsets[c + 1]
+        thresholds = keys[a:b] - 2.0 * c
+        negatives_at_or_above = np.cumsum(marks[a:b][::-1])[::-1]
+        positives_at_or_above = (b - a) - np.searchsorted(thresholds, thresholds, side="left")
+        ap[c] = np.mean(positives_at_or_above / (positives_at_or_above + negatives_at_or_above))
+    return ap
+
+
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
     """Top-k accuracy for single-label data (`labels`: (N,) class indices)."""
     out = {}
@@ -65,7 +115,15 @@ def classification_metrics(scores: np.ndarray, targets: np.ndarray, taxonomy: Ta
 
     Percentages (0-100) throughout, as the paper reports them.
     """
-    ap = average_precision(scores, targets)
+    result = metrics_from_ap(average_precision(scores, targets), taxonomy, int(scores.shape[0]))
+    counts = (targets > 0).sum(axis=1)
+    if scores.shape[0] and (counts == 1).all():
+        result.update({k: 100 * v for k, v in topk_accuracy(scores, targets.argmax(axis=1)).items()})
+    return result
+
+
+def metrics_from_ap(ap: np.ndarray, taxonomy: Taxonomy, images: int) -> dict:
+    """mAP, per-vertical AP and their mean (percent) from per-class AP."""
     per_vertical = {}
     for v, vert in enumerate(taxonomy.verticals):
         start, end = taxonomy.vertical_ranges[v]
@@ -80,11 +138,8 @@ def classification_metrics(scores: np.ndarray, targets: np.ndarray, taxonomy: Ta
         "mAP": 100 * _nanmean(ap),
         "mean_per_vertical_AP": _nanmean(vertical_aps),
         "classes_scored": int((~np.isnan(ap)).sum()),
-        "images": int(scores.shape[0]),
+        "images": images,
         "per_vertical": per_vertical,
+        "per_class_ap": [None if np.isnan(a) else 100 * float(a) for a in ap],
     }
-    counts = (targets > 0).sum(axis=1)
-    if scores.shape[0] and (counts == 1).all():
-        result.update({k: 100 * v for k, v in topk_accuracy(scores, targets.argmax(axis=1)).items()})
-    result["per_class_ap"] = [None if np.isnan(a) else 100 * float(a) for a in ap]
     return result

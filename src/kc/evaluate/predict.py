@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,35 @@ from tqdm import tqdm
 from kc.config import DataConfig
 from kc.data.dataset import ImageDataset, collate, dense_targets
 from kc.data.samples import Sample
+
+
+@torch.no_grad()
+def predict_batches(
+    model: nn.Module,
+    samples: list[Sample],
+    image_root: Path,
+    data_cfg: DataConfig,
+    num_classes: int,
+    *,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    activation: str = "sigmoid",
+    progress: bool = False,
+    desc: str = "predicting",
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(scores, targets) per batch, for evaluations that must not hold every image's scores at once."""
+    device = torch.device(device)
+    dataset = ImageDataset(samples, image_root, data_cfg, train=False)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=data_cfg.num_workers
+    )
+    was_training = model.training
+    model.eval().to(device)
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+        logits = model(batch["images"].to(device)).float()
+        probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
+        yield probs.cpu().numpy(), dense_targets(batch["labels"], num_classes).numpy()
+    model.train(was_training)
 
 
 @torch.no_grad()

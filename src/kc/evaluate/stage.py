@@ -5,16 +5,26 @@ from __future__ import annotations
 from typing import Any
 
 from kc.errors import DataError, KCError
-from kc.evaluate.metrics import classification_metrics
-from kc.evaluate.predict import predict
+from kc.evaluate.metrics import classification_metrics, metrics_from_ap, streaming_average_precision
+from kc.evaluate.predict import predict, predict_batches
 from kc.io import atomic_write_json
 from kc.models.classifier import count_parameters
 from kc.run import Run
 from kc.train.common import FULL_MODEL_STAGES, GENERALIST, STUDENT, load_stage, new_model
 from kc.train.trainer import resolve_device
 
+# Above this many bytes of (images x classes) scores, AP is computed streaming (two passes over the model's outputs,
+# memory O(labels + batch)) instead of from the score matrix; both give the same AP.
+MAX_SCORE_BYTES = 2 * 2**30
 
-def evaluate_stage(run: Run, stage: str = GENERALIST, split: str = "test", progress: bool = True) -> dict[str, Any]:
+
+def evaluate_stage(
+    run: Run,
+    stage: str = GENERALIST,
+    split: str = "test",
+    progress: bool = True,
+    max_score_bytes: int = MAX_SCORE_BYTES,
+) -> dict[str, Any]:
     """Score a stage's best checkpoint; write RUN/<stage>/metrics_<split>.json and return the metrics."""
     if stage not in FULL_MODEL_STAGES:
         raise KCError(
@@ -28,19 +38,21 @@ def evaluate_stage(run: Run, stage: str = GENERALIST, split: str = "test", progr
     model = load_stage(run, run.stage_dir(stage), new_model(run, stage))
     tcfg = run.cfg.generalist
     activation = "sigmoid" if tcfg.loss == "bce" or stage == STUDENT else "softmax"
-    scores, targets, images_per_s = predict(
-        model,
-        samples,
-        run.image_root,
-        run.cfg.data,
-        run.taxonomy.num_classes,
-        batch_size=tcfg.eval_batch_size,
-        device=device,
-        activation=activation,
-        progress=progress,
-        desc=f"evaluating {stage} on {split}",
-    )
-    metrics = classification_metrics(scores, targets, run.taxonomy)
+    C = run.taxonomy.num_classes
+    options = {"batch_size": tcfg.eval_batch_size, "device": device, "activation": activation, "progress": progress}
+    images_per_s: float | None = None
+    if len(samples) * C * 4 > max_score_bytes:
+
+        def batches():
+            return predict_batches(model, samples, run.image_root, run.cfg.data, C, **options)
+
+        metrics = metrics_from_ap(streaming_average_precision(batches, C), run.taxonomy, len(samples))
+        metrics["streaming"] = True
+    else:
+        scores, targets, images_per_s = predict(
+            model, samples, run.image_root, run.cfg.data, C, desc=f"evaluating {stage} on {split}", **options
+        )
+        metrics = classification_metrics(scores, targets, run.taxonomy)
     metrics.update(
         {
             "stage": stage,
