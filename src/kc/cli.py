@@ -269,6 +269,58 @@ def describe_cmd(
     typer.echo(accounting_tables(parameter_accounting(cfg, taxonomy)))
 
 
+@app.command("discover-verticals")
+@user_errors
+def discover_verticals_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory with a trained generalist")],
+    verticals: Annotated[int, typer.Option("--verticals", "-k", min=1, help="how many verticals to form")],
+    out: Annotated[Path, typer.Option(help="taxonomy file to write (.json)")] = Path("discovered_taxonomy.json"),
+    balanced: Annotated[bool, typer.Option(help="cap every vertical at ceil(classes / k) classes")] = False,
+    split: Annotated[str, typer.Option(help="held-out images to predict on: val or test")] = "val",
+    seed: Annotated[int, typer.Option()] = 0,
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Group classes into verticals by how the generalist's predictions co-vary; write a taxonomy file."""
+    import numpy as np
+
+    from kc.discover import agreement, class_embeddings, grouped_taxonomy, spherical_kmeans
+    from kc.evaluate.predict import predict_batches
+    from kc.train.common import GENERALIST, load_stage, new_model
+    from kc.train.trainer import resolve_device
+
+    run = _open_run(config, set_, bars(no_progress))
+    samples = run.splits.get(split) or []
+    if not samples:
+        raise KCError(f"--split: the run's '{split}' split is empty; use val or test")
+    if out.suffix != ".json":
+        raise KCError(f"--out {out}: write a .json taxonomy file")
+    model = load_stage(run, run.stage_dir(GENERALIST), new_model(run, GENERALIST))
+    C = run.taxonomy.num_classes
+    probs = (
+        scores
+        for scores, _ in predict_batches(
+            model,
+            samples,
+            run.image_root,
+            run.cfg.data,
+            C,
+            batch_size=run.cfg.generalist.eval_batch_size,
+            device=resolve_device(run.cfg.device),
+            progress=bars(no_progress),
+        )
+    )
+    labels = spherical_kmeans(class_embeddings(probs, C, seed=seed), verticals, balanced=balanced, seed=seed)
+    taxonomy = grouped_taxonomy(run.taxonomy, labels)
+    taxonomy.save(out)
+    sizes = np.bincount(labels, minlength=verticals)
+    typer.echo(
+        f"{C} classes in {len(set(labels.tolist()))} verticals (sizes: min {sizes.min()}, median "
+        f"{int(np.median(sizes))}, max {sizes.max()}); agreement with the run's verticals "
+        f"{100 * agreement(labels, run.taxonomy.vertical_of_class):.1f}% -> {out}"
+    )
+
+
 @app.command("export")
 @user_errors
 def export_cmd(
