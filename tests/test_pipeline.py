@@ -106,3 +106,16 @@ def test_self_paced_student_end_to_end(tmp_path, tiny_benchmark):
     assert {"gamma/v00", "gamma/v01", "gamma/v02"} <= set(history[-1])
     weights = load_file(str(run.dir / "student" / "checkpoints" / "best.safetensors"))
     assert weights["output_scales.gamma"].shape == (3,)
+
+    # the report's pictures: valid PNGs, referenced by report.md and inlined in the self-contained report.html
+    from PIL import Image
+
+    report, page = (run.dir / "report.md").read_text(), (run.dir / "report.html").read_text()
+    names = ["per_vertical_ap", "map_vs_cost", "training_curves", "scales"]
+    for name in names:
+        path = run.dir / "plots" / f"{name}.png"
+        with Image.open(path) as image:
+            image.verify()
+            assert image.format == "PNG"
+        assert f"](plots/{name}.png)" in report
+    assert page.count('src="data:image/png;base64,') == len(names) and "<table>" in page

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kc.evaluate import plots
 from kc.evaluate.compare import compare
-from kc.evaluate.report import run_report
+from kc.evaluate.report import report_html, run_report
 from kc.io import atomic_write_json, atomic_write_text, read_json
 from kc.models.accounting import accounting_tables, parameter_accounting
 from kc.run import Run
@@ -69,5 +70,21 @@ def write_report(run: Run, result: dict[str, Any], timings: dict[str, float]) ->
         run.dir / "metrics.json",
         {**result, "timings": timings, "parameters": parameters, "config": run.cfg.resolved()},
     )
-    report = run_report(result, run.taxonomy, config_yaml, timings, accounting_tables(parameters))
+    plots = draw_plots(run, result)
+    report = run_report(result, run.taxonomy, config_yaml, timings, accounting_tables(parameters), plots)
     atomic_write_text(run.dir / "report.md", report)
+    atomic_write_text(run.dir / "report.html", report_html(report, run.dir))
+
+
+def draw_plots(run: Run, result: dict[str, Any]) -> list[tuple[str, str]]:
+    """RUN/plots/*.png; returns (title, path relative to the run) for each picture drawn."""
+    out = run.dir / "plots"
+    stages = {GENERALIST: run.stage_dir(GENERALIST), STUDENT: run.stage_dir(STUDENT), CONTROL: run.stage_dir(CONTROL)}
+    stages.update({f"specialist #{v}": specialist_dir(run, v) for v in range(run.taxonomy.num_verticals)})
+    drawn = [
+        ("Mean AP per vertical", plots.per_vertical_bars(result, run.taxonomy, out / "per_vertical_ap.png")),
+        ("mAP against model size and speed", plots.map_vs_cost(result, out / "map_vs_cost.png")),
+        ("Training curves", plots.training_curves(stages, out / "training_curves.png")),
+        ("Self-paced scales over training", plots.self_paced_scales(stages[STUDENT], run.taxonomy, out / "scales.png")),
+    ]
+    return [(title, str(path.relative_to(run.dir))) for title, path in drawn if path is not None]

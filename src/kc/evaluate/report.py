@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import html
+import re
+from pathlib import Path
 from typing import Any
 
 from kc.taxonomy import Taxonomy
@@ -58,7 +62,12 @@ def per_vertical_table(result: dict[str, Any], taxonomy: Taxonomy) -> str:
 
 
 def run_report(
-    result: dict[str, Any], taxonomy: Taxonomy, config_yaml: str, timings: dict[str, float], parameters_md: str = ""
+    result: dict[str, Any],
+    taxonomy: Taxonomy,
+    config_yaml: str,
+    timings: dict[str, float],
+    parameters_md: str = "",
+    plots: list[tuple[str, str]] | None = None,
 ) -> str:
     parts = [
         "# kc run report",
@@ -78,6 +87,8 @@ def run_report(
                 "(`checkpoints/last.json`, keys `gamma/<vertical>`) and in TensorBoard.",
                 "| vertical | scale |\n|---|---:|\n" + rows,
             ]
+    if plots:
+        parts += ["## Plots"] + [f"![{title}]({path})" for title, path in plots]
     if parameters_md:
         parts += ["## Parameters", parameters_md]
     if timings:
@@ -87,3 +98,58 @@ def run_report(
         ]
     parts += ["## Config", f"```yaml\n{config_yaml.rstrip()}\n```"]
     return "\n\n".join(parts) + "\n"
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def report_html(markdown: str, base: Path) -> str:
+    """The report as one self-contained HTML page (images inlined): the subset of Markdown run_report writes,
+    headings, tables, fenced code, images and paragraphs."""
+    body: list[str] = []
+    lines = markdown.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines))
+            body.append("<pre>" + html.escape("\n".join(lines[i + 1 : end])) + "</pre>")
+            i = end + 1
+            continue
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, data = rows[0], [r for r in rows[1:] if not all(set(c) <= set("-:") for c in r)]
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{_inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in data)
+                + "</table>"
+            )
+            continue
+        image = re.fullmatch(r"!\[(.*)\]\((.+)\)", line)
+        if image:
+            data = base64.b64encode((base / image.group(2)).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{_inline(line[level:].strip())}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+        i += 1
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}pre{background:#f6f6f6;padding:1em;overflow:auto}"
+        "img{max-width:100%}"
+    )
+    return (
+        f'<!doctype html>\n<html><head><meta charset="utf-8"><title>kc run report</title><style>{style}</style>'
+        f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
