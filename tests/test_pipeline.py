@@ -119,3 +119,27 @@ def test_self_paced_student_end_to_end(tmp_path, tiny_benchmark):
             assert image.format == "PNG"
         assert f"](plots/{name}.png)" in report
     assert page.count('src="data:image/png;base64,') == len(names) and "<table>" in page
+
+
+def test_ablate_trains_the_four_students_on_shared_teachers(tmp_path, tiny_benchmark):
+    data = tiny_config(tiny_benchmark, tmp_path / "run")
+    data["specialists"] = {**EPOCHS, "epochs": 1}
+    data["student"] = {**EPOCHS, "epochs": 1}
+    run = prepare_run(config_from_dict(data), progress=False)
+    from kc.train.generalist import train_generalist
+    from kc.train.specialists import train_specialists
+
+    train_generalist(run, progress=False, verbose=False)
+    train_specialists(run, progress=False, verbose=False)
+    out = CliRunner().invoke(app, ["ablate", str(run.dir)])
+    assert out.exit_code == 0, out.output
+    table = (run.dir / "ablation" / "ablation.md").read_text()
+    for name in ("| distillation | fc-fc |", "| + self-paced scales | fc-fc |", "| + both | fc-sc |"):
+        assert name in table
+    result = json.loads((run.dir / "ablation" / "ablation.json").read_text())
+    params = {s["variant"]: s["parameters"] for s in result["summary"]}
+    assert params["+ both"] > params["+ self-paced scales"] > params["distillation"]  # FC-SC blocks; 3 scales
+    variant = run.dir / "ablation" / "fc-sc_vertical" / "seed_0"
+    assert (variant / "specialists").is_symlink()
+    assert (variant / "student" / "checkpoints" / "best.safetensors").is_file()
+    assert not (variant / "control").exists()  # the FC-SC control is trained once, with the first FC-SC student

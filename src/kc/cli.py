@@ -269,6 +269,22 @@ def describe_cmd(
     typer.echo(accounting_tables(parameter_accounting(cfg, taxonomy)))
 
 
+@app.command("ablate")
+@user_errors
+def ablate_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory with generalist and specialists")],
+    seeds: Annotated[list[int] | None, typer.Option("--seed", help="student seeds (repeatable; default 0)")] = None,
+    set_: SetOption = None,
+) -> None:
+    """The paper's ablation on this run's teachers: distillation, + self-paced, + FC-SC, + both; one table."""
+    from kc.ablate import ablate, ablation_table
+
+    run = _open_run(config, set_, progress=False)
+    result = ablate(run, seeds or [0])
+    typer.echo("\n" + ablation_table(result))
+    typer.echo(f"\ntable: {run.dir / 'ablation' / 'ablation.md'}")
+
+
 @app.command("discover-verticals")
 @user_errors
 def discover_verticals_cmd(
