@@ -3,12 +3,11 @@
     python benchmarks/heads.py [--classes 1000 10000 100000] [--repeats 7] [--json out.json]
     python benchmarks/heads.py --run RUN_DIR      # the run's whole student, forward images/s per head structure
 
-For each vocabulary size (about 100 classes per vertical, vertical sizes drawn log-uniformly between a quarter and
-four times that, so verticals differ 16x in size), times one forward + backward of each head on a batch of backbone
-features, all heads of a size interleaved round by round in one process (medians). "naive" is the same structured
-head with its block-sparse output layer computed by a Python loop over verticals. Peak memory of a step is measured
-in a fresh subprocess per head (peak RSS during the steps minus RSS before them: activations, gradients and
-temporaries, parameters excluded).
+For each vocabulary size (about 100 classes per vertical, or `--verticals M` at every size; vertical sizes drawn
+log-uniformly over a 16x range), times one forward + backward of each head on a batch of backbone features, all
+heads of a size interleaved round by round in one process (medians). "naive" is the same structured head with its
+block-sparse output layer computed by a Python loop over verticals. Memory: the activations a step keeps for its
+backward (tensor storages saved by autograd, each counted once); parameters and their gradients come on top.
 """
 
 from __future__ import annotations
@@ -22,51 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kc.models.heads import DenseHead
-from kc.models.structured import StructuredHead, head_name
+from kc.bench import time_heads
+from kc.bench import vertical_sizes as bench_sizes
+from kc.models.structured import head_name
 
 HEADS = ("fc-fc", "fc-sc", "fc-sc naive", "fc-sc(x)", "sc-sc", "sc-sc naive")
 
 
 def vertical_sizes(num_classes: int, mean: int = 100, seed: int = 0) -> list[int]:
+    """About `mean` classes per vertical, sizes drawn log-uniformly over a 16x range."""
     rng = np.random.default_rng(seed)
     sizes: list[int] = []
     while sum(sizes) < num_classes:
         sizes.append(max(1, int(round(mean * 4 ** rng.uniform(-1, 1)))))
     sizes[-1] -= sum(sizes) - num_classes
     return [s for s in sizes if s > 0]
-
-
-def build(kind: str, sizes: list[int], args: argparse.Namespace) -> torch.nn.Module:
-    torch.manual_seed(0)
-    hidden = [args.s1, args.s2]
-    if kind == "fc-fc":
-        return DenseHead(args.features, hidden, sum(sizes))
-    structure = kind.split()[0].replace("(x)", "")
-    head = StructuredHead(args.features, hidden, sizes, structure, args.s2 // 2 if "(x)" in kind else 0)
-    if kind.endswith("naive"):
-        head.blocks.forward = head.blocks.loop
-    return head
-
-
-def step(head: torch.nn.Module, features: torch.Tensor) -> None:
-    head.zero_grad(set_to_none=True)
-    head(features).square().mean().backward()
-
-
-def saved_activation_mib(head: torch.nn.Module, features: torch.Tensor) -> float:
-    """Memory the forward keeps for the backward (each tensor storage counted once): the part of a training step's
-    memory that grows with the batch and differs between heads."""
-    storages: dict[int, int] = {}
-
-    def keep(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        head(features).square().mean().backward()
-    return sum(storages.values()) / 2**20
 
 
 def student_inference(run_dir: Path, batch: int, repeats: int) -> None:
@@ -112,6 +81,7 @@ def main() -> None:
     parser.add_argument("--s1", type=int, default=512)
     parser.add_argument("--s2", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--verticals", type=int, help="this many verticals at every size (default: ~100 classes each)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json")
@@ -124,31 +94,19 @@ def main() -> None:
 
     results = []
     for num_classes in args.classes:
-        sizes = vertical_sizes(num_classes)
-        heads = {kind: build(kind, sizes, args) for kind in HEADS}
-        features = torch.randn(args.batch, args.features)
-        times: dict[str, list[float]] = {kind: [] for kind in HEADS}
-        for head in heads.values():
-            step(head, features)  # warm-up
-        for _ in range(args.repeats):
-            for kind, head in heads.items():
-                start = time.perf_counter()
-                step(head, features)
-                times[kind].append(time.perf_counter() - start)
-        dense_ms = 1000 * statistics.median(times["fc-fc"])
-        for kind, head in heads.items():
-            ms = 1000 * statistics.median(times[kind])
+        sizes = vertical_sizes(num_classes) if args.verticals is None else bench_sizes(num_classes, args.verticals)
+        timed = time_heads(list(HEADS), sizes, args.features, [args.s1, args.s2], args.batch, args.repeats)
+        for kind, figures in timed.items():
             x = args.s2 // 2 if "(x)" in kind else 0
             row = {
                 "classes": num_classes,
                 "verticals": len(sizes),
                 "head": kind,
                 "name": head_name(kind.split()[0].replace("(x)", ""), [args.s1, args.s2], x),
-                "parameters": sum(p.numel() for p in head.parameters()),
-                "buckets": len(head.blocks.buckets) if isinstance(head, StructuredHead) else None,
-                "step_ms": ms,
-                "vs_fc_fc": ms / dense_ms,
-                "saved_mib": saved_activation_mib(head, features),
+                "parameters": figures["parameters"],
+                "step_ms": figures["ms"],
+                "vs_fc_fc": figures["ms"] / timed["fc-fc"]["ms"],
+                "saved_mib": figures["activations_mib"],
             }
             results.append(row)
             print(json.dumps(row), flush=True)

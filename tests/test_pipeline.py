@@ -143,3 +143,28 @@ def test_ablate_trains_the_four_students_on_shared_teachers(tmp_path, tiny_bench
     assert (variant / "specialists").is_symlink()
     assert (variant / "student" / "checkpoints" / "best.safetensors").is_file()
     assert not (variant / "control").exists()  # the FC-SC control is trained once, with the first FC-SC student
+
+
+def test_bench_prints_every_ratio(tmp_path, tiny_benchmark):
+    from kc.bench import bench, bench_table
+    from kc.train.generalist import train_generalist
+    from kc.train.specialists import train_specialists
+
+    data = tiny_config(tiny_benchmark, tmp_path / "run")
+    data["specialists"] = {**EPOCHS, "epochs": 1}
+    data["student"] = {**EPOCHS, "epochs": 1}
+    run = prepare_run(config_from_dict(data), progress=False)
+    train_generalist(run, progress=False, verbose=False)
+    train_specialists(run, progress=False, verbose=False)
+    result = bench(run, repeats=1, rounds=1, head_repeats=1, head_classes=(200,), memory_classes=500)
+    table = bench_table(result)
+    for measure in (
+        "student ÷ generalist (inference)",
+        "student ÷ ensemble",
+        "student (cache) ÷ generalist",
+        "FC512-SC64 ÷ FC512-FC64",
+        "500-class head",
+    ):
+        assert measure in table
+    assert result["inference"]["student_vs_generalist"] > 0 and result["training"]["cache_vs_generalist"] > 0
+    assert not (run.dir / "cache").exists() and (run.dir / "bench" / "cache" / "index.json").is_file()

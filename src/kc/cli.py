@@ -269,6 +269,25 @@ def describe_cmd(
     typer.echo(accounting_tables(parameter_accounting(cfg, taxonomy)))
 
 
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run (generalist and specialists trained)")],
+    repeats: Annotated[int, typer.Option(min=1, help="inference repeats (medians)")] = 5,
+    rounds: Annotated[int, typer.Option(min=1, help="training epochs per setup (medians)")] = 3,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the figures as JSON")] = None,
+) -> None:
+    """Student vs generalist vs ensemble speed, cached vs online training, head cost, step memory: ratios."""
+    from kc.bench import bench, bench_table
+    from kc.io import atomic_write_json
+
+    run = _open_run(run_dir, None, progress=False)
+    result = bench(run, repeats, rounds)
+    typer.echo(bench_table(result))
+    if json_out is not None:
+        atomic_write_json(json_out, result)
+
+
 @app.command("ablate")
 @user_errors
 def ablate_cmd(
