@@ -121,16 +121,22 @@ def test_self_paced_student_end_to_end(tmp_path, tiny_benchmark):
     assert page.count('src="data:image/png;base64,') == len(names) and "<table>" in page
 
 
-def test_ablate_trains_the_four_students_on_shared_teachers(tmp_path, tiny_benchmark):
-    data = tiny_config(tiny_benchmark, tmp_path / "run")
-    data["specialists"] = {**EPOCHS, "epochs": 1}
-    data["student"] = {**EPOCHS, "epochs": 1}
-    run = prepare_run(config_from_dict(data), progress=False)
+def trained_teachers(run_dir, bench):
+    """A tiny run with its generalist and specialists trained (one epoch each beyond the generalist's two)."""
     from kc.train.generalist import train_generalist
     from kc.train.specialists import train_specialists
 
+    data = tiny_config(bench, run_dir)
+    data["specialists"] = {**EPOCHS, "epochs": 1}
+    data["student"] = {**EPOCHS, "epochs": 1}
+    run = prepare_run(config_from_dict(data), progress=False)
     train_generalist(run, progress=False, verbose=False)
     train_specialists(run, progress=False, verbose=False)
+    return run
+
+
+def test_ablate_trains_the_four_students_on_shared_teachers(tmp_path, tiny_benchmark):
+    run = trained_teachers(tmp_path / "run", tiny_benchmark)
     out = CliRunner().invoke(app, ["ablate", str(run.dir)])
     assert out.exit_code == 0, out.output
     table = (run.dir / "ablation" / "ablation.md").read_text()
@@ -147,15 +153,8 @@ def test_ablate_trains_the_four_students_on_shared_teachers(tmp_path, tiny_bench
 
 def test_bench_prints_every_ratio(tmp_path, tiny_benchmark):
     from kc.bench import bench, bench_table
-    from kc.train.generalist import train_generalist
-    from kc.train.specialists import train_specialists
 
-    data = tiny_config(tiny_benchmark, tmp_path / "run")
-    data["specialists"] = {**EPOCHS, "epochs": 1}
-    data["student"] = {**EPOCHS, "epochs": 1}
-    run = prepare_run(config_from_dict(data), progress=False)
-    train_generalist(run, progress=False, verbose=False)
-    train_specialists(run, progress=False, verbose=False)
+    run = trained_teachers(tmp_path / "run", tiny_benchmark)
     result = bench(run, repeats=1, rounds=1, head_repeats=1, head_classes=(200,), memory_classes=500)
     table = bench_table(result)
     for measure in (

@@ -117,7 +117,7 @@ def time_heads(
 
 
 # ----------------------------------------------------------------------------------------------- the run
-def _bench_run(run: Run) -> Run:
+def bench_workspace(run: Run) -> Run:
     """RUN/bench: the run's data and teachers linked, its own cache."""
     directory = run.dir / "bench"
     directory.mkdir(exist_ok=True)
@@ -241,7 +241,7 @@ def bench(
     head_classes: tuple[int, ...] = (1000, 10000, 100000),
     memory_classes: int = 100_000,
 ) -> dict[str, Any]:
-    work = _bench_run(run)
+    work = bench_workspace(run)
     result: dict[str, Any] = {"inference": inference(work, repeats), "training": training(work, rounds)}
     heads = {}
     for classes in head_classes:

@@ -334,7 +334,7 @@ def discover_verticals_cmd(
     C = run.taxonomy.num_classes
     probs = (
         scores
-        for scores, _ in predict_batches(
+        for scores, _, _ in predict_batches(
             model,
             samples,
             run.image_root,

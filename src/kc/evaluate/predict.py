@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,8 +31,9 @@ def predict_batches(
     activation: str = "sigmoid",
     progress: bool = False,
     desc: str = "predicting",
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(scores, targets) per batch, for evaluations that must not hold every image's scores at once."""
+) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+    """(scores, targets, seconds of the forward pass) per batch, for evaluations that need not hold every image's
+    scores at once."""
     device = torch.device(device)
     dataset = ImageDataset(samples, image_root, data_cfg, train=False)
     loader = DataLoader(
@@ -39,48 +41,37 @@ def predict_batches(
     )
     was_training = model.training
     model.eval().to(device)
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
-        logits = model(batch["images"].to(device)).float()
-        probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
-        yield probs.cpu().numpy(), dense_targets(batch["labels"], num_classes).numpy()
-    model.train(was_training)
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+            images = batch["images"].to(device)
+            start = time.perf_counter()
+            logits = model(images).float()
+            probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+            yield probs.cpu().numpy(), dense_targets(batch["labels"], num_classes).numpy(), seconds
+    finally:
+        model.train(was_training)
 
 
-@torch.no_grad()
 def predict(
     model: nn.Module,
     samples: list[Sample],
     image_root: Path,
     data_cfg: DataConfig,
     num_classes: int,
-    *,
-    batch_size: int = 512,
-    device: torch.device | str = "cpu",
-    activation: str = "sigmoid",
-    progress: bool = False,
-    desc: str = "predicting",
+    **options: Any,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Scores, targets, and images per second of the forward passes (decoding excluded)."""
-    device = torch.device(device)
-    dataset = ImageDataset(samples, image_root, data_cfg, train=False)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=data_cfg.num_workers
-    )
-    was_training = model.training
-    model.eval().to(device)
-    scores, targets = [], []
-    model_seconds = 0.0
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
-        images = batch["images"].to(device)
-        start = time.perf_counter()
-        logits = model(images).float()
-        probs = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        model_seconds += time.perf_counter() - start
-        scores.append(probs.cpu().numpy())
-        targets.append(dense_targets(batch["labels"], num_classes).numpy())
-    model.train(was_training)
+    """Scores, targets, and images per second of the forward passes (decoding excluded); options as
+    `predict_batches`."""
+    scores, targets, model_seconds = [], [], 0.0
+    for batch_scores, batch_targets, seconds in predict_batches(
+        model, samples, image_root, data_cfg, num_classes, **options
+    ):
+        scores.append(batch_scores)
+        targets.append(batch_targets)
+        model_seconds += seconds
     n = len(samples)
     empty = np.zeros((0, num_classes), dtype=np.float32)
     return (

@@ -44,7 +44,8 @@ def evaluate_stage(
     if len(samples) * C * 4 > max_score_bytes:
 
         def batches():
-            return predict_batches(model, samples, run.image_root, run.cfg.data, C, **options)
+            for scores, targets, _ in predict_batches(model, samples, run.image_root, run.cfg.data, C, **options):
+                yield scores, targets
 
         metrics = metrics_from_ap(streaming_average_precision(batches, C), run.taxonomy, len(samples))
         metrics["streaming"] = True
