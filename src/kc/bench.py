@@ -35,6 +35,7 @@ from kc.models.heads import DenseHead
 from kc.models.structured import StructuredHead
 from kc.run import Run, prepare_run
 from kc.train.common import (
+    CONTROL,
     GENERALIST,
     STUDENT,
     best_weights,
@@ -176,7 +177,7 @@ def training(run: Run, rounds: int) -> dict[str, Any]:
     online = OnlineTeachers(load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected)
     setups = {
         "generalist": (
-            start_from_generalist(run, "control"),
+            start_from_generalist(run, CONTROL),
             ground_truth_loss(run.cfg.generalist.loss, run.taxonomy.num_classes),
         ),
         "student (cache)": (start_from_generalist(run, STUDENT), student_loss(run, cached, weights, device)),
