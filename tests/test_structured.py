@@ -49,10 +49,12 @@ def test_buckets_cover_every_vertical_once_and_bound_the_padding():
     assert len(plan_buckets([4] * 50, 0.0)) == 1
 
 
-def test_batched_block_product_equals_the_per_vertical_loop_forward_and_backward():
+@pytest.mark.parametrize("own_matmul", [512, 6, 1])  # all bucketed; the two largest on their own; none bucketed
+def test_batched_block_product_equals_the_per_vertical_loop_forward_and_backward(own_matmul):
     torch.manual_seed(0)
-    blocks = VerticalBlocks(SIZES)
-    assert len(blocks.buckets) < len(SIZES)
+    blocks = VerticalBlocks(SIZES, own_matmul=own_matmul)
+    assert len(blocks.large) == {512: 0, 6: 2, 1: 6}[own_matmul]
+    assert len(blocks.buckets) + len(blocks.large) < len(SIZES) or own_matmul == 1
     hidden = torch.randn(len(SIZES), 6, 4, requires_grad=True)  # (verticals, k, batch)
     weight = torch.randn(N, 6, requires_grad=True)
     batched = blocks(hidden, weight)

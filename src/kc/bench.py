@@ -275,7 +275,8 @@ def bench_table(r: dict[str, Any]) -> str:
     for classes, h in r["heads"].items():
         lines.append(
             f"| {int(classes):,} classes, 20 verticals, batch 64: FC512-SC64 ÷ FC512-FC64 fwd+bwd "
-            f"({h['fc-sc']['ms']:.1f} / {h['fc-fc']['ms']:.1f} ms; loop {h['fc-sc naive']['ms']:.1f} ms) | "
+            f"({h['fc-sc']['ms']:.1f} / {h['fc-fc']['ms']:.1f} ms; loop {h['fc-sc naive']['ms']:.1f} ms; weights "
+            f"x{h['fc-sc']['parameters'] / h['fc-fc']['parameters']:.2f}) | "
             f"{h['sc_vs_fc']:.2f} | <= 1.30 |"
         )
     m = r["memory"]

@@ -11,10 +11,12 @@ With the backbone feature of size s_b, M verticals, N classes and the head's las
 Dense layers before the last one (fc-sc) or two (sc-sc) hidden widths are shared, as in `DenseHead`.
 
 Fast: the per-vertical hidden layers are one matmul (fc-sc: a dense layer with M*(s2-x) outputs) or one bmm over
-the M equal-sized blocks (sc-sc); the block-sparse output layer is one bmm per *bucket* of verticals of similar size
-(`VerticalBlocks`), so there is no Python loop over verticals and verticals of very different sizes cost little
-padding. Output weights are kept (N, k) in class order, as a dense layer keeps them, so parameter counts equal the
-paper's formulas and a head initialised from the generalist's dense head starts as the same function.
+the M equal-sized blocks (sc-sc). The block-sparse output layer (`VerticalBlocks`) gives each large vertical one
+matmul on a view of the weights and computes the small ones as one bmm per *bucket* of verticals of similar size,
+so the Python-level work grows with the number of large verticals (at most N / 512), never with many small ones,
+and verticals of very different sizes cost little padding. Output weights are kept (N, k) in class order, as a
+dense layer keeps them, so parameter counts equal the paper's formulas and a head initialised from the
+generalist's dense head starts as the same function.
 """
 
 from __future__ import annotations
@@ -47,53 +49,80 @@ def plan_buckets(sizes: list[int], max_padding: float) -> list[list[int]]:
     return buckets
 
 
+# Verticals with at least this many classes get their own matmul on views of the weights (no copy); smaller ones
+# are bucketed. Measured (docs/BENCHMARKS.md): at 100K classes in 20 verticals the views make the FC-SC head 1.4x
+# the dense head instead of 4x; for hundreds of verticals of ~140 classes, buckets are 2.5x faster than a matmul each.
+OWN_MATMUL_CLASSES = 512
+
+
 class VerticalBlocks(nn.Module):
     """The block-sparse product logits[b, c] = hidden[v(c), :, b] . weight[c], for classes grouped by vertical.
 
     hidden: (M, k, B), one k-vector per vertical and image, laid out feature-major so that every matmul below reads
     contiguous memory without a transpose; weight: (N, k) in class order. Returns (B, N) logits (a transposed view).
 
-    Computed as one bmm per bucket of verticals of similar size: one gather puts the verticals in bucket order and
-    one gathers their weight rows, each vertical's rows padded to its bucket's largest size (padding rows repeat
-    row 0; their outputs are computed and dropped, so no gradient reaches them); one final gather puts the outputs
-    back in class order. Gathers that would be the identity (equal-sized verticals) are skipped.
+    Large verticals (>= OWN_MATMUL_CLASSES classes) each take one matmul on their slice of the weights, got by
+    `split` (views whose backward is one concatenation, no copies). The others are computed as one bmm per bucket of
+    verticals of similar size: one gather puts them in bucket order and one gathers their weight rows, each
+    vertical's rows padded to its bucket's largest size (padding rows repeat row 0; their outputs are computed and
+    dropped, so no gradient reaches them). One final gather puts the outputs in class order. Gathers that would be
+    the identity are skipped, so a vocabulary of large verticals costs no gather at all.
     """
 
-    def __init__(self, vertical_sizes: list[int], max_padding: float = 0.25):
+    def __init__(self, vertical_sizes: list[int], max_padding: float = 0.25, own_matmul: int = OWN_MATMUL_CLASSES):
         super().__init__()
         starts = [0]
         for n in vertical_sizes:
             starts.append(starts[-1] + n)
         self.ranges = list(zip(starts[:-1], starts[1:], strict=True))
-        self.buckets = plan_buckets(vertical_sizes, max_padding)
+        self.sizes = list(vertical_sizes)
+        self.large = [v for v, n in enumerate(vertical_sizes) if n >= own_matmul]
+        small = [v for v, n in enumerate(vertical_sizes) if n < own_matmul]
+        self.buckets = [[small[i] for i in b] for b in plan_buckets([vertical_sizes[v] for v in small], max_padding)]
         self.shapes = [(len(b), vertical_sizes[b[0]]) for b in self.buckets]  # (verticals, padded size)
         order = [v for b in self.buckets for v in b]
-        rows, gather = [], [0] * starts[-1]
+        gather = [0] * starts[-1]
+        position = 0
+        for v in self.large:
+            a, b = self.ranges[v]
+            gather[a:b] = range(position, position + b - a)
+            position += b - a
+        rows: list[int] = []
         for bucket, (_, width) in zip(self.buckets, self.shapes, strict=True):
             for v in bucket:
                 a, b = self.ranges[v]
-                gather[a:b] = range(len(rows), len(rows) + b - a)
+                gather[a:b] = range(position + len(rows), position + len(rows) + b - a)
                 rows += list(range(a, b)) + [0] * (width - (b - a))
-        self.padded_outputs = len(rows)
+        self.padded_outputs = position + len(rows)
         identity = list(range(starts[-1]))
-        # Index buffers follow the module's device and are not saved; None where the gather is the identity.
-        indexes = (("order", order, sorted(order)), ("rows", rows, identity), ("gather", gather, identity))
+        # Index buffers follow the module's device and are not saved; None where the gather is the identity (or
+        # not needed: no small verticals).
+        indexes = (
+            ("order", order, list(range(len(vertical_sizes))) if not self.large else None),
+            ("rows", rows, identity if not self.large else None),
+            ("gather", gather, identity),
+        )
         for name, index, skip in indexes:
-            value = None if index == skip else torch.tensor(index, dtype=torch.long, device="cpu")
+            value = None if not index or index == skip else torch.tensor(index, dtype=torch.long, device="cpu")
             self.register_buffer(name, value, persistent=False)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         k, batch = weight.shape[1], hidden.shape[2]
-        if self.order is not None:
-            hidden = hidden.index_select(0, self.order)
-        if self.rows is not None:
-            weight = weight.index_select(0, self.rows)
-        counts = [count for count, _ in self.shapes]
-        padded = [count * width for count, width in self.shapes]
-        outputs = [
-            torch.bmm(w.view(count, width, k), h).view(count * width, batch)  # (Mb, P, k) @ (Mb, k, B)
-            for h, w, (count, width) in zip(hidden.split(counts), weight.split(padded), self.shapes, strict=True)
-        ]
+        outputs = []
+        if self.large:
+            own_weights, own_hidden = weight.split(self.sizes), hidden.unbind(0)
+            outputs += [own_weights[v] @ own_hidden[v] for v in self.large]  # (N_v, k) @ (k, B)
+        if self.buckets:
+            if self.order is not None:
+                hidden = hidden.index_select(0, self.order)
+            if self.rows is not None:
+                weight = weight.index_select(0, self.rows)
+            counts = [count for count, _ in self.shapes]
+            padded = [count * width for count, width in self.shapes]
+            outputs += [
+                torch.bmm(w.view(count, width, k), h).view(count * width, batch)  # (Mb, P, k) @ (Mb, k, B)
+                for h, w, (count, width) in zip(hidden.split(counts), weight.split(padded), self.shapes, strict=True)
+            ]
         flat = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (padded outputs, B)
         if self.gather is not None:
             flat = flat.index_select(0, self.gather)
@@ -104,7 +133,10 @@ class VerticalBlocks(nn.Module):
         return torch.cat([weight[a:b] @ hidden[v] for v, (a, b) in enumerate(self.ranges)]).t()
 
     def extra_repr(self) -> str:
-        return f"buckets={len(self.buckets)}, padded_outputs={self.padded_outputs}, classes={self.ranges[-1][1]}"
+        return (
+            f"own matmuls={len(self.large)}, buckets={len(self.buckets)}, padded_outputs={self.padded_outputs}, "
+            f"classes={self.ranges[-1][1]}"
+        )
 
 
 def _linear_parameter(rows: int, cols: int, fan_in: int) -> nn.Parameter:
