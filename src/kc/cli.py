@@ -35,8 +35,13 @@ def bars(no_progress: bool) -> bool:
 def user_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kc.train.trainer import TrainingStopped
+
         try:
             return fn(*args, **kwargs)
+        except TrainingStopped as exc:
+            typer.echo(f"kc: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
         except KCError as exc:
             typer.echo(f"kc: error: {exc}", err=True)
             raise typer.Exit(2) from None

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +42,38 @@ StepCallback = Callable[[int], None]
 
 class TrainingDiverged(KCError):
     """The loss became NaN or infinite."""
+
+
+class TrainingStopped(KCError):
+    """SIGINT or SIGTERM arrived: the stage wrote a checkpoint after the current step and stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopSignals:
+    """While active (main thread only), the first SIGINT or SIGTERM asks the training loop to stop after the current
+    step, so that it can write a checkpoint first; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -202,9 +236,10 @@ class Trainer:
 
         writer = SummaryWriter(str(self.stage_dir / "tensorboard"), purge_step=state["step"] or None)
         try:
-            while state["epoch"] < self.cfg.epochs:
-                stats = self._train_epoch(forward_model, optimizer, state, writer)
-                self._end_epoch(optimizer, state, stats, writer)
+            with StopSignals() as self._stop:
+                while state["epoch"] < self.cfg.epochs:
+                    stats = self._train_epoch(forward_model, optimizer, state, writer)
+                    self._end_epoch(optimizer, state, stats, writer)
         finally:
             writer.close()
         state["complete"] = True
@@ -279,8 +314,15 @@ class Trainer:
                     writer.add_scalar(f"{self.name}/{key}", extra, state["step"])
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}", refresh=False)
             bar.update()
-            if state["step"] % self.cfg.checkpoint_every_steps == 0:
+            if state["step"] % self.cfg.checkpoint_every_steps == 0 or self._stop.requested:
                 self.ckpt.save(self.model, optimizer, self._checkpoint_state(state))
+            if self._stop.requested:
+                name = signal.Signals(self._stop.requested).name
+                raise TrainingStopped(
+                    f"{self.name}: stopped by {name} at epoch {epoch + 1}, step {state['step']}, after writing a "
+                    "checkpoint; run the same command again to resume",
+                    self._stop.requested,
+                )
             if self.on_step is not None:
                 self.on_step(state["step"])
         bar.close()
