@@ -174,3 +174,36 @@ def test_decoding_unusual_modes(tmp_path):
     exif[0x0112] = 6
     img.save(tmp_path / "rot.jpg", exif=exif)
     assert decode_rgb(tmp_path / "rot.jpg").size == (2, 4)
+
+
+def test_check_data_reports_every_problem_at_once(tmp_path, tiny_benchmark):
+    import shutil
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from conftest import tiny_config
+    from kc.cli import app
+
+    bench = tmp_path / "bench"
+    shutil.copytree(tiny_benchmark, bench)
+    clean = tmp_path / "clean.yaml"
+    clean.write_text(yaml.safe_dump(tiny_config(bench, tmp_path / "never")))
+    out = CliRunner().invoke(app, ["check-data", str(clean)])
+    assert out.exit_code == 0 and "data OK" in out.output and "12 classes in 3 verticals" in out.output
+
+    # break one image (truncated), one manifest row (unknown class) and leave vertical v02 without training images
+    rows = (bench / "manifest.csv").read_text().splitlines()
+    victim = rows[1].split(",")[0]
+    (bench / victim).write_bytes((bench / victim).read_bytes()[:40])
+    kept = [r for r in rows[1:] if not (r.split(",")[1].startswith("v02") and r.split(",")[-1] == "train")]
+    (bench / "manifest.csv").write_text("\n".join([rows[0], *kept]) + "\n")
+    out = CliRunner().invoke(app, ["check-data", str(clean)])
+    assert "vertical 'v02': no training image" in out.output and victim in out.output
+    assert out.exit_code == 2 and "fix the problems above" in out.output
+    assert not (tmp_path / "never").exists()  # nothing written
+
+    with open(bench / "manifest.csv", "a") as f:
+        f.write("images/x.png,nope.c9,train\n")
+    out = CliRunner().invoke(app, ["check-data", str(clean)])
+    assert out.exit_code == 2 and "nope.c9" in out.output and "manifest.csv:" in out.output

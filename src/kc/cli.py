@@ -121,6 +121,22 @@ def generate_benchmark_cmd(
     typer.echo(f"wrote {manifest} and {out / 'taxonomy.json'}")
 
 
+@app.command("check-data")
+@user_errors
+def check_data_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML)")],
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Report every problem of the config's dataset at once (taxonomy, manifest rows, images, coverage)."""
+    from kc.data.check import check_data, report_text
+
+    report = check_data(_load(config, set_), progress=bars(no_progress))
+    typer.echo(report_text(report))
+    if not report.ok:
+        raise typer.Exit(2)
+
+
 @app.command("generalist")
 @user_errors
 def generalist_cmd(

@@ -1,0 +1,93 @@
+"""`kc check-data`: every problem of a dataset at once, before any training, without creating a run directory.
+
+Checks, in order, going as far as the data allows: the taxonomy; the manifest or image folder (every bad row);
+every image decodes (each unreadable one listed); and coverage: verticals without training images (their
+specialists cannot train: a problem) and classes without training or test images (warnings: never learned, or
+never scored).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kc.config import RunConfig
+from kc.data.images import check_images
+from kc.data.samples import SPLITS, load_image_folder, load_manifest
+from kc.data.splits import assign_splits
+from kc.errors import KCError
+from kc.taxonomy import Taxonomy
+
+
+@dataclass
+class DataReport:
+    problems: list[str] = field(default_factory=list)  # stop training: fix these
+    warnings: list[str] = field(default_factory=list)  # training runs, but the user should know
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _coverage(report: DataReport, taxonomy: Taxonomy, samples: list[Any]) -> None:
+    counts = {split: [0] * taxonomy.num_classes for split in SPLITS}
+    for s in samples:
+        for c in s.labels:
+            counts[s.split][c] += 1
+    for v, vertical in enumerate(taxonomy.verticals):
+        start, end = taxonomy.vertical_ranges[v]
+        if not any(counts["train"][start:end]):
+            report.problems.append(
+                f"vertical '{vertical.id}': no training image has a label in it, so its specialist cannot train; "
+                "add images or remove the vertical from the taxonomy"
+            )
+    for split, kind in (("train", "never learned"), ("test", "never scored")):
+        empty = [taxonomy.classes[c].id for c in range(taxonomy.num_classes) if counts[split][c] == 0]
+        if empty and samples and any(s.split == split for s in samples):
+            shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+            report.warnings.append(f"{len(empty)} class(es) without a {split} image ({kind}): {shown}")
+    report.stats["images_per_split"] = {split: sum(1 for s in samples if s.split == split) for split in SPLITS}
+
+
+def check_data(cfg: RunConfig, progress: bool = False) -> DataReport:
+    report = DataReport()
+    d = cfg.data
+    try:
+        if d.image_folder is not None:
+            taxonomy, samples = load_image_folder(d.image_folder)
+            image_root = d.image_folder
+        else:
+            assert d.manifest is not None and d.taxonomy is not None and d.image_root is not None
+            taxonomy = Taxonomy.load(d.taxonomy)
+            image_root = d.image_root
+            samples = load_manifest(d.manifest, image_root, taxonomy, d.expand_ancestors)
+    except KCError as exc:
+        report.problems.append(str(exc))
+        return report
+    report.stats.update({"classes": taxonomy.num_classes, "verticals": taxonomy.num_verticals, "images": len(samples)})
+    samples = assign_splits(samples, d.split.val, d.split.test, cfg.seed)
+    kept, bad = check_images(samples, image_root, "skip", progress=progress)
+    for entry in bad:
+        message = f"{entry['where']}: {image_root / entry['path']}: {entry['why']}"
+        (report.warnings if d.bad_images == "skip" else report.problems).append(message)
+    report.stats["unreadable_images"] = len(bad)
+    _coverage(report, taxonomy, kept)
+    return report
+
+
+def report_text(report: DataReport) -> str:
+    s = report.stats
+    lines = []
+    if "images" in s:
+        splits = ", ".join(f"{k} {v:,}" for k, v in s.get("images_per_split", {}).items())
+        lines.append(
+            f"{s['images']:,} images ({splits}), {s['classes']:,} classes in {s['verticals']:,} verticals, "
+            f"{s.get('unreadable_images', 0)} unreadable"
+        )
+    for title, items in (("problems", report.problems), ("warnings", report.warnings)):
+        if items:
+            lines.append(f"{len(items)} {title}:")
+            lines += ["  - " + item.replace("\n", "\n    ") for item in items]
+    lines.append("data OK" if report.ok else "fix the problems above before training")
+    return "\n".join(lines)
