@@ -18,7 +18,7 @@ from kc.io import atomic_write_json, atomic_write_text
 from kc.run import Run, prepare_run
 from kc.train.common import CONTROL, STUDENT
 from kc.train.generalist import train_control
-from kc.train.student import train_student
+from kc.train.student import cache_targets, train_student
 
 VARIANTS: list[tuple[str, str, str]] = [  # name, head structure, self-paced variant
     ("distillation", "fc-fc", "none"),
@@ -53,6 +53,8 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True) -> dict[str, Any]:
         slug = f"{structure}_{self_paced}"
         for seed in seeds:
             sub = _variant_run(run, slug, seed, structure, self_paced)
+            if sub.cfg.student.teachers == "cache":  # built once, in the run's own RUN/cache when it has one
+                cache_targets(sub, progress=False)
             train_student(sub, progress=False, verbose=False)
             student = evaluate_stage(sub, STUDENT, "test", progress=False)
             if (structure, seed) not in controls:  # the control depends on the head and the seed only
