@@ -121,6 +121,37 @@ def generate_benchmark_cmd(
     typer.echo(f"wrote {manifest} and {out / 'taxonomy.json'}")
 
 
+@app.command("import-openimages")
+@user_errors
+def import_openimages_cmd(
+    labels: Annotated[list[str], typer.Option(help="image-level labels CSV, optionally PATH:SPLIT (repeatable)")],
+    descriptions: Annotated[Path, typer.Option(help="class descriptions CSV (LabelName,DisplayName)")],
+    hierarchy: Annotated[Path, typer.Option(help="label hierarchy JSON")],
+    images: Annotated[Path, typer.Option(help="folder holding <ImageID><ext>")],
+    out: Annotated[Path, typer.Option(help="where taxonomy.json and manifest.jsonl go")],
+    vertical_depth: Annotated[int, typer.Option(min=1, help="verticals = hierarchy nodes at this depth")] = 1,
+    vertical: Annotated[list[str] | None, typer.Option(help="or these nodes as verticals (repeatable)")] = None,
+    image_ext: Annotated[str, typer.Option(help="image file suffix")] = ".jpg",
+) -> None:
+    """Open Images format (labels, descriptions, hierarchy) -> kc's taxonomy.json + manifest.jsonl."""
+    from kc.data.openimages import import_openimages
+
+    files = []
+    for item in labels:
+        path, sep, split = item.rpartition(":")
+        if not sep or split not in ("train", "val", "test"):
+            path, split = item, ""
+        files.append((Path(path), split or None))
+    r = import_openimages(files, descriptions, hierarchy, images, out, vertical_depth, vertical, image_ext)
+    dropped = sum(r.dropped_labels.values())
+    typer.echo(
+        f"{r.images:,} images, {r.positives:,} present and {r.negatives:,} verified-absent labels -> {out}; "
+        f"dropped {dropped:,} annotations of {len(r.dropped_labels):,} labels outside the verticals, "
+        f"{r.missing_images:,} images not found in {images}"
+    )
+    typer.echo(f"use it with data: {{manifest: {out / 'manifest.jsonl'}, taxonomy: {out / 'taxonomy.json'}}}")
+
+
 @app.command("check-data")
 @user_errors
 def check_data_cmd(

@@ -61,7 +61,13 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _write_split(path: Path, samples: list[Sample]) -> None:
-    lines = [json.dumps({"path": s.path, "labels": list(s.labels), "where": s.where}) for s in samples]
+    lines = [
+        json.dumps(
+            {"path": s.path, "labels": list(s.labels), "where": s.where}
+            | ({"negatives": list(s.negatives)} if s.negatives else {})
+        )
+        for s in samples
+    ]
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
@@ -69,7 +75,7 @@ def _read_split(path: Path, split: str) -> list[Sample]:
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         obj = json.loads(line)
-        out.append(Sample(obj["path"], tuple(obj["labels"]), split, obj["where"]))
+        out.append(Sample(obj["path"], tuple(obj["labels"]), split, obj["where"], tuple(obj.get("negatives", ()))))
     return out
 
 

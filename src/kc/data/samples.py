@@ -1,9 +1,11 @@
 """Reading labelled images from a manifest (CSV or JSONL) or an ImageFolder tree into `Sample`s.
 
-Manifest CSV: a header with ``path`` and ``labels`` (and optionally ``split``); several labels are separated by
-``;``. JSONL: one object per line with the same keys, ``labels`` a list. Paths are relative to the image root.
-Every problem (unknown class, missing file, duplicate path, bad split) is reported with its file and line,
-all at once.
+Manifest CSV: a header with ``path`` and ``labels`` (and optionally ``split`` and ``negatives``); several labels
+are separated by ``;``. JSONL: one object per line with the same keys, ``labels`` and ``negatives`` lists.
+``negatives`` are classes verified absent from the image (Open Images' confidence-0 labels); with
+``expand_ancestors`` they extend to every subclass, as positives extend to every ancestor. Paths are relative to
+the image root. Every problem (unknown class, missing file, duplicate path, bad split) is reported with its file
+and line, all at once.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class Sample:
     labels: tuple[int, ...]  # class indices (taxonomy order), sorted, unique
     split: str | None  # train / val / test, or None until a seeded split assigns one
     where: str  # "file:line" for messages
+    negatives: tuple[int, ...] = ()  # classes verified absent (Open Images' confidence-0 labels), sorted
 
     def with_split(self, split: str) -> Sample:
-        return Sample(self.path, self.labels, split, self.where)
+        return Sample(self.path, self.labels, split, self.where, self.negatives)
 
 
 def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ancestors: bool = False) -> list[Sample]:
@@ -39,9 +42,9 @@ def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ances
     problems: list[str] = []
     samples: list[Sample] = []
     seen: dict[str, str] = {}
-    for where, rel, labels, split in rows:
-        if isinstance(labels, str):
-            labels = [x.strip() for x in labels.split(LABEL_SEPARATOR) if x.strip()]
+    descendants = _descendants(taxonomy) if expand_ancestors else {}
+    for where, rel, labels, split, negative_labels in rows:
+        labels, negative_labels = _label_list(labels), _label_list(negative_labels)
         ok = True
         if not rel:
             problems.append(f"{where}: empty image path")
@@ -60,6 +63,20 @@ def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ances
                 indices.append(idx)
                 if expand_ancestors:
                     indices.extend(taxonomy.ancestors(idx))
+        negatives = []
+        for label in negative_labels:
+            idx = taxonomy.class_index.get(label)
+            if idx is None:
+                problems.append(f"{where}: unknown class id '{label}' in negatives (not in {taxonomy.source})")
+                ok = False
+            else:
+                negatives.append(idx)
+                negatives.extend(descendants.get(idx, ()))  # absent, so none of its subclasses is present
+        both = set(indices) & set(negatives)
+        if both:
+            names = ", ".join(taxonomy.classes[i].id for i in sorted(both))
+            problems.append(f"{where}: class(es) {names} both present and verified absent; keep one")
+            ok = False
         if split is not None and split not in SPLITS:
             problems.append(f"{where}: split '{split}' is not one of {', '.join(SPLITS)}")
             ok = False
@@ -67,7 +84,7 @@ def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ances
             problems.append(f"{where}: image file not found: {image_root / rel}")
             ok = False
         if ok:
-            samples.append(Sample(rel, tuple(sorted(set(indices))), split, where))
+            samples.append(Sample(rel, tuple(sorted(set(indices))), split, where, tuple(sorted(set(negatives)))))
     if problems:
         raise DataError(format_problems(f"{path}: {len(problems)} problem(s) in the manifest:", problems))
     if not samples:
@@ -79,7 +96,27 @@ def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ances
     return samples
 
 
-def _read_csv(path: Path) -> list[tuple[str, str, list[str] | str, str | None]]:
+def _label_list(labels: list[str] | str | None) -> list[str]:
+    if labels is None:
+        return []
+    if isinstance(labels, str):
+        return [x.strip() for x in labels.split(LABEL_SEPARATOR) if x.strip()]
+    return labels
+
+
+def _descendants(taxonomy: Taxonomy) -> dict[int, list[int]]:
+    """Class index -> indices of every class below it in the hierarchy."""
+    out: dict[int, list[int]] = {}
+    for c in range(taxonomy.num_classes):
+        for a in taxonomy.ancestors(c):
+            out.setdefault(a, []).append(c)
+    return out
+
+
+Row = tuple[str, str, list[str] | str, str | None, list[str] | str | None]
+
+
+def _read_csv(path: Path) -> list[Row]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
@@ -94,11 +131,11 @@ def _read_csv(path: Path) -> list[tuple[str, str, list[str] | str, str | None]]:
             if None in row:
                 raise DataError(f"{where}: more fields than the header has; quote paths that contain commas")
             split = (row.get("split") or "").strip() or None
-            rows.append((where, (row["path"] or "").strip(), row["labels"] or "", split))
+            rows.append((where, (row["path"] or "").strip(), row["labels"] or "", split, row.get("negatives")))
     return rows
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, str, list[str] | str, str | None]]:
+def _read_jsonl(path: Path) -> list[Row]:
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -116,7 +153,12 @@ def _read_jsonl(path: Path) -> list[tuple[str, str, list[str] | str, str | None]
                 isinstance(labels, list) and not all(isinstance(x, str) for x in labels)
             ):
                 raise DataError(f"{where}: 'labels' must be a list of class ids")
-            rows.append((where, str(obj["path"]).strip(), labels, obj.get("split")))
+            negatives = obj.get("negatives")
+            if negatives is not None and not (
+                isinstance(negatives, list) and all(isinstance(x, str) for x in negatives)
+            ):
+                raise DataError(f"{where}: 'negatives' must be a list of class ids")
+            rows.append((where, str(obj["path"]).strip(), labels, obj.get("split"), negatives))
     return rows
 
 

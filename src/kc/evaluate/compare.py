@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kc.evaluate.metrics import classification_metrics
+from kc.evaluate.metrics import classification_metrics, verified_targets
 from kc.evaluate.predict import predict
 from kc.models.classifier import count_parameters
 from kc.models.self_paced import SelfPacedScales
@@ -123,6 +123,7 @@ def gap_closed(student: float, generalist: float, specialists: float) -> float |
 
 def compare(run: Run, split: str = "test", progress: bool = False) -> dict[str, Any]:
     rows, targets = score_models(run, split, progress)
+    targets = verified_targets(targets, run.splits[split])
     n = targets.shape[0]
     models = []
     for row in rows:

@@ -8,16 +8,34 @@ mean. Classes are processed in chunks so that memory stays bounded by (images x 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
 from kc.taxonomy import Taxonomy
 
 
+def verified_targets(targets: np.ndarray, samples: list[Any]) -> np.ndarray:
+    """Open Images' evaluation rule. When any image of the split carries verified negatives, a class is scored only
+    on the images labelled present (positive) or verified absent (negative) for it; every other entry becomes -1,
+    which the AP functions leave out. A split without verified negatives is returned unchanged: every unlabelled
+    class of an image is a negative."""
+    if not any(s.negatives for s in samples):
+        return targets
+    out = np.full_like(targets, -1.0)
+    for i, s in enumerate(samples):
+        out[i, list(s.negatives)] = 0.0
+        out[i, list(s.labels)] = 1.0
+    return out
+
+
 def average_precision(scores: np.ndarray, targets: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Per-class AP for (N, C) scores and (N, C) binary targets; NaN where a class has no positive."""
+    """Per-class AP for (N, C) scores and (N, C) targets (1 positive, 0 negative, -1 not scored: ranked below
+    everything, so it changes no precision); NaN where a class has no positive."""
     scores = np.asarray(scores)
     targets = np.asarray(targets)
+    if (targets < 0).any():
+        scores = np.where(targets < 0, -np.inf, scores)
     if scores.shape != targets.shape or scores.ndim != 2:
         raise ValueError(f"scores {scores.shape} and targets {targets.shape} must both be (N, C)")
     out = np.full(scores.shape[1], np.nan)
@@ -79,7 +97,7 @@ def streaming_average_precision(
         scores = np.asarray(scores, dtype=np.float64)
         if scores.size and (scores.min() < 0 or scores.max() > 1):
             raise ValueError("streaming AP needs scores in [0, 1] (probabilities)")
-        candidate = (np.asarray(targets) <= 0) & (scores >= lowest)
+        candidate = (np.asarray(targets) == 0) & (scores >= lowest)  # -1: not scored
         rows, cols = np.nonzero(candidate)
         idx = np.searchsorted(keys, 2.0 * cols + scores[rows, cols], side="right")  # thresholds <= score, + offset
         np.add.at(marks, idx - 1, 1)  # idx - 1 >= offsets[c] because the score is >= the class's lowest positive

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from kc.errors import DataError, KCError
-from kc.evaluate.metrics import classification_metrics, metrics_from_ap, streaming_average_precision
+from kc.evaluate.metrics import (
+    classification_metrics,
+    metrics_from_ap,
+    streaming_average_precision,
+    verified_targets,
+)
 from kc.evaluate.predict import predict, predict_batches
 from kc.io import atomic_write_json
 from kc.models.classifier import count_parameters
@@ -44,8 +49,10 @@ def evaluate_stage(
     if len(samples) * C * 4 > max_score_bytes:
 
         def batches():
+            start = 0
             for scores, targets, _ in predict_batches(model, samples, run.image_root, run.cfg.data, C, **options):
-                yield scores, targets
+                yield scores, verified_targets(targets, samples[start : start + len(targets)])
+                start += len(targets)
 
         metrics = metrics_from_ap(streaming_average_precision(batches, C), run.taxonomy, len(samples))
         metrics["streaming"] = True
@@ -53,7 +60,7 @@ def evaluate_stage(
         scores, targets, images_per_s = predict(
             model, samples, run.image_root, run.cfg.data, C, desc=f"evaluating {stage} on {split}", **options
         )
-        metrics = classification_metrics(scores, targets, run.taxonomy)
+        metrics = classification_metrics(scores, verified_targets(targets, samples), run.taxonomy)
     metrics.update(
         {
             "stage": stage,

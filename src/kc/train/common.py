@@ -15,7 +15,7 @@ from torch import nn
 
 from kc.data.dataset import dense_targets
 from kc.errors import CheckpointError, DataError
-from kc.evaluate.metrics import average_precision, classification_metrics
+from kc.evaluate.metrics import average_precision, classification_metrics, verified_targets
 from kc.evaluate.predict import predict
 from kc.models.classifier import Classifier, build_classifier, restrict_outputs
 from kc.models.self_paced import SelfPacedScales
@@ -71,6 +71,7 @@ def validation_fn(
             device=device,
             activation=activation,
         )
+        targets = verified_targets(targets, run.splits["val"])
         if classes is not None:
             start, end = classes
             ap = average_precision(scores[:, : end - start], targets[:, start:end])
