@@ -101,6 +101,13 @@ class CheckpointDir:
     def exists(self) -> bool:
         return self.last.is_file()
 
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files of writes that a killed process never finished (atomic writes leave the real files
+        intact; these are litter). Only this stage writes here, and it is not writing now."""
+        if self.root.is_dir():
+            for tmp in self.root.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+
     def read_state(self) -> dict[str, Any]:
         try:
             return read_json(self.last)

@@ -218,6 +218,7 @@ class Trainer:
             "complete": False,
         }
         resumed_from = 0
+        self.ckpt.remove_stale_temporaries()
         if self.ckpt.exists():
             saved = self.ckpt.read_state()
             if saved.get("fingerprint") != self.fingerprint:
