@@ -174,6 +174,19 @@ def test_decoding_unusual_modes(tmp_path):
     exif[0x0112] = 6
     img.save(tmp_path / "rot.jpg", exif=exif)
     assert decode_rgb(tmp_path / "rot.jpg").size == (2, 4)
+    # 16-bit grey: scaled to 8 bits (Pillow's own conversion would turn 40000 of 65535 into white)
+    Image.fromarray(np.full((4, 4), 40000, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    assert decode_rgb(tmp_path / "grey16.png").getpixel((0, 0)) == (156, 156, 156)
+
+
+def test_decompression_bombs_and_oversized_images_are_refused_before_decoding(tmp_path, monkeypatch):
+    from kc.data.images import ImageTooLarge, image_problem
+
+    Image.new("RGB", (300, 300)).save(tmp_path / "big.png")
+    with pytest.raises(ImageTooLarge, match="300x300 pixels exceeds the limit of 50,000"):
+        decode_rgb(tmp_path / "big.png", max_pixels=50_000)  # the server's limit, read from the header
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # Pillow's bomb limit, lowered to test it
+    assert "too large to decode safely" in image_problem(tmp_path / "big.png")
 
 
 def test_check_data_reports_every_problem_at_once(tmp_path, tiny_benchmark):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
@@ -26,6 +27,12 @@ def decode_rgb(source: Path | BinaryIO, max_pixels: int | None = None) -> Image.
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageTooLarge(f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels:,}")
             img = ImageOps.exif_transpose(img)
+            if img.mode.startswith("I"):  # 16-bit grey (I;16*, or I as Pillow opens some PNGs): Pillow's
+                # own conversion clips everything above 255 to white; scale the 16-bit range to 8 bits instead
+                values = np.asarray(img, dtype=np.uint32)
+                return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+            if img.mode == "F":
+                return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L").convert("RGB")
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 # Composite transparency onto white rather than letting it turn black.
                 img = img.convert("RGBA")
