@@ -284,7 +284,7 @@ def report_cmd(
     set_: SetOption = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Score every trained model of the run side by side; write RUN/report.md and RUN/metrics.json."""
+    """Score every trained model side by side; write RUN/report.md, report.html (with plots) and metrics.json."""
     from kc.evaluate.compare import compare
     from kc.evaluate.report import comparison_table
     from kc.io import read_json
