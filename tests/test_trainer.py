@@ -162,3 +162,34 @@ def test_lr_multiplier_gives_named_parameters_their_own_learning_rate(tmp_path):
     assert [p.shape for p in by_scale[100.0]["params"]] == [torch.Size([2])]  # only the scales
     assert sum(len(g["params"]) for g in optimizer.param_groups) == 3
     assert all(g["weight_decay"] == 0.0 for g in optimizer.param_groups if g["lr_scale"] == 100.0)
+
+
+def test_sampled_negatives_loss_estimates_the_full_loss_and_touches_only_drawn_classes():
+    from kc.models.classifier import Classifier
+    from kc.models.heads import DenseHead
+    from kc.train.common import ground_truth_loss
+
+    torch.manual_seed(0)
+    C = 40
+    model = Classifier(nn.Flatten(), DenseHead(12, [8], C))
+    labels = torch.tensor([[1, 5], [2, -1], [1, -1], [7, 9], [5, -1], [3, -1]])  # 6 positive classes, -1 = padding
+    batch = {"images": torch.randn(6, 3, 2, 2), "labels": labels}
+    full = ground_truth_loss("bce", C)(model, batch)
+    # drawing every other class is the full loss
+    torch.testing.assert_close(ground_truth_loss("bce", C, sampled_negatives=C)(model, batch), full)
+    # drawing 5 of the 33 others: unbiased on average
+    sampled = ground_truth_loss("bce", C, sampled_negatives=5)
+    mean = torch.stack([sampled(model, batch).detach() for _ in range(3000)]).mean()
+    assert abs(mean.item() - full.item()) < 0.02 * full.item()
+    # gradients reach the positive and drawn classes' output rows only
+    model.zero_grad()
+    sampled(model, batch).backward()
+    touched = (model.head.out.weight.grad.abs().sum(dim=1) > 0).nonzero().flatten().tolist()
+    assert len(touched) == 6 + 5 and {1, 2, 3, 5, 7, 9} <= set(touched)
+
+
+def test_sampled_negatives_need_the_bce_loss():
+    from kc.config import GeneralistConfig
+
+    with pytest.raises(ValueError, match="bce only"):
+        GeneralistConfig(loss="softmax", sampled_negatives=10)

@@ -205,23 +205,26 @@ def training(run: Run, rounds: int) -> dict[str, Any]:
     }
 
 
-def step_memory(config: Path, classes: int, batch: int) -> dict[str, float]:
-    """Peak RSS of one AdamW training step of the run's student architecture with `classes` outputs, measured in a
-    fresh process (RSS after building the model and data, then the high-water mark after two steps)."""
+def step_memory(config: Path, classes: int, batch: int, sampled_negatives: int | None = None) -> dict[str, float]:
+    """Peak RSS of one AdamW ground-truth training step of the run's generalist architecture with `classes`
+    outputs (over every class, or sampled negatives), measured in a fresh process (RSS after building the model and
+    data, then the high-water mark after two steps)."""
     code = f"""
 import json, resource, torch
 from kc.config import load_config
 from kc.models.classifier import build_classifier
+from kc.train.common import ground_truth_loss
 cfg = load_config({str(config)!r})
 torch.manual_seed(0)
 model = build_classifier(cfg.model, {classes})
 optimizer = torch.optim.AdamW(model.parameters())
-x = torch.randn({batch}, 3, cfg.data.image_size, cfg.data.image_size)
-y = (torch.rand({batch}, {classes}) < 1e-4).float()
+loss_fn = ground_truth_loss("bce", {classes}, {sampled_negatives!r})
+batch = {{"images": torch.randn({batch}, 3, cfg.data.image_size, cfg.data.image_size),
+          "labels": torch.randint(0, {classes}, ({batch}, 1))}}
 statm = open("/proc/self/statm").read().split()
 before = int(statm[1]) * resource.getpagesize() / 2**20
 for _ in range(2):
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="sum") / {batch}
+    loss = loss_fn(model, batch)
     optimizer.zero_grad(); loss.backward(); optimizer.step()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 params = sum(p.numel() for p in model.parameters())

@@ -115,6 +115,24 @@ class TrainConfig(_Strict):
         return run_seed if self.seed is None else self.seed
 
 
+class GeneralistConfig(TrainConfig):
+    """The generalist: every class, ground truth only (its loss is also the control's)."""
+
+    sampled_negatives: int | None = Field(
+        None,
+        ge=1,
+        description="bce only: per batch, the loss covers the batch's positive classes plus this many others drawn "
+        "at random (scaled to estimate the full loss), and only their logits are computed: bounds a 100K-class "
+        "step's memory (partial FC); unset = every class",
+    )
+
+    @model_validator(mode="after")
+    def _sampling_needs_bce(self) -> GeneralistConfig:
+        if self.sampled_negatives is not None and self.loss != "bce":
+            raise ValueError("sampled_negatives applies to loss: bce only")
+        return self
+
+
 class SpecialistConfig(TrainConfig):
     """One specialist per vertical, initialised from the generalist, trained on that vertical's images."""
 
@@ -198,7 +216,7 @@ class RunConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataConfig
     model: ModelConfig = ModelConfig()
-    generalist: TrainConfig = TrainConfig()
+    generalist: GeneralistConfig = GeneralistConfig()
     specialists: SpecialistConfig = SpecialistConfig()
     student: StudentConfig = StudentConfig()
     control: bool = Field(

@@ -18,6 +18,7 @@ from kc.errors import CheckpointError, DataError
 from kc.evaluate.metrics import average_precision, classification_metrics, verified_targets
 from kc.evaluate.predict import predict
 from kc.models.classifier import Classifier, build_classifier, restrict_outputs
+from kc.models.heads import DenseHead
 from kc.models.self_paced import SelfPacedScales
 from kc.models.structured import StructuredHead
 from kc.run import Run
@@ -28,8 +29,46 @@ FULL_MODEL_STAGES = (GENERALIST, STUDENT, CONTROL)  # the stages whose model cov
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
-def ground_truth_loss(kind: str, num_classes: int) -> LossFn:
-    """bce: sigmoid cross-entropy summed over classes, averaged over images. softmax: cross-entropy."""
+def class_logits(model: nn.Module, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Logits of `classes` only: with a dense head, only those rows of the output layer are computed; other heads
+    compute every class and keep those (correct, without the memory saving)."""
+    if isinstance(model.head, DenseHead) and isinstance(model.output_scales, nn.Identity):
+        hidden = model.head.hidden(model.backbone(images))
+        return F.linear(hidden, model.head.out.weight[classes], model.head.out.bias[classes])
+    return model(images)[:, classes]
+
+
+def sampled_bce(num_classes: int, negatives: int) -> LossFn:
+    """Sigmoid cross-entropy over the batch's positive classes plus `negatives` other classes drawn uniformly
+    (torch's RNG: resumed runs draw the same), the drawn terms scaled by (all other classes / drawn) so that the loss
+    estimates the full one without bias. Memory grows with the classes kept, not the vocabulary (partial FC)."""
+
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        labels = batch["labels"]
+        device = labels.device
+        positive = torch.zeros(num_classes, dtype=torch.bool, device=device)
+        positive[labels[labels >= 0]] = True
+        others = (~positive).nonzero().flatten()
+        drawn = others[torch.randperm(len(others))[:negatives].to(device)]
+        classes = torch.cat([positive.nonzero().flatten(), drawn])
+        column = torch.full((num_classes + 1,), -1, dtype=torch.long, device=device)
+        column[classes] = torch.arange(len(classes), device=device)
+        targets = torch.zeros(labels.shape[0], len(classes) + 1, device=device)
+        targets.scatter_(1, column[labels.clamp(min=-1)] % (len(classes) + 1), 1.0)  # padding lands in the extra
+        weights = torch.ones(len(classes), device=device)
+        weights[len(classes) - len(drawn) :] = len(others) / max(1, len(drawn))
+        logits = class_logits(model, batch["images"], classes).float()
+        terms = F.binary_cross_entropy_with_logits(logits, targets[:, : len(classes)], reduction="none")
+        return (terms * weights).sum() / logits.shape[0]
+
+    return loss
+
+
+def ground_truth_loss(kind: str, num_classes: int, sampled_negatives: int | None = None) -> LossFn:
+    """bce: sigmoid cross-entropy summed over classes, averaged over images (over sampled classes when
+    `sampled_negatives` is set). softmax: cross-entropy."""
+    if kind == "bce" and sampled_negatives is not None:
+        return sampled_bce(num_classes, sampled_negatives)
 
     def bce(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(batch["images"]).float()

@@ -37,7 +37,7 @@ def _train_on_ground_truth(
     if stage == GENERALIST:
         model = new_generalist_model(run)
     else:  # the control: the trained generalist, in the student's head structure
-        fingerprint += start_digests(run) + str(cfg.student.head.model_dump())
+        fingerprint += start_digests(run) + str(cfg.student.head.model_dump()) + str(cfg.generalist.sampled_negatives)
         model = start_from_generalist(run, stage)
     seed = tcfg.stage_seed(cfg.seed)
     train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed)
@@ -47,7 +47,7 @@ def _train_on_ground_truth(
         tcfg,
         run.stage_dir(stage),
         train_set,
-        ground_truth_loss(tcfg.loss, run.taxonomy.num_classes),
+        ground_truth_loss(tcfg.loss, run.taxonomy.num_classes, run.cfg.generalist.sampled_negatives),
         validation_fn(run, device, tcfg.eval_batch_size, activation),
         seed=seed,
         device=device,
