@@ -1,6 +1,7 @@
 """Generalist with every class in its loss vs with sampled negatives: test mAP, epoch time, step memory.
 
-    python benchmarks/sampled_negatives.py [--preset large] [--epochs 10] [--negatives 128] [--work DIR]
+    python benchmarks/sampled_negatives.py [--preset large] [--epochs 10] [--negatives 128] [--batch-size 128]
+                                           [--work DIR]
 
 Generates the built-in benchmark preset (default `large`: 1,000 classes in 20 verticals, so that a batch of 128
 covers few classes), trains the demo's generalist on it twice, with the full sigmoid cross-entropy and with
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--preset", default="large")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--negatives", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--work", type=Path, default=Path("runs/sampled_negatives"))
     args = parser.parse_args()
     bench = args.work / "benchmark"
@@ -41,7 +43,7 @@ def main() -> None:
             {
                 "run_dir": str(args.work / ("full" if sampled is None else "sampled")),
                 "data": {"manifest": str(bench / "manifest.csv"), "taxonomy": str(bench / "taxonomy.json")},
-                "generalist": {"epochs": args.epochs, "sampled_negatives": sampled},
+                "generalist": {"epochs": args.epochs, "batch_size": args.batch_size, "sampled_negatives": sampled},
             },
         )
         run = prepare_run(config_from_dict(data), progress=False)
@@ -56,7 +58,7 @@ def main() -> None:
         print(name, rows[name], flush=True)
     config = args.work / "full" / "config.yaml"
     memory = {name: step_memory(config, 100_000, 128, n) for name, n in (("every class", None), ("sampled", 1024))}
-    print(f"\n{args.preset} preset, generalist {args.epochs} epochs, test split\n")
+    print(f"\n{args.preset} preset, generalist {args.epochs} epochs, batch {args.batch_size}, test split\n")
     print("| generalist loss | test mAP | epoch seconds (median) |")
     print("|---|---:|---:|")
     for name, r in rows.items():
