@@ -47,3 +47,40 @@ def test_specialist_loss_targets_its_classes_and_other():
 def test_gap_closed():
     assert gap_closed(30.0, 20.0, 40.0) == 0.5
     assert gap_closed(30.0, 20.0, 20.0) is None
+
+
+def test_specialists_in_parallel_jobs_equal_specialists_in_turn(tmp_path, tiny_benchmark):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from conftest import tiny_config
+    from kc.config import config_from_dict
+    from kc.run import prepare_run
+    from kc.train.common import specialist_dir
+    from kc.train.generalist import train_generalist
+
+    data = tiny_config(tiny_benchmark, tmp_path / "turn")
+    data["specialists"] = {"epochs": 1, "batch_size": 16, "eval_batch_size": 64}
+    run = prepare_run(config_from_dict(data), progress=False)
+    train_generalist(run, progress=False, verbose=False)
+    parallel = tmp_path / "parallel"
+    parallel.mkdir()
+    for name in ("config.yaml", "taxonomy.json", "data", "generalist"):
+        (shutil.copytree if (run.dir / name).is_dir() else shutil.copy)(run.dir / name, parallel / name)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as each of the parallel jobs gets on 2 cores
+    kc = [sys.executable, "-m", "kc.cli", "specialists"]
+    subprocess.run([*kc, str(run.dir), "--no-progress"], env=env, check=True, capture_output=True)
+    done = subprocess.run([*kc, str(parallel), "--jobs", "3", "--no-progress"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    moved = prepare_run(config_from_dict({**data, "run_dir": str(parallel)}), progress=False)
+    for v in range(run.taxonomy.num_verticals):
+        a = load_file(str(specialist_dir(run, v) / "checkpoints" / "best.safetensors"))
+        b = load_file(str(specialist_dir(moved, v) / "checkpoints" / "best.safetensors"))
+        assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), v
+    bad = subprocess.run([*kc, str(parallel), "--shard", "3/2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "I must lie in [0, N)" in bad.stderr

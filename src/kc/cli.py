@@ -211,14 +211,21 @@ def evaluate_cmd(
 def specialists_cmd(
     config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
     only: Annotated[str | None, typer.Option(help="train only this vertical's specialist")] = None,
+    shard: Annotated[
+        str | None, typer.Option(help="I/N: train the specialists of verticals v with v % N == I (split the work)")
+    ] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="train in N local processes at once (one shard each)")] = 1,
     set_: SetOption = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Train one specialist per vertical from the generalist. Skips finished ones, resumes an interrupted one."""
-    from kc.train.specialists import train_specialists
+    from kc.train.specialists import run_specialist_jobs, train_specialists
 
     run = _open_run(config, set_, bars(no_progress))
-    for vertical, result in train_specialists(run, only, progress=bars(no_progress)).items():
+    if jobs > 1:
+        run_specialist_jobs(run, jobs, set_ or [])
+        return
+    for vertical, result in train_specialists(run, only, shard, progress=bars(no_progress)).items():
         typer.echo(f"specialist {vertical}: best epoch {result.best_epoch}, val mAP {result.best_metric}")
 
 
