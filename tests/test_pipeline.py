@@ -167,3 +167,23 @@ def test_bench_prints_every_ratio(tmp_path, tiny_benchmark):
         assert measure in table
     assert result["inference"]["student_vs_generalist"] > 0 and result["training"]["cache_vs_generalist"] > 0
     assert not (run.dir / "cache").exists() and (run.dir / "bench" / "cache" / "index.json").is_file()
+
+
+def test_cache_built_by_two_jobs_equals_the_one_process_cache_byte_for_byte(tmp_path, tiny_benchmark):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    run = trained_teachers(tmp_path / "run", tiny_benchmark)
+    kc = [sys.executable, "-m", "kc.cli", "cache-targets", str(run.dir), "--no-progress"]
+    cache = run.dir / "cache"
+    two = subprocess.run([*kc, "--jobs", "2"], capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    assert "3 teachers" in two.stdout
+    by_two = {p.name: p.read_bytes() for p in cache.glob("teacher_*")}
+    shutil.rmtree(cache)
+    one = subprocess.run(kc, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr
+    by_one = {p.name: p.read_bytes() for p in cache.glob("teacher_*")}
+    assert len(by_one) == 3 * 4 and by_two == by_one  # rows, logits, classes and metadata of 3 teachers

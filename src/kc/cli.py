@@ -219,11 +219,12 @@ def specialists_cmd(
     no_progress: NoProgress = False,
 ) -> None:
     """Train one specialist per vertical from the generalist. Skips finished ones, resumes an interrupted one."""
-    from kc.train.specialists import run_specialist_jobs, train_specialists
+    from kc.train.jobs import run_shard_jobs
+    from kc.train.specialists import train_specialists
 
     run = _open_run(config, set_, bars(no_progress))
     if jobs > 1:
-        run_specialist_jobs(run, jobs, set_ or [])
+        run_shard_jobs(run, "specialists", jobs, [arg for o in set_ or [] for arg in ("--set", o)])
         return
     for vertical, result in train_specialists(run, only, shard, progress=bars(no_progress)).items():
         typer.echo(f"specialist {vertical}: best epoch {result.best_epoch}, val mAP {result.best_metric}")
@@ -251,15 +252,24 @@ def cache_targets_cmd(
     top_k: Annotated[
         int | None, typer.Option(min=1, help="logits kept per image and teacher (default: student.top_k)")
     ] = None,
+    shard: Annotated[str | None, typer.Option(help="I/N: only the teachers of verticals v with v % N == I")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="build in N local processes at once (one shard each)")] = 1,
     set_: SetOption = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Run each specialist once over its vertical's training images and store its top-K logits (RUN/cache)."""
-    from kc.distill.cache import cache_bytes, cache_dir
+    from kc.distill.cache import cache_bytes, cache_dir, write_index
+    from kc.train.jobs import run_shard_jobs, shard_verticals
     from kc.train.student import cache_targets
 
     run = _open_run(config, set_, bars(no_progress))
-    index = cache_targets(run, top_k, progress=bars(no_progress))
+    if jobs > 1:
+        extra = [arg for o in set_ or [] for arg in ("--set", o)] + (["--top-k", str(top_k)] if top_k else [])
+        run_shard_jobs(run, "cache-targets", jobs, extra)
+        index = write_index(run)
+    else:
+        verticals = shard_verticals(run, shard) if shard else None
+        index = cache_targets(run, top_k, progress=bars(no_progress), verticals=verticals)
     pairs = sum(s["images"] for s in index["shards"].values())
     size = cache_bytes(run)
     typer.echo(

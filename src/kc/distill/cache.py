@@ -2,16 +2,18 @@
 
 Layout (one shard per teacher, so building resumes teacher by teacher)::
 
-    RUN/cache/index.json               what the cache was built from (fingerprint), K, and the finished shards
+    RUN/cache/teacher_NNN.json         what shard v was built from (K, teacher weights, classes, training images,
+                                       preprocessing) and its sizes; written after its arrays: the shard is done
+    RUN/cache/index.json               a summary of the finished shards
     RUN/cache/teacher_NNN.rows.npy     (n_v,) int64: index into the run's training split of each image of shard v
     RUN/cache/teacher_NNN.logits.npy   (n_v, K) float32: the teacher's K largest logits, largest first
     RUN/cache/teacher_NNN.classes.npy  (n_v, K) int32: their class indices within the vertical
     RUN/cache/teacher_NNN.other.npy    (n_v,) float32: the 'other' logit, for teachers that have that output
 
 Arrays are plain .npy files read memory-mapped: large and contiguous, never one file per image. Each file is
-written under a temporary name and renamed; a shard enters index.json only when its files are complete. The
-fingerprint covers the taxonomy, every specialist's weights, the training split and the preprocessing: a cache
-built from anything else is refused by training (`kc cache-targets` rebuilds what is stale).
+written under a temporary name and renamed. Shards share no file, so processes (`kc cache-targets --jobs N` or
+`--shard I/N` on several machines) build them side by side. A cache built from other classes, training images,
+preprocessing or teacher weights is refused by training (`kc cache-targets` rebuilds what is stale).
 
 Targets are rebuilt exactly as the online teachers build them (sigmoid(logit / T) on the top K kept, 0 elsewhere),
 but from the un-augmented image, while the student sees augmented views (the cost is measured in
@@ -57,13 +59,13 @@ def _split_digest(run: Run) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def cache_fingerprint(run: Run, specialist_digests: list[str]) -> dict[str, Any]:
+def base_fingerprint(run: Run) -> dict[str, Any]:
+    """What every teacher's shard depends on besides the teacher: classes, training images, preprocessing."""
     d = run.cfg.data
     return {
         "taxonomy": run.taxonomy.fingerprint(),
         "train_split": _split_digest(run),
         "preprocess": [d.image_size, list(d.mean), list(d.std)],
-        "specialists": specialist_digests,
     }
 
 
@@ -79,38 +81,53 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def read_shards(run: Run) -> dict[int, dict[str, Any]]:
+    """The finished shards: vertical -> its metadata (teacher_NNN.json, written after its arrays)."""
+    shards = {}
+    for v in range(run.taxonomy.num_verticals):
+        meta = cache_dir(run) / f"{_shard_prefix(v)}.json"
+        if meta.is_file():
+            shards[v] = read_json(meta)
+    return shards
+
+
+def write_index(run: Run) -> dict[str, Any]:
+    """index.json: a summary of the finished shards, for people and tools (the loader reads the shards' own
+    metadata, so processes building shards side by side never share a file)."""
+    shards = read_shards(run)
+    index = {
+        "version": VERSION,
+        "top_k": max((m["top_k"] for m in shards.values()), default=None),
+        "shards": {str(v): m for v, m in shards.items()},
+    }
+    atomic_write_json(cache_dir(run) / INDEX, index)
+    return index
+
+
 def build_cache(
     run: Run,
-    teachers: list[torch.nn.Module],
+    teachers: list[torch.nn.Module | None],
     specialist_digests: list[str],
     top_k: int,
     device: torch.device,
     batch_size: int = 256,
     progress: bool = False,
     on_shard: Callable[[int], None] | None = None,
+    verticals: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Write (or complete) the cache; shards already built from the same teacher and K are kept."""
+    """Write (or complete) the cache's shards for `verticals` (default: all); a shard already built from the same
+    teacher, K, classes, images and preprocessing is kept. `teachers[v]` is vertical v's specialist."""
     out = cache_dir(run)
     out.mkdir(parents=True, exist_ok=True)
-    fingerprint = cache_fingerprint(run, specialist_digests)
-    index_path = out / INDEX
-    index = read_json(index_path) if index_path.is_file() else {}
-    same_base = {k: v for k, v in index.get("fingerprint", {}).items() if k != "specialists"} == {
-        k: v for k, v in fingerprint.items() if k != "specialists"
-    }
-    if not same_base or index.get("top_k") != top_k or index.get("version") != VERSION:
-        index = {"version": VERSION, "top_k": top_k, "fingerprint": fingerprint, "shards": {}}
-    old_digests = index["fingerprint"]["specialists"]
-    shards: dict[str, Any] = {
-        key: shard
-        for key, shard in index["shards"].items()
-        if int(key) < len(old_digests) and old_digests[int(key)] == specialist_digests[int(key)]
-    }
-    index["fingerprint"] = fingerprint
+    base = base_fingerprint(run)
+    done_before = read_shards(run)
     train = run.splits["train"]
-    for v, teacher in enumerate(teachers):
-        if str(v) in shards:
+    for v in verticals if verticals is not None else range(run.taxonomy.num_verticals):
+        old = done_before.get(v)
+        wanted = {"version": VERSION, "top_k": top_k, "base": base, "specialist": specialist_digests[v]}
+        if old is not None and all(old.get(key) == value for key, value in wanted.items()):
             continue
+        (out / f"{_shard_prefix(v)}.json").unlink(missing_ok=True)  # the shard is stale from here on
         start, end = run.taxonomy.vertical_ranges[v]
         rows = np.array([i for i, s in enumerate(train) if any(start <= c < end for c in s.labels)], dtype=np.int64)
         k = min(top_k, end - start)
@@ -120,6 +137,8 @@ def build_cache(
         has_other = False
         dataset = ImageDataset([train[i] for i in rows], run.image_root, run.cfg.data, train=False)
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=run.cfg.data.num_workers)
+        teacher = teachers[v]
+        assert teacher is not None, f"no teacher given for vertical {v}"
         teacher.eval().to(device)
         done = 0
         desc = f"caching teacher {run.taxonomy.verticals[v].id}"
@@ -140,14 +159,12 @@ def build_cache(
         _save_npy(out / f"{prefix}.classes.npy", classes)
         if has_other:
             _save_npy(out / f"{prefix}.other.npy", other)
-        shards[str(v)] = {"images": len(rows), "k": k, "other": has_other, "prefix": prefix}
-        index["shards"] = shards
-        atomic_write_json(index_path, index)  # the shard counts only once its files are all in place
+        # Written last: the shard counts only once its arrays are all in place.
+        atomic_write_json(out / f"{prefix}.json", {**wanted, "images": len(rows), "k": k, "other": has_other})
+        write_index(run)
         if on_shard is not None:
             on_shard(v)
-    index["shards"] = shards
-    atomic_write_json(index_path, index)
-    return index
+    return write_index(run)
 
 
 def cache_bytes(run: Run) -> int:
@@ -166,19 +183,19 @@ class CachedTeachers:
         unselected: str = "zero",
     ):
         directory = cache_dir(run)
-        index_path = directory / INDEX
-        if not index_path.is_file():
+        shards = read_shards(run)
+        if not shards:
             raise CheckpointError(f"{directory}: no soft-target cache; build it with `kc cache-targets RUN`")
-        index = read_json(index_path)
-        expected = cache_fingerprint(run, specialist_digests)
-        stale = [PARTS[k] for k, v in expected.items() if index.get("fingerprint", {}).get(k) != v]
+        taxonomy: Taxonomy = run.taxonomy
+        base = base_fingerprint(run)
+        stale = {PARTS[key] for m in shards.values() for key, value in base.items() if m["base"].get(key) != value}
+        stale |= {PARTS["specialists"] for v, m in shards.items() if m["specialist"] != specialist_digests[v]}
         if stale:
             raise CheckpointError(
-                f"{directory}: the soft-target cache was built from other {' and '.join(stale)} than this run "
-                "now has; rebuild it with `kc cache-targets RUN` (or delete it to train with online teachers)"
+                f"{directory}: the soft-target cache was built from other {' and '.join(sorted(stale))} than this "
+                "run now has; rebuild it with `kc cache-targets RUN` (or delete it to train with online teachers)"
             )
-        taxonomy: Taxonomy = run.taxonomy
-        missing = [taxonomy.verticals[v].id for v in range(taxonomy.num_verticals) if str(v) not in index["shards"]]
+        missing = [taxonomy.verticals[v].id for v in range(taxonomy.num_verticals) if v not in shards]
         if missing:
             raise CheckpointError(
                 f"{directory}: the cache lacks the teachers of {', '.join(missing[:10])}; finish it with "
@@ -187,11 +204,12 @@ class CachedTeachers:
         short = [
             taxonomy.verticals[v].id
             for v in range(taxonomy.num_verticals)
-            if index["shards"][str(v)]["k"] < min(top_k, taxonomy.vertical_size(v))
+            if shards[v]["k"] < min(top_k, taxonomy.vertical_size(v))
         ]
         if short:
+            kept = min(shards[v]["top_k"] for v in range(taxonomy.num_verticals))
             raise CheckpointError(
-                f"{directory}: the cache keeps the top {index['top_k']} logits, fewer than student.top_k={top_k} "
+                f"{directory}: the cache keeps the top {kept} logits, fewer than student.top_k={top_k} "
                 f"(verticals {', '.join(short[:10])}); rebuild it with `kc cache-targets RUN --top-k {top_k}`"
             )
         self.ranges = taxonomy.vertical_ranges
@@ -201,7 +219,7 @@ class CachedTeachers:
         # Per shard: the sorted training indices of its images (searched per batch), and the memory-mapped arrays.
         self.rows, self.logits, self.classes = [], [], []
         for v in range(taxonomy.num_verticals):
-            prefix = index["shards"][str(v)]["prefix"]
+            prefix = _shard_prefix(v)
             self.rows.append(np.load(directory / f"{prefix}.rows.npy"))
             self.logits.append(np.load(directory / f"{prefix}.logits.npy", mmap_mode="r"))
             self.classes.append(np.load(directory / f"{prefix}.classes.npy", mmap_mode="r"))

@@ -8,9 +8,6 @@ once with the run's seed (Hinton et al. 2015 used half and half).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -33,6 +30,7 @@ from kc.train.common import (
     specialist_dir,
     validation_fn,
 )
+from kc.train.jobs import shard_verticals
 from kc.train.trainer import Trainer, TrainResult, resolve_device
 
 
@@ -103,17 +101,6 @@ def train_specialist(
     return trainer.fit()
 
 
-def shard_verticals(run: Run, shard: str) -> list[int]:
-    """'I/N' -> the verticals v with v % N == I."""
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise KCError(f"--shard: '{shard}' is not I/N (e.g. 0/4)") from None
-    if not 0 <= index < count:
-        raise KCError(f"--shard: {shard}: I must lie in [0, N)")
-    return [v for v in range(run.taxonomy.num_verticals) if v % count == index]
-
-
 def train_specialists(
     run: Run,
     only: str | None = None,
@@ -135,25 +122,3 @@ def train_specialists(
         run.taxonomy.verticals[v].id: train_specialist(run, v, progress=progress, verbose=verbose, on_step=on_step)
         for v in verticals
     }
-
-
-def run_specialist_jobs(run: Run, jobs: int, overrides: list[str]) -> None:
-    """Train the specialists in `jobs` local processes at once, one shard each (`kc specialists --shard I/N`).
-    Each process gets an equal share of the CPU threads and, on a machine with GPUs, device I mod (GPU count).
-    Specialists are independent and seeded per stage, so the result equals training them in turn (same threads)."""
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    gpus = torch.cuda.device_count()
-    processes = []
-    for index in range(jobs):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
-        command = [sys.executable, "-m", "kc.cli", "specialists", str(run.dir), "--shard", f"{index}/{jobs}"]
-        command += ["--no-progress"] + [arg for o in overrides for arg in ("--set", o)]
-        processes.append(subprocess.Popen(command, env=env))
-    failed = [i for i, p in enumerate(processes) if p.wait() != 0]
-    if failed:
-        raise KCError(
-            f"specialist shard(s) {', '.join(f'{i}/{jobs}' for i in failed)} failed (see their messages above); "
-            "run the same command again to resume them"
-        )

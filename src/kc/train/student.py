@@ -19,6 +19,8 @@ from kc.train.common import (
     best_weights,
     file_digest,
     load_specialists,
+    load_stage,
+    new_specialist_model,
     specialist_dir,
     start_from_generalist,
     validation_fn,
@@ -65,12 +67,19 @@ def scale_scalars(run: Run) -> Callable[[nn.Module], dict[str, float]] | None:
     return scalars
 
 
-def cache_targets(run: Run, top_k: int | None = None, progress: bool = True) -> dict:
-    """`kc cache-targets`: run every specialist once over its vertical's training images; keep top-K logits."""
+def cache_targets(
+    run: Run, top_k: int | None = None, progress: bool = True, verticals: list[int] | None = None
+) -> dict:
+    """`kc cache-targets`: run every specialist (or those of `verticals`) once over its vertical's training images;
+    keep its top-K logits."""
     device = resolve_device(run.cfg.device)
     digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(run.taxonomy.num_verticals)]
+    chosen = range(run.taxonomy.num_verticals) if verticals is None else verticals
+    teachers = [None] * run.taxonomy.num_verticals
+    for v in chosen:
+        teachers[v] = load_stage(run, specialist_dir(run, v), new_specialist_model(run, v))
     k = top_k or run.cfg.student.top_k
-    return build_cache(run, load_specialists(run), digests, k, device, run.cfg.student.eval_batch_size, progress)
+    return build_cache(run, teachers, digests, k, device, run.cfg.student.eval_batch_size, progress, None, verticals)
 
 
 def teacher_mode(run: Run) -> str:

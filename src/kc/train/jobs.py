@@ -1,0 +1,48 @@
+"""Splitting per-vertical work (specialists, the soft-target cache) into shards run as separate processes.
+
+`--shard I/N` takes the verticals v with v % N == I, so N jobs (local processes, GPUs, or machines sharing the run
+directory) cover every vertical once; the work of each vertical is seeded on its own, so the result does not depend
+on how it was split. `--jobs N` starts N local shard processes and waits for them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from kc.errors import KCError
+from kc.run import Run
+
+
+def shard_verticals(run: Run, shard: str) -> list[int]:
+    """'I/N' -> the verticals v with v % N == I."""
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise KCError(f"--shard: '{shard}' is not I/N (e.g. 0/4)") from None
+    if not 0 <= index < count:
+        raise KCError(f"--shard: {shard}: I must lie in [0, N)")
+    return [v for v in range(run.taxonomy.num_verticals) if v % count == index]
+
+
+def run_shard_jobs(run: Run, command: str, jobs: int, extra: list[str]) -> None:
+    """`kc COMMAND RUN --shard I/N EXTRA...` for I in 0..N-1 as local processes at once, each with an equal share of
+    the CPU threads and, on a machine with GPUs, device I mod (GPU count)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    gpus = torch.cuda.device_count()
+    processes = []
+    for index in range(jobs):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+        argv = [sys.executable, "-m", "kc.cli", command, str(run.dir), "--shard", f"{index}/{jobs}", "--no-progress"]
+        processes.append(subprocess.Popen(argv + extra, env=env))
+    failed = [i for i, p in enumerate(processes) if p.wait() != 0]
+    if failed:
+        raise KCError(
+            f"{command}: shard(s) {', '.join(f'{i}/{jobs}' for i in failed)} failed (see their messages above); "
+            "run the same command again to resume them"
+        )
