@@ -46,6 +46,14 @@ def write_inputs(tmp_path):
         Image.new("RGB", (8, 8)).save(images / f"{name}.jpg")
 
 
+def imported(tmp_path, out):
+    """Import the hand-written files (no split) into `out`."""
+    from kc.data.openimages import import_openimages
+
+    inputs = (tmp_path / "descriptions.csv", tmp_path / "hierarchy.json", tmp_path / "images")
+    import_openimages([(tmp_path / "labels.csv", None)], *inputs, out)
+
+
 def test_import_writes_taxonomy_and_manifest_with_verified_negatives(tmp_path):
     write_inputs(tmp_path)
     out = tmp_path / "kc"
@@ -92,15 +100,8 @@ def test_import_writes_taxonomy_and_manifest_with_verified_negatives(tmp_path):
 def test_a_class_is_scored_only_on_images_verified_for_it(tmp_path):
     write_inputs(tmp_path)
     out = tmp_path / "kc"
-    from kc.data.openimages import import_openimages
 
-    import_openimages(
-        [(tmp_path / "labels.csv", None)],
-        tmp_path / "descriptions.csv",
-        tmp_path / "hierarchy.json",
-        tmp_path / "images",
-        out,
-    )
+    imported(tmp_path, out)
     taxonomy = Taxonomy.load(out / "taxonomy.json")
     samples = load_manifest(out / "manifest.jsonl", out, taxonomy)
     dense = np.zeros((len(samples), taxonomy.num_classes))
@@ -119,18 +120,11 @@ def test_a_class_is_scored_only_on_images_verified_for_it(tmp_path):
 
 def test_verified_negatives_survive_the_run_directory(tmp_path):
     from kc.config import config_from_dict
-    from kc.data.openimages import import_openimages
     from kc.run import prepare_run
 
     write_inputs(tmp_path)
     out = tmp_path / "kc"
-    import_openimages(
-        [(tmp_path / "labels.csv", None)],
-        tmp_path / "descriptions.csv",
-        tmp_path / "hierarchy.json",
-        tmp_path / "images",
-        out,
-    )
+    imported(tmp_path, out)
     data = {"manifest": str(out / "manifest.jsonl"), "taxonomy": str(out / "taxonomy.json"), "image_size": 8}
     first = prepare_run(config_from_dict({"run_dir": str(tmp_path / "run"), "data": data}), progress=False)
     again = prepare_run(config_from_dict({"run_dir": str(tmp_path / "run"), "data": data}), progress=False)

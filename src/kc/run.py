@@ -22,7 +22,7 @@ import yaml
 
 from kc.config import RunConfig, dump_yaml
 from kc.data.images import check_images
-from kc.data.samples import SPLITS, Sample, load_image_folder, load_manifest
+from kc.data.samples import SPLITS, Sample, load_source
 from kc.data.splits import assign_splits
 from kc.errors import CheckpointError, DataError
 from kc.io import atomic_write_json, atomic_write_text, read_json
@@ -102,14 +102,7 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
         return Run(cfg, run_dir, taxonomy, Path(read_json(check_file)["image_root"]), splits)
 
     d = cfg.data
-    if d.image_folder is not None:
-        taxonomy, samples = load_image_folder(d.image_folder)
-        image_root = d.image_folder
-    else:
-        assert d.manifest is not None and d.taxonomy is not None and d.image_root is not None
-        taxonomy = Taxonomy.load(d.taxonomy)
-        image_root = d.image_root
-        samples = load_manifest(d.manifest, image_root, taxonomy, d.expand_ancestors)
+    taxonomy, samples, image_root = load_source(d)
     samples = assign_splits(samples, d.split.val, d.split.test, cfg.seed)
     kept, skipped = check_images(samples, image_root, d.bad_images, progress=progress)
     splits = {s: [x for x in kept if x.split == s] for s in SPLITS}

@@ -13,7 +13,7 @@ from typing import Any
 
 from kc.config import RunConfig
 from kc.data.images import check_images
-from kc.data.samples import SPLITS, load_image_folder, load_manifest
+from kc.data.samples import SPLITS, load_source
 from kc.data.splits import assign_splits
 from kc.errors import KCError
 from kc.taxonomy import Taxonomy
@@ -54,14 +54,7 @@ def check_data(cfg: RunConfig, progress: bool = False) -> DataReport:
     report = DataReport()
     d = cfg.data
     try:
-        if d.image_folder is not None:
-            taxonomy, samples = load_image_folder(d.image_folder)
-            image_root = d.image_folder
-        else:
-            assert d.manifest is not None and d.taxonomy is not None and d.image_root is not None
-            taxonomy = Taxonomy.load(d.taxonomy)
-            image_root = d.image_root
-            samples = load_manifest(d.manifest, image_root, taxonomy, d.expand_ancestors)
+        taxonomy, samples, image_root = load_source(d)
     except KCError as exc:
         report.problems.append(str(exc))
         return report

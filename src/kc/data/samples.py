@@ -14,7 +14,9 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from kc.config import DataConfig
 from kc.errors import DataError, format_problems
 from kc.taxonomy import ClassInfo, Taxonomy, Vertical
 
@@ -35,6 +37,16 @@ class Sample:
         return Sample(self.path, self.labels, split, self.where, self.negatives)
 
 
+def load_source(d: DataConfig) -> tuple[Taxonomy, list[Sample], Path]:
+    """The configured data source (image folder, or manifest + taxonomy): taxonomy, samples, image root."""
+    if d.image_folder is not None:
+        taxonomy, samples = load_image_folder(d.image_folder)
+        return taxonomy, samples, d.image_folder
+    assert d.manifest is not None and d.taxonomy is not None and d.image_root is not None
+    taxonomy = Taxonomy.load(d.taxonomy)
+    return taxonomy, load_manifest(d.manifest, d.image_root, taxonomy, d.expand_ancestors), d.image_root
+
+
 def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ancestors: bool = False) -> list[Sample]:
     if not path.is_file():
         raise DataError(f"{path}: manifest not found; check 'data.manifest' in your config")
@@ -53,25 +65,13 @@ def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ances
             problems.append(f"{where}: duplicate image '{rel}' (first at {seen[rel]}); list each image once")
             ok = False
         seen.setdefault(rel, where)
-        indices = []
-        for label in labels:
-            idx = taxonomy.class_index.get(label)
-            if idx is None:
-                problems.append(f"{where}: unknown class id '{label}' (not in {taxonomy.source})")
-                ok = False
-            else:
-                indices.append(idx)
-                if expand_ancestors:
-                    indices.extend(taxonomy.ancestors(idx))
-        negatives = []
-        for label in negative_labels:
-            idx = taxonomy.class_index.get(label)
-            if idx is None:
-                problems.append(f"{where}: unknown class id '{label}' in negatives (not in {taxonomy.source})")
-                ok = False
-            else:
-                negatives.append(idx)
-                negatives.extend(descendants.get(idx, ()))  # absent, so none of its subclasses is present
+        # present labels extend to their ancestors; absent ones to their subclasses (none of those is present)
+        indices = _class_indices(labels, "", where, taxonomy, problems, expand_ancestors and taxonomy.ancestors)
+        negatives = _class_indices(
+            negative_labels, " in negatives", where, taxonomy, problems, expand_ancestors and descendants.get
+        )
+        ok = ok and indices is not None and negatives is not None
+        indices, negatives = indices or [], negatives or []
         both = set(indices) & set(negatives)
         if both:
             names = ", ".join(taxonomy.classes[i].id for i in sorted(both))
@@ -94,6 +94,24 @@ def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ances
         missing = next(s for s in samples if s.split is None)
         raise DataError(f"{missing.where}: no split, while other rows have one; give every row a split or none")
     return samples
+
+
+def _class_indices(
+    labels: list[str], field: str, where: str, taxonomy: Taxonomy, problems: list[str], expand: Any
+) -> list[int] | None:
+    """Class ids -> indices (plus `expand(index)`'s, when given); None after recording any unknown id."""
+    indices: list[int] = []
+    known = True
+    for label in labels:
+        idx = taxonomy.class_index.get(label)
+        if idx is None:
+            problems.append(f"{where}: unknown class id '{label}'{field} (not in {taxonomy.source})")
+            known = False
+            continue
+        indices.append(idx)
+        if expand:
+            indices.extend(expand(idx) or ())
+    return indices if known else None
 
 
 def _label_list(labels: list[str] | str | None) -> list[str]:
