@@ -35,10 +35,13 @@ def bars(no_progress: bool) -> bool:
 def user_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from kc import distributed
         from kc.train.trainer import TrainingStopped
 
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            distributed.finish()
+            return result
         except TrainingStopped as exc:
             typer.echo(f"kc: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
@@ -61,17 +64,54 @@ def _load(config: Path, overrides: list[str] | None):
     return load_config(config, merged)
 
 
-def _open_run(target: Path, overrides: list[str] | None, progress: bool):
-    """A run from a config file, or from a run directory (its config.yaml; the directory may have been moved)."""
-    from kc.run import prepare_run
-
+def _run_config(target: Path, overrides: list[str] | None):
+    """The config of a config file, or of a run directory (its config.yaml; the directory may have been moved)."""
     overrides = list(overrides or [])
     if target.is_dir():
         if not (target / "config.yaml").is_file():
             raise KCError(f"{target}: not a run directory (no config.yaml); give a config file or a run directory")
         overrides.insert(0, f"run_dir={target.resolve()}")
         target = target / "config.yaml"
-    return prepare_run(_load(target, overrides), progress=progress)
+    return _load(target, overrides)
+
+
+def _open_run(target: Path, overrides: list[str] | None, progress: bool):
+    """A run, for commands that run as one process."""
+    from kc import distributed
+    from kc.run import prepare_run
+
+    if distributed.launched():
+        raise KCError(
+            "this command runs as one process; start it without torchrun (the training stages, cache-targets, "
+            "evaluate, report and pipeline run under torchrun)"
+        )
+    return prepare_run(_run_config(target, overrides), progress=progress)
+
+
+def _open_distributed_run(target: Path, overrides: list[str] | None, progress: bool):
+    """A run, for commands that run under torchrun too: join the process group (a no-op as one process); rank 0
+    prepares the run directory first, then the others read it."""
+    from kc import distributed
+    from kc.run import prepare_run
+
+    cfg = _run_config(target, overrides)
+    distributed.init_from_env(cfg.device)
+    return distributed.main_first(lambda: prepare_run(cfg, progress=progress and distributed.is_main()))
+
+
+def _refuse_under_torchrun(option: str) -> None:
+    from kc import distributed
+
+    if distributed.active():
+        raise KCError(f"{option} starts its own processes; under torchrun, leave it out (the ranks share the work)")
+
+
+def echo(text: str) -> None:
+    """Print the command's result once (on rank 0 under torchrun)."""
+    from kc import distributed
+
+    if distributed.is_main():
+        typer.echo(text)
 
 
 @app.command("generate-benchmark")
@@ -178,11 +218,9 @@ def generalist_cmd(
     """Train the generalist (all classes, ground-truth loss). Resumes an interrupted run; skips a finished one."""
     from kc.train.generalist import train_generalist
 
-    run = _open_run(config, set_, bars(no_progress))
+    run = _open_distributed_run(config, set_, bars(no_progress))
     result = train_generalist(run, progress=bars(no_progress))
-    typer.echo(
-        f"generalist: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}"
-    )
+    echo(f"generalist: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
 
 
 @app.command("evaluate")
@@ -200,10 +238,10 @@ def evaluate_cmd(
 
     if split not in ("train", "val", "test"):
         raise KCError(f"--split: '{split}' is not one of train, val, test")
-    run = _open_run(config, set_, bars(no_progress))
+    run = _open_distributed_run(config, set_, bars(no_progress))
     metrics = evaluate_stage(run, stage, split, progress=bars(no_progress))
-    typer.echo(f"\n{stage} on {split} ({metrics['images']} images):\n")
-    typer.echo(metrics_table(metrics, run.taxonomy))
+    echo(f"\n{stage} on {split} ({metrics['images']} images):\n")
+    echo(metrics_table(metrics, run.taxonomy))
 
 
 @app.command("specialists")
@@ -222,12 +260,13 @@ def specialists_cmd(
     from kc.train.jobs import run_shard_jobs
     from kc.train.specialists import train_specialists
 
-    run = _open_run(config, set_, bars(no_progress))
+    run = _open_distributed_run(config, set_, bars(no_progress))
     if jobs > 1:
+        _refuse_under_torchrun("--jobs")
         run_shard_jobs(run, "specialists", jobs, [arg for o in set_ or [] for arg in ("--set", o)])
         return
     for vertical, result in train_specialists(run, only, shard, progress=bars(no_progress)).items():
-        typer.echo(f"specialist {vertical}: best epoch {result.best_epoch}, val mAP {result.best_metric}")
+        echo(f"specialist {vertical}: best epoch {result.best_epoch}, val mAP {result.best_metric}")
 
 
 @app.command("distill")
@@ -240,9 +279,9 @@ def distill_cmd(
     """Train the student from the generalist, taught by the specialists each image's labels select."""
     from kc.train.student import train_student
 
-    run = _open_run(config, set_, bars(no_progress))
+    run = _open_distributed_run(config, set_, bars(no_progress))
     result = train_student(run, progress=bars(no_progress))
-    typer.echo(f"student: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
+    echo(f"student: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
 
 
 @app.command("cache-targets")
@@ -262,8 +301,9 @@ def cache_targets_cmd(
     from kc.train.jobs import run_shard_jobs, shard_verticals
     from kc.train.student import cache_targets
 
-    run = _open_run(config, set_, bars(no_progress))
+    run = _open_distributed_run(config, set_, bars(no_progress))
     if jobs > 1:
+        _refuse_under_torchrun("--jobs")
         extra = [arg for o in set_ or [] for arg in ("--set", o)] + (["--top-k", str(top_k)] if top_k else [])
         run_shard_jobs(run, "cache-targets", jobs, extra)
         index = write_index(run)
@@ -272,7 +312,7 @@ def cache_targets_cmd(
         index = cache_targets(run, top_k, progress=bars(no_progress), verticals=verticals)
     pairs = sum(s["images"] for s in index["shards"].values())
     size = cache_bytes(run)
-    typer.echo(
+    echo(
         f"cache: {len(index['shards'])} teachers, {pairs:,} (image, teacher) pairs, top {index['top_k']}, "
         f"{size / 2**20:.1f} MiB ({size / max(1, len(run.splits['train'])):,.0f} bytes per training image) "
         f"in {cache_dir(run)}"
@@ -289,9 +329,9 @@ def control_cmd(
     """Train the same-compute control: the generalist trained on for the student's epochs, ground truth only."""
     from kc.train.generalist import train_control
 
-    run = _open_run(config, set_, bars(no_progress))
+    run = _open_distributed_run(config, set_, bars(no_progress))
     result = train_control(run, progress=bars(no_progress))
-    typer.echo(f"control: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
+    echo(f"control: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
 
 
 @app.command("report")
@@ -302,17 +342,18 @@ def report_cmd(
     no_progress: NoProgress = False,
 ) -> None:
     """Score every trained model side by side; write RUN/report.md, report.html (with plots) and metrics.json."""
+    from kc import distributed
     from kc.evaluate.compare import compare
     from kc.evaluate.report import comparison_table
     from kc.io import read_json
     from kc.pipeline import write_report
 
-    run = _open_run(config, set_, bars(no_progress))
+    run = _open_distributed_run(config, set_, bars(no_progress))
     result = compare(run, "test", progress=bars(no_progress))
     timings_path = run.dir / "timings.json"
-    write_report(run, result, read_json(timings_path) if timings_path.is_file() else {})
-    typer.echo(comparison_table(result))
-    typer.echo(f"\nreport: {run.dir / 'report.md'}")
+    distributed.on_main(lambda: write_report(run, result, read_json(timings_path) if timings_path.is_file() else {}))
+    echo(comparison_table(result))
+    echo(f"\nreport: {run.dir / 'report.md'}")
 
 
 @app.command("describe")
@@ -524,6 +565,9 @@ def serve_cmd(
 @user_errors
 def pipeline_cmd(
     config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    specialist_jobs: Annotated[
+        int, typer.Option(min=1, help="train the specialists in N local processes at once (one per GPU if several)")
+    ] = 1,
     set_: SetOption = None,
     no_progress: NoProgress = False,
 ) -> None:
@@ -531,10 +575,12 @@ def pipeline_cmd(
     from kc.evaluate.report import comparison_table
     from kc.pipeline import run_pipeline
 
-    run = _open_run(config, set_, bars(no_progress))
-    result = run_pipeline(run, progress=bars(no_progress))
-    typer.echo(comparison_table(result))
-    typer.echo(f"\nreport: {run.dir / 'report.md'}")
+    run = _open_distributed_run(config, set_, bars(no_progress))
+    if specialist_jobs > 1:
+        _refuse_under_torchrun("--specialist-jobs")
+    result = run_pipeline(run, progress=bars(no_progress), specialist_jobs=specialist_jobs, overrides=set_)
+    echo(comparison_table(result))
+    echo(f"\nreport: {run.dir / 'report.md'}")
 
 
 @app.command("demo")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kc import distributed
 from kc.evaluate import plots
 from kc.evaluate.compare import compare
 from kc.evaluate.report import report_html, run_report
@@ -20,6 +21,7 @@ from kc.models.accounting import accounting_tables, parameter_accounting
 from kc.run import Run
 from kc.train.common import CONTROL, GENERALIST, STUDENT, specialist_dir
 from kc.train.generalist import train_control, train_generalist
+from kc.train.jobs import run_shard_jobs
 from kc.train.specialists import train_specialists
 from kc.train.student import cache_targets, train_student
 from kc.train.trainer import stage_complete
@@ -34,14 +36,29 @@ def _stage_dirs(run: Run, stage: str) -> list[Path]:
 
 
 def run_pipeline(
-    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
+    run: Run,
+    *,
+    progress: bool = True,
+    verbose: bool = True,
+    on_step: Callable[[int], None] | None = None,
+    specialist_jobs: int = 1,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
+    """Every stage in turn; with `specialist_jobs` N > 1 the specialists train in N local processes at once (one per
+    GPU on a machine with several), each given the command line's `overrides`."""
     timings_path = run.dir / "timings.json"
     timings: dict[str, float] = read_json(timings_path) if timings_path.is_file() else {}
     kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
+
+    def specialists() -> None:
+        if specialist_jobs > 1:
+            run_shard_jobs(run, "specialists", specialist_jobs, [a for o in overrides or [] for a in ("--set", o)])
+        else:
+            train_specialists(run, **kw)
+
     stages: list[tuple[str, Callable[[], Any]]] = [
         (GENERALIST, lambda: train_generalist(run, **kw)),
-        ("specialists", lambda: train_specialists(run, **kw)),
+        ("specialists", specialists),
     ]
     if run.cfg.student.teachers == "cache":  # resumes shard by shard; a complete cache costs a glance
         stages.append(("cache", lambda: cache_targets(run, progress=progress)))
@@ -54,12 +71,14 @@ def run_pipeline(
         train()
         if not done_before or name not in timings:
             timings[name] = time.perf_counter() - start
-            atomic_write_json(timings_path, timings)
+            if distributed.is_main():
+                atomic_write_json(timings_path, timings)
     start = time.perf_counter()
-    result = compare(run, "test", progress=progress)
+    result = compare(run, "test", progress=progress)  # every rank scores its part of the test images
     timings["evaluation"] = time.perf_counter() - start
-    atomic_write_json(timings_path, timings)
-    write_report(run, result, timings)
+    if distributed.is_main():
+        atomic_write_json(timings_path, timings)
+    distributed.on_main(lambda: write_report(run, result, timings))
     return result
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from kc import distributed
 from kc.config import DataConfig
 from kc.data.dataset import ImageDataset, collate, dense_targets
 from kc.data.samples import Sample
@@ -64,18 +65,20 @@ def predict(
     **options: Any,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Scores, targets, and images per second of the forward passes (decoding excluded); options as
-    `predict_batches`."""
+    `predict_batches`. Under torchrun every rank scores its part of the images and every rank gets all the scores
+    (call it on every rank)."""
+    start, end = distributed.part(len(samples))
+    if not distributed.is_main():
+        options["progress"] = False
     scores, targets, model_seconds = [], [], 0.0
     for batch_scores, batch_targets, seconds in predict_batches(
-        model, samples, image_root, data_cfg, num_classes, **options
+        model, samples[start:end], image_root, data_cfg, num_classes, **options
     ):
         scores.append(batch_scores)
         targets.append(batch_targets)
         model_seconds += seconds
-    n = len(samples)
     empty = np.zeros((0, num_classes), dtype=np.float32)
-    return (
-        np.concatenate(scores) if scores else empty,
-        np.concatenate(targets) if targets else empty,
-        n / model_seconds if model_seconds > 0 else 0.0,
-    )
+    all_scores = distributed.gather_rows(np.concatenate(scores) if scores else empty)
+    all_targets = distributed.gather_rows(np.concatenate(targets) if targets else empty)
+    slowest = float(distributed.gather_rows(np.array([model_seconds])).max())  # the ranks run side by side
+    return all_scores, all_targets, len(samples) / slowest if slowest > 0 else 0.0

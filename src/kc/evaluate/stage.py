@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kc import distributed
 from kc.errors import DataError, KCError
 from kc.evaluate.metrics import (
     classification_metrics,
@@ -70,5 +71,6 @@ def evaluate_stage(
             "device": str(device),
         }
     )
-    atomic_write_json(run.stage_dir(stage) / f"metrics_{split}.json", metrics)
+    if distributed.is_main():
+        atomic_write_json(run.stage_dir(stage) / f"metrics_{split}.json", metrics)
     return metrics

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -28,8 +29,16 @@ class Classifier(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.output_scales(self.head(self.backbone(images)))
+    def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits over every class, or over `classes` only: with a dense head and no output scales, only those rows
+        of the output layer are computed (sampled-negative training); other models compute all and keep those.
+        An argument of forward, not a method beside it, so that it works through DistributedDataParallel."""
+        if classes is None:
+            return self.output_scales(self.head(self.backbone(images)))
+        if isinstance(self.head, DenseHead) and isinstance(self.output_scales, nn.Identity):
+            hidden = self.head.hidden(self.backbone(images))
+            return F.linear(hidden, self.head.out.weight[classes], self.head.out.bias[classes])
+        return self.forward(images)[:, classes]
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:
@@ -42,7 +51,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         )
     try:
         backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **cfg.backbone_args)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.backbone_args: not accepted by '{cfg.backbone}': {exc}") from None
     if cfg.pretrained is not None:
         load_backbone_weights(backbone, cfg.pretrained)

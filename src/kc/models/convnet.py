@@ -1,15 +1,27 @@
 """kc_convnet: a small CNN for small images that trains quickly on a CPU, registered as a timm model.
 
 Registered with timm so that it is created like any other backbone: ``timm.create_model("kc_convnet",
-num_classes=0)``. Stages of (conv3x3-BN-ReLU) x depth, each but the first halving the resolution, then global
+num_classes=0)``. Stages of (conv3x3-norm-ReLU) x depth, each but the first halving the resolution, then global
 average pooling.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.models import register_model
 from torch import nn
+
+
+def _norm(kind: str, width: int) -> nn.Module:
+    """batch: BatchNorm (statistics of the batch, per process under DDP); group: GroupNorm in up to 8 groups
+    (each image on its own, so a step does not depend on how the batch is split across processes)."""
+    if kind == "batch":
+        return nn.BatchNorm2d(width)
+    if kind == "group":
+        return nn.GroupNorm(math.gcd(8, width), width)
+    raise ValueError(f"norm: '{kind}' is not one of batch, group")
 
 
 class ConvNet(nn.Module):
@@ -20,6 +32,7 @@ class ConvNet(nn.Module):
         num_classes: int = 1000,
         in_chans: int = 3,
         drop_rate: float = 0.0,
+        norm: str = "batch",
         **_: object,
     ):
         super().__init__()
@@ -30,7 +43,7 @@ class ConvNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 layers += [
                     nn.Conv2d(prev, width, 3, stride, 1, bias=False),
-                    nn.BatchNorm2d(width),
+                    _norm(norm, width),
                     nn.ReLU(inplace=True),
                 ]
                 prev = width

@@ -18,7 +18,6 @@ from kc.errors import CheckpointError, DataError
 from kc.evaluate.metrics import average_precision, classification_metrics, verified_targets
 from kc.evaluate.predict import predict
 from kc.models.classifier import Classifier, build_classifier, restrict_outputs
-from kc.models.heads import DenseHead
 from kc.models.self_paced import SelfPacedScales
 from kc.models.structured import StructuredHead
 from kc.run import Run
@@ -27,15 +26,6 @@ from kc.train.checkpoint import load_weights
 GENERALIST, STUDENT, CONTROL = "generalist", "student", "control"
 FULL_MODEL_STAGES = (GENERALIST, STUDENT, CONTROL)  # the stages whose model covers every class
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-
-
-def class_logits(model: nn.Module, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Logits of `classes` only: with a dense head, only those rows of the output layer are computed; other heads
-    compute every class and keep those (correct, without the memory saving)."""
-    if isinstance(model.head, DenseHead) and isinstance(model.output_scales, nn.Identity):
-        hidden = model.head.hidden(model.backbone(images))
-        return F.linear(hidden, model.head.out.weight[classes], model.head.out.bias[classes])
-    return model(images)[:, classes]
 
 
 def sampled_bce(num_classes: int, negatives: int) -> LossFn:
@@ -57,7 +47,7 @@ def sampled_bce(num_classes: int, negatives: int) -> LossFn:
         targets.scatter_(1, column[labels.clamp(min=-1)] % (len(classes) + 1), 1.0)  # padding lands in the extra
         weights = torch.ones(len(classes), device=device)
         weights[len(classes) - len(drawn) :] = len(others) / max(1, len(drawn))
-        logits = class_logits(model, batch["images"], classes).float()
+        logits = model(batch["images"], classes=classes).float()
         terms = F.binary_cross_entropy_with_logits(logits, targets[:, : len(classes)], reduction="none")
         return (terms * weights).sum() / logits.shape[0]
 

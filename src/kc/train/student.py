@@ -7,8 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from kc import distributed
 from kc.data.dataset import ImageDataset, dense_targets
-from kc.distill.cache import INDEX, CachedTeachers, build_cache, cache_dir
+from kc.distill.cache import INDEX, CachedTeachers, build_cache, cache_dir, write_index
 from kc.distill.loss import distillation_loss
 from kc.distill.targets import OnlineTeachers
 from kc.run import Run
@@ -71,15 +72,19 @@ def cache_targets(
     run: Run, top_k: int | None = None, progress: bool = True, verticals: list[int] | None = None
 ) -> dict:
     """`kc cache-targets`: run every specialist (or those of `verticals`) once over its vertical's training images;
-    keep its top-K logits."""
+    keep its top-K logits. Under torchrun each rank builds every world_size-th of them."""
     device = resolve_device(run.cfg.device)
     digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(run.taxonomy.num_verticals)]
-    chosen = range(run.taxonomy.num_verticals) if verticals is None else verticals
+    chosen = list(range(run.taxonomy.num_verticals) if verticals is None else verticals)
+    chosen = chosen[distributed.rank() :: distributed.world_size()]
     teachers = [None] * run.taxonomy.num_verticals
     for v in chosen:
         teachers[v] = load_stage(run, specialist_dir(run, v), new_specialist_model(run, v))
     k = top_k or run.cfg.student.top_k
-    return build_cache(run, teachers, digests, k, device, run.cfg.student.eval_batch_size, progress, None, verticals)
+    progress = progress and distributed.is_main()
+    build_cache(run, teachers, digests, k, device, run.cfg.student.eval_batch_size, progress, None, chosen)
+    distributed.barrier()  # every rank's shards are written
+    return distributed.on_main(lambda: write_index(run))
 
 
 def teacher_mode(run: Run) -> str:

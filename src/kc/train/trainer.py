@@ -8,6 +8,11 @@ resume, best-checkpoint selection.
 Determinism: the data order of an epoch is a permutation seeded by (seed, epoch) and augmentation is seeded per
 image, so resuming mid-epoch replays exactly the batches an uninterrupted run would have seen; the torch RNG (for
 dropout) is saved and restored. On CPU a resumed run ends with the same weights as an uninterrupted one.
+
+Under torchrun (kc.distributed) the model is wrapped in DistributedDataParallel and each rank trains on its part of
+every global batch; the data order and the global batch do not depend on the number of ranks, so a run may resume
+with a different number of processes. Rank 0 alone writes checkpoints, best weights and TensorBoard; the loss and
+the stop request are summed over the ranks every step, so every rank logs the same loss and stops at the same step.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from kc import distributed
 from kc.config import TrainConfig
 from kc.data.dataset import collate
 from kc.errors import CheckpointError, KCError
@@ -77,15 +84,17 @@ class StopSignals:
 
 
 class EpochBatches(Sampler[list[int]]):
-    """The batches of one epoch: a permutation seeded by (seed, epoch), from batch `start` on.
+    """The batches of one epoch: a permutation seeded by (seed, epoch), from batch `start` on; with several ranks,
+    rank r gets the r-th of `world` equal parts of each batch.
 
     A last partial batch is dropped (tiny batches upset BatchNorm), except that a dataset smaller than one batch
     is one batch of all its images, so a small vertical still trains.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0, world: int = 1):
         self.n, self.seed, self.epoch, self.start = n, seed, epoch, start
         self.batch_size = min(batch_size, n)
+        self.rank, self.world = rank, world
 
     @staticmethod
     def per_epoch(n: int, batch_size: int) -> int:
@@ -97,8 +106,10 @@ class EpochBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=gen).tolist()
+        part = self.batch_size // self.world
         for b in range(self.start, self.per_epoch(self.n, self.batch_size)):
-            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield batch[self.rank * part : (self.rank + 1) * part] if self.world > 1 else batch
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -138,11 +149,20 @@ def make_optimizer(
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The configured device; under torchrun on GPUs, this process's GPU."""
     if name == "cuda" and not torch.cuda.is_available():
         raise KCError("device: 'cuda' was asked for but no GPU is visible; use device: auto or cpu")
-    return torch.device(name)
+    return distributed.device_for(name)
+
+
+class _NoWriter:
+    """TensorBoard on ranks other than 0: nothing written."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def config_digest(*parts: Any) -> str:
@@ -202,10 +222,17 @@ class Trainer:
         self.steps_per_epoch = EpochBatches.per_epoch(len(train_set), cfg.batch_size)  # type: ignore[arg-type]
         if self.steps_per_epoch == 0:
             raise KCError(f"{name}: no training images")
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
+        if cfg.batch_size % self.world:
+            raise KCError(
+                f"{name}: batch_size {cfg.batch_size} does not split evenly over {self.world} processes; "
+                f"set it to a multiple of {self.world} (it is the global batch, shared by all processes)"
+            )
 
     # ------------------------------------------------------------------------------------------------ api
     def fit(self) -> TrainResult:
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed + 7919 * self.rank)  # dropout: its own stream per rank
         self.model.to(self.device)
         optimizer = make_optimizer(self.model, self.cfg, self.lr_multipliers)
         state = {
@@ -218,7 +245,9 @@ class Trainer:
             "complete": False,
         }
         resumed_from = 0
-        self.ckpt.remove_stale_temporaries()
+        if self.main:
+            self.ckpt.remove_stale_temporaries()
+        distributed.barrier()  # nobody reads the checkpoints while rank 0 tidies them
         if self.ckpt.exists():
             saved = self.ckpt.read_state()
             if saved.get("fingerprint") != self.fingerprint:
@@ -229,13 +258,24 @@ class Trainer:
             if saved.get("complete"):
                 return self._result(saved, 0)
             state = self.ckpt.restore(self.model, optimizer)
+            if not self.main:  # the checkpoint holds rank 0's RNG
+                torch.manual_seed(self.seed + 7919 * self.rank + 104_729 * state["step"])
             resumed_from = state["step"]
             self._log(f"{self.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']}")
-        forward_model = torch.compile(self.model) if self.cfg.compile else self.model
+        forward_model: nn.Module = self.model
+        if self.world > 1:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            forward_model = DistributedDataParallel(self.model, device_ids=device_ids)
+        if self.cfg.compile:
+            forward_model = torch.compile(forward_model)
 
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(self.stage_dir / "tensorboard"), purge_step=state["step"] or None)
+        writer: Any = (
+            SummaryWriter(str(self.stage_dir / "tensorboard"), purge_step=state["step"] or None)
+            if self.main
+            else _NoWriter()
+        )
         try:
             with StopSignals() as self._stop:
                 while state["epoch"] < self.cfg.epochs:
@@ -244,13 +284,15 @@ class Trainer:
         finally:
             writer.close()
         state["complete"] = True
-        self.ckpt.save(self.model, optimizer, self._checkpoint_state(state))
+        self._save(optimizer, state)
+        distributed.barrier()  # the next stage, on every rank, reads what rank 0 wrote
         return self._result(state, resumed_from)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _checkpoint_state(self, state: dict[str, Any]) -> dict[str, Any]:
-        keep = ("step", "epoch", "step_in_epoch", "best_metric", "best_epoch", "history", "complete")
-        return {**{k: state[k] for k in keep}, "fingerprint": self.fingerprint}
+    def _save(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        if self.main:
+            keep = ("step", "epoch", "step_in_epoch", "best_metric", "best_epoch", "history", "complete")
+            self.ckpt.save(self.model, optimizer, {**{k: state[k] for k in keep}, "fingerprint": self.fingerprint})
 
     def _train_epoch(
         self, forward_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], writer: Any
@@ -266,6 +308,8 @@ class Trainer:
             self.seed,
             epoch,  # type: ignore[arg-type]
             start=state["step_in_epoch"],
+            rank=self.rank,
+            world=self.world,
         )
         loader = DataLoader(
             self.train_set,
@@ -279,7 +323,7 @@ class Trainer:
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=state["step_in_epoch"],
-            disable=not self.progress,
+            disable=not (self.progress and self.main),
             desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs}",
             unit="step",
             leave=False,
@@ -293,9 +337,14 @@ class Trainer:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
                 loss = self.loss_fn(forward_model, batch)
-            if not torch.isfinite(loss):
+            # Summed over the ranks (a no-op on one): every rank sees the same loss and stop request, so all of
+            # them raise or stop at the same step and none waits forever on another.
+            loss_total, stops = distributed.sum_values(loss.item(), float(self._stop.requested is not None))
+            value = loss_total / self.world
+            stop = self._stop.requested or (signal.SIGTERM if stops else None)
+            if not math.isfinite(value):
                 raise TrainingDiverged(
-                    f"{self.name}: the loss became {loss.item()} at epoch {epoch + 1}, step {state['step']}; "
+                    f"{self.name}: the loss became {value} at epoch {epoch + 1}, step {state['step']}; "
                     f"lower the learning rate (now {lr:.3g}) or set grad_clip. The last checkpoint is kept in "
                     f"{self.ckpt.root}."
                 )
@@ -306,8 +355,8 @@ class Trainer:
             optimizer.step()
             state["step"] += 1
             state["step_in_epoch"] += 1
-            value = loss.item()
-            loss_sum, loss_count, images = loss_sum + value, loss_count + 1, images + batch["images"].shape[0]
+            loss_sum, loss_count = loss_sum + value, loss_count + 1
+            images += batch["images"].shape[0] * self.world  # every rank's share of the global batch
             if state["step"] % 10 == 0:
                 writer.add_scalar(f"{self.name}/loss", value, state["step"])
                 writer.add_scalar(f"{self.name}/lr", lr, state["step"])
@@ -315,14 +364,14 @@ class Trainer:
                     writer.add_scalar(f"{self.name}/{key}", extra, state["step"])
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}", refresh=False)
             bar.update()
-            if state["step"] % self.cfg.checkpoint_every_steps == 0 or self._stop.requested:
-                self.ckpt.save(self.model, optimizer, self._checkpoint_state(state))
-            if self._stop.requested:
-                name = signal.Signals(self._stop.requested).name
+            if state["step"] % self.cfg.checkpoint_every_steps == 0 or stop:
+                self._save(optimizer, state)
+            if stop:
+                distributed.barrier()  # the checkpoint is written before any rank exits
                 raise TrainingStopped(
-                    f"{self.name}: stopped by {name} at epoch {epoch + 1}, step {state['step']}, after writing a "
-                    "checkpoint; run the same command again to resume",
-                    self._stop.requested,
+                    f"{self.name}: stopped by {signal.Signals(stop).name} at epoch {epoch + 1}, step "
+                    f"{state['step']}, after writing a checkpoint; run the same command again to resume",
+                    stop,
                 )
             if self.on_step is not None:
                 self.on_step(state["step"])
@@ -345,11 +394,12 @@ class Trainer:
             entry.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))})
         metric = entry.get(f"val_{self.select_metric}")
         better = state["best_epoch"] < 0 or (metric is not None and metric > (state["best_metric"] or -math.inf))
-        if better or self.validate is None:
+        if (better or self.validate is None) and self.main:
             save_weights(self.ckpt.best, self.model)
             atomic_write_json(
                 self.ckpt.best_info, {"epoch": entry["epoch"], "metric": self.select_metric, "value": metric}
             )
+        if better or self.validate is None:
             state["best_metric"], state["best_epoch"] = metric, entry["epoch"]
         for key, value in entry.items():
             if key not in ("epoch", "step"):
@@ -358,7 +408,7 @@ class Trainer:
         state["epoch"] += 1
         state["step_in_epoch"] = 0
         self.model.train()
-        self.ckpt.save(self.model, optimizer, self._checkpoint_state(state))
+        self._save(optimizer, state)
         val_text = "".join(
             f" val {k[4:]} {v:.2f}"
             for k, v in entry.items()
@@ -373,7 +423,7 @@ class Trainer:
         return TrainResult(self.ckpt.best, state["best_epoch"], state["best_metric"], state["history"], resumed_from)
 
     def _log(self, text: str) -> None:
-        if self.verbose:
+        if self.verbose and self.main:
             tqdm.write(text, file=sys.stderr)
 
 
