@@ -33,8 +33,10 @@ def test_wrong_type_is_named():
 def test_missing_and_conflicting_data_sources():
     with pytest.raises(ConfigError, match="data: required key is missing"):
         config_from_dict({})
-    with pytest.raises(ConfigError, match="exactly one of 'manifest' or 'image_folder'"):
+    with pytest.raises(ConfigError, match="exactly one of 'manifest', 'image_folder' or 'shards'"):
         config_from_dict({"data": {"manifest": "m.csv", "image_folder": "imgs", "taxonomy": "t.json"}})
+    with pytest.raises(ConfigError, match="exactly one of"):
+        config_from_dict({"data": {"shards": "s", "image_folder": "imgs"}})
     with pytest.raises(ConfigError, match="needs a 'taxonomy'"):
         config_from_dict({"data": {"manifest": "m.csv"}})
 

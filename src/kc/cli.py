@@ -192,6 +192,35 @@ def import_openimages_cmd(
     typer.echo(f"use it with data: {{manifest: {out / 'manifest.jsonl'}, taxonomy: {out / 'taxonomy.json'}}}")
 
 
+@app.command("make-shards")
+@user_errors
+def make_shards_cmd(
+    config: Annotated[Path, typer.Argument(help="config whose data section names the images (manifest or folder)")],
+    out: Annotated[Path, typer.Option(help="folder to write the shards, taxonomy.json and shards.json to")],
+    shard_size: Annotated[int, typer.Option(min=1, help="images per shard")] = 1000,
+    prefix: Annotated[str, typer.Option(help="shard file names: PREFIX-000000.tar, ...")] = "shard",
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Write the config's images into WebDataset tar shards, with labels and seeded splits; train from them with
+    data: {shards: OUT}. Re-run to finish an interrupted conversion."""
+    from tqdm import tqdm
+
+    from kc.data.samples import load_source
+    from kc.data.shards import write_shards
+    from kc.data.splits import assign_splits
+
+    cfg = _load(config, set_)
+    taxonomy, samples, image_root = load_source(cfg.data)
+    # The split is decided here, by the config's fractions and seed, and stored: a run from the shards keeps it.
+    samples = assign_splits(samples, cfg.data.split.val, cfg.data.split.test, cfg.seed)
+    total = -(-len(samples) // shard_size)
+    with tqdm(total=total, desc="writing shards", unit="shard", disable=not bars(no_progress)) as bar:
+        index = write_shards(samples, taxonomy, image_root, out, shard_size, prefix, on_shard=lambda _: bar.update())
+    typer.echo(f"wrote {len(index['shards'])} shards ({index['images']:,} images) and shards.json to {out}")
+    typer.echo(f"use them with data: {{shards: {out.resolve()}}}")
+
+
 @app.command("check-data")
 @user_errors
 def check_data_cmd(

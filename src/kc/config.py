@@ -40,8 +40,13 @@ class AugmentConfig(_Strict):
 class DataConfig(_Strict):
     manifest: Path | None = Field(None, description="CSV or JSONL manifest: path, labels[, split]")
     image_folder: Path | None = Field(None, description="root/<vertical>/<class>/<image> layout")
+    shards: Path | None = Field(
+        None, description="a folder of WebDataset tar shards (kc make-shards): <key>.<image ext> + <key>.json labels"
+    )
     image_root: Path | None = Field(None, description="root of manifest image paths (default: its folder)")
-    taxonomy: Path | None = Field(None, description="taxonomy JSON/YAML (needed with a manifest)")
+    taxonomy: Path | None = Field(
+        None, description="taxonomy JSON/YAML (needed with a manifest; with shards, default: <shards>/taxonomy.json)"
+    )
     split: SplitConfig = SplitConfig()
     image_size: int = Field(32, ge=8)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -55,8 +60,8 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
-        if (self.manifest is None) == (self.image_folder is None):
-            raise ValueError("give exactly one of 'manifest' or 'image_folder'")
+        if sum(x is not None for x in (self.manifest, self.image_folder, self.shards)) != 1:
+            raise ValueError("give exactly one of 'manifest', 'image_folder' or 'shards'")
         if self.manifest is not None and self.taxonomy is None:
             raise ValueError("a 'manifest' needs a 'taxonomy' file naming its classes and verticals")
         return self
@@ -257,6 +262,9 @@ def _absolutise(cfg: RunConfig, base: Path) -> RunConfig:
     cfg.run_dir = fix(cfg.run_dir)
     d = cfg.data
     d.manifest, d.image_folder, d.taxonomy = fix(d.manifest), fix(d.image_folder), fix(d.taxonomy)
+    d.shards = fix(d.shards)
+    if d.shards is not None:
+        d.image_root, d.taxonomy = d.shards, d.taxonomy or d.shards / "taxonomy.json"
     d.image_root = fix(d.image_root) if d.image_root else (d.manifest.parent if d.manifest else None)
     cfg.model.pretrained = fix(cfg.model.pretrained)
     return cfg

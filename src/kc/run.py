@@ -107,7 +107,9 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
     kept, skipped = check_images(samples, image_root, d.bad_images, progress=progress)
     splits = {s: [x for x in kept if x.split == s] for s in SPLITS}
     if not splits["train"]:
-        raise DataError(f"{d.manifest or d.image_folder}: no training images; check the split column or fractions")
+        raise DataError(
+            f"{d.manifest or d.image_folder or d.shards}: no training images; check the split column or fractions"
+        )
     data_dir.mkdir(parents=True, exist_ok=True)
     taxonomy.save(run_dir / "taxonomy.json")
     for s in SPLITS:

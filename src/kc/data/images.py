@@ -15,12 +15,15 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from kc.data.samples import Sample
+from kc.data.shards import image_source
 from kc.errors import DataError, format_problems
 
 
 def decode_rgb(source: Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
     """Open an image (a path or a binary file) as RGB, EXIF rotation applied. Raises OSError/ValueError on
     unreadable data, ImageTooLarge above `max_pixels` (checked from the header, before decoding)."""
+    if isinstance(source, Path):
+        source = image_source(source)  # a member of a .tar shard, or the file
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(source) as img:

@@ -38,10 +38,15 @@ class Sample:
 
 
 def load_source(d: DataConfig) -> tuple[Taxonomy, list[Sample], Path]:
-    """The configured data source (image folder, or manifest + taxonomy): taxonomy, samples, image root."""
+    """The configured data source (image folder, shards, or manifest + taxonomy): taxonomy, samples, image root."""
     if d.image_folder is not None:
         taxonomy, samples = load_image_folder(d.image_folder)
         return taxonomy, samples, d.image_folder
+    if d.shards is not None:
+        from kc.data.shards import load_shards
+
+        assert d.taxonomy is not None
+        return (taxonomy := Taxonomy.load(d.taxonomy)), load_shards(d.shards, taxonomy, d.expand_ancestors), d.shards
     assert d.manifest is not None and d.taxonomy is not None and d.image_root is not None
     taxonomy = Taxonomy.load(d.taxonomy)
     return taxonomy, load_manifest(d.manifest, d.image_root, taxonomy, d.expand_ancestors), d.image_root

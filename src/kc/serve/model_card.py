@@ -32,7 +32,7 @@ def model_card(run: Run, manifest: dict[str, Any], metrics: dict[str, Any] | Non
     check_path = run.dir / "data" / "check.json"
     check = read_json(check_path) if check_path.is_file() else {}
     data = run.cfg.data
-    source = data.manifest or data.image_folder
+    source = data.manifest or data.image_folder or data.shards
     verticals = "\n".join(
         f"| {v.id} | {v.name} | {taxonomy.vertical_size(i)} |" for i, v in enumerate(taxonomy.verticals)
     )
