@@ -118,7 +118,9 @@ def echo(text: str) -> None:
 @user_errors
 def generate_benchmark_cmd(
     out: Annotated[Path, typer.Argument(help="output directory")],
-    preset: Annotated[str, typer.Option(help="tiny | default | large")] = "default",
+    preset: Annotated[
+        str, typer.Option(help="tiny | default | large (images); features-1k | features-100k (precomputed features)")
+    ] = "default",
     verticals: Annotated[int | None, typer.Option()] = None,
     classes_per_vertical: Annotated[int | None, typer.Option()] = None,
     train_per_class: Annotated[int | None, typer.Option()] = None,
@@ -137,9 +139,10 @@ def generate_benchmark_cmd(
     from dataclasses import replace
 
     from kc.data.benchmark import PRESETS, generate_benchmark
+    from kc.data.feature_benchmark import FEATURE_PRESETS, generate_feature_benchmark
 
-    if preset not in PRESETS:
-        raise KCError(f"--preset: '{preset}' is not one of {', '.join(PRESETS)}")
+    if preset not in PRESETS and preset not in FEATURE_PRESETS:
+        raise KCError(f"--preset: '{preset}' is not one of {', '.join([*PRESETS, *FEATURE_PRESETS])}")
     given = {
         k: v
         for k, v in dict(
@@ -156,6 +159,14 @@ def generate_benchmark_cmd(
         ).items()
         if v is not None
     }
+    if preset in FEATURE_PRESETS:  # precomputed features: only these options apply
+        keys = {"verticals", "classes_per_vertical", "train_per_class", "label_noise", "seed"}
+        if set(given) - keys:
+            raise KCError(f"--preset {preset}: takes only {', '.join(sorted(keys))} of the options")
+        manifest = generate_feature_benchmark(out, replace(FEATURE_PRESETS[preset], **given))
+        typer.echo(f"wrote {manifest}, {out / 'features.npy'} and {out / 'taxonomy.json'}")
+        typer.echo("train heads on them with model: {backbone: kc_features, backbone_args: {dim: 128}}")
+        return
     spec = replace(PRESETS[preset], **given)
     manifest = generate_benchmark(out, spec, progress=bars(no_progress))
     typer.echo(f"wrote {manifest} and {out / 'taxonomy.json'}")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from kc.config import DataConfig
+from kc.data.features import is_feature_path, read_feature
 from kc.data.images import Preprocess, decode_rgb
 from kc.data.samples import Sample
 from kc.errors import DataError
@@ -43,6 +44,10 @@ class ImageDataset(Dataset):
         return self.preprocess.to_unit(img)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        sample = self.samples[index]
+        if is_feature_path(sample.path):  # a row of precomputed features: no pixels to augment or normalise
+            labels = torch.tensor(sample.labels, dtype=torch.long)
+            return read_feature(self.image_root, sample.path), labels, index
         x = self.load(index)
         if self.augment is not None and (self.augment.hflip or self.augment.crop_padding):
             gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)

@@ -14,6 +14,7 @@ from PIL import Image, ImageOps
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from kc.data.features import feature_problem, is_feature_path
 from kc.data.samples import Sample
 from kc.data.shards import image_source
 from kc.errors import DataError, format_problems
@@ -88,12 +89,17 @@ def check_images(
     samples: list[Sample], image_root: Path, policy: str, threads: int = 4, progress: bool = True
 ) -> tuple[list[Sample], list[dict[str, str]]]:
     """Decode every image once. policy 'fail': raise listing every bad image; 'skip': drop and report them."""
-    paths = [image_root / s.path for s in samples]
+
+    def problem(sample: Sample) -> str | None:
+        if is_feature_path(sample.path):
+            return feature_problem(image_root, sample.path)
+        return image_problem(image_root / sample.path)
+
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = list(
             tqdm(
-                pool.map(image_problem, paths),
-                total=len(paths),
+                pool.map(problem, samples),
+                total=len(samples),
                 desc="checking images",
                 disable=not progress,
                 leave=False,

@@ -85,7 +85,8 @@ def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ances
         if split is not None and split not in SPLITS:
             problems.append(f"{where}: split '{split}' is not one of {', '.join(SPLITS)}")
             ok = False
-        if not (image_root / rel).is_file():
+        file = rel.rpartition("#")[0] if ".npy#" in rel else rel  # '<file>.npy#<row>': a row of features
+        if not (image_root / file).is_file():
             problems.append(f"{where}: image file not found: {image_root / rel}")
             ok = False
         if ok:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+import kc.data.features  # noqa: F401  (registers kc_features with timm)
 import kc.models.convnet  # noqa: F401  (registers kc_convnet with timm)
 from kc.config import ModelConfig
 from kc.errors import CheckpointError, ConfigError

@@ -1,0 +1,73 @@
+"""Precomputed features: the feature benchmark, manifests naming .npy rows, and heads trained on them."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kc.config import config_from_dict
+from kc.data.dataset import ImageDataset
+from kc.data.feature_benchmark import FeatureBenchmarkSpec, generate_feature_benchmark
+from kc.errors import DataError
+from kc.run import prepare_run
+from kc.train.generalist import train_generalist
+
+SPEC = FeatureBenchmarkSpec(verticals=3, classes_per_vertical=8, train_per_class=20, val_images=60, test_images=60)
+
+
+def feature_config(bench, run_dir, manifest="manifest.jsonl"):
+    return config_from_dict(
+        {
+            "run_dir": str(run_dir),
+            "data": {"manifest": str(bench / manifest), "taxonomy": str(bench / "taxonomy.json")},
+            "model": {"backbone": "kc_features", "backbone_args": {"dim": SPEC.dim}, "head": {"hidden": [32, 16]}},
+            "generalist": {"epochs": 3, "batch_size": 32, "optimizer": {"name": "adamw", "lr": 0.01}},
+        }
+    )
+
+
+def test_feature_benchmark_is_seeded_and_structured(tmp_path):
+    a = generate_feature_benchmark(tmp_path / "a", SPEC)
+    b = generate_feature_benchmark(tmp_path / "b", SPEC)
+    assert (tmp_path / "a/features.npy").read_bytes() == (tmp_path / "b/features.npy").read_bytes()
+    assert a.read_text() == b.read_text()
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    assert len(rows) == 3 * 8 * 20 + 60 + 60
+    features = np.load(tmp_path / "a/features.npy")
+    assert features.shape == (len(rows), SPEC.dim) and features.dtype == np.float16
+    # Verticals lie far apart, a vertical's classes close together: mean distance to the own vertical's class
+    # centres is below that to another vertical's.
+    labels = np.array([int(r["labels"][0][1:4]) * 8 + int(r["labels"][0][-3:]) for r in rows])
+    centres = np.stack([features[labels == c].astype(np.float32).mean(0) for c in range(24)])
+    d = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    same = np.array([[i // 8 == j // 8 and i != j for j in range(24)] for i in range(24)])
+    other = np.array([[i // 8 != j // 8 for j in range(24)] for i in range(24)])
+    assert d[same].mean() < 0.5 * d[other].mean()
+
+
+def test_heads_train_on_feature_rows(tmp_path):
+    generate_feature_benchmark(tmp_path / "bench", SPEC)
+    run = prepare_run(feature_config(tmp_path / "bench", tmp_path / "run"), progress=False)
+    features = np.load(tmp_path / "bench/features.npy")
+    dataset = ImageDataset(run.splits["train"], run.image_root, run.cfg.data, train=True)
+    x, labels, index = dataset[5]
+    row = int(run.splits["train"][5].path.split("#")[1])
+    assert torch.equal(x, torch.from_numpy(features[row].astype(np.float32)))  # no augmentation, no normalising
+    result = train_generalist(run, progress=False, verbose=False)
+    assert result.best_metric > 100 / 24 * 2  # well above chance (1/24 of the classes per image)
+
+
+def test_bad_feature_rows_are_reported_with_their_line(tmp_path):
+    bench = tmp_path / "bench"
+    generate_feature_benchmark(bench, SPEC)
+    lines = (bench / "manifest.jsonl").read_text().splitlines()
+    for number, (path, why) in enumerate(
+        [("features.npy#999999", "row 999999 outside its"), ("missing.npy#1", "image file not found")]
+    ):
+        bad = list(lines)
+        bad[3] = json.dumps({"path": path, "labels": ["v000.c000"], "split": "train"})
+        (bench / "bad.jsonl").write_text("\n".join(bad) + "\n")
+        with pytest.raises(DataError) as err:
+            prepare_run(feature_config(bench, tmp_path / f"run{number}", "bad.jsonl"), progress=False)
+        assert "bad.jsonl:4" in str(err.value) and why in str(err.value)
