@@ -31,7 +31,8 @@ def generalist(config, wait=True):
 def wait_for_checkpoint(run_dir, process, step=1):
     """Until the stage's last checkpoint is at `step` or later (12 epochs x 9 steps, one checkpoint every 2)."""
     last = run_dir / "generalist" / "checkpoints" / "last.json"
-    for _ in range(3000):
+    deadline = time.monotonic() + 120  # generous: on a loaded machine, starting Python and torch takes a while
+    while time.monotonic() < deadline:
         if process.poll() is not None:
             return
         try:

@@ -51,3 +51,22 @@ def test_backbone_errors(tmp_path):
     save_file({"unrelated": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="match by name and shape"):
         create_backbone(ModelConfig(pretrained=tmp_path / "other.safetensors"))
+
+
+def test_prior_output_bias_starts_every_class_improbable():
+    import math
+
+    from kc.train.generalist import model_fingerprint
+
+    cfg = ModelConfig(backbone="kc_features", backbone_args={"dim": 16}, head={"hidden": [8], "output_bias": "prior"})
+    model = build_classifier(cfg, 10_000)
+    torch.testing.assert_close(model.head.out.bias, torch.full((10_000,), -math.log(10_000)))
+    features = torch.randn(4, 16)
+    targets = torch.zeros(4, 10_000)
+    targets[:, 0] = 1
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(features), targets, reduction="sum") / 4
+    assert loss < 25  # vs 10,000 * log(2) = 6,931 with PyTorch's default init
+    # Runs trained before the key existed keep their checkpoints' fingerprint; setting it changes it.
+    default = ModelConfig(backbone="kc_features", backbone_args={"dim": 16}, head={"hidden": [8]})
+    assert "output_bias" not in model_fingerprint(default)
+    assert "output_bias" in model_fingerprint(cfg)

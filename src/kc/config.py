@@ -73,6 +73,11 @@ class HeadConfig(_Strict):
         description="widths of the dense layers before the output layer: FC(s1)-FC(s2) in the paper",
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    output_bias: Literal["prior"] | None = Field(
+        None,
+        description="prior: output biases start at -log(classes) (every class starts improbable, as it is), so a "
+        "huge vocabulary's sigmoid loss does not start at log(2) per class; null: PyTorch's default init",
+    )
 
 
 class ModelConfig(_Strict):

@@ -33,7 +33,7 @@ from kc.taxonomy import ClassInfo, Taxonomy, Vertical
 class FeatureBenchmarkSpec:
     verticals: int = 1000
     classes_per_vertical: int = 100
-    train_per_class: int = 4
+    train_per_class: int = 8
     val_images: int = 2000
     test_images: int = 4000
     dim: int = 128

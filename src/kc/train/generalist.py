@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kc.config import TrainConfig
+from kc.config import ModelConfig, TrainConfig
 from kc.data.dataset import ImageDataset
 from kc.run import Run
 from kc.train.common import (
@@ -18,7 +18,7 @@ from kc.train.common import (
     start_from_generalist,
     validation_fn,
 )
-from kc.train.trainer import Trainer, TrainResult, resolve_device
+from kc.train.trainer import Trainer, TrainResult, fingerprint_data, resolve_device
 
 
 def _train_on_ground_truth(
@@ -33,7 +33,7 @@ def _train_on_ground_truth(
     if tcfg.loss == "softmax":
         check_single_label(run)
     device = resolve_device(cfg.device)
-    fingerprint = run.taxonomy.fingerprint() + str(cfg.model.model_dump(mode="json"))
+    fingerprint = run.taxonomy.fingerprint() + model_fingerprint(cfg.model)
     if stage == GENERALIST:
         model = new_generalist_model(run)
     else:  # the control: the trained generalist, in the student's head structure
@@ -59,6 +59,11 @@ def _train_on_ground_truth(
         name=stage,
     )
     return trainer.fit()
+
+
+def model_fingerprint(model: ModelConfig) -> str:
+    """The model config as the checkpoints of the generalist and the control record it."""
+    return str(fingerprint_data(model.model_dump(mode="json")))
 
 
 def train_generalist(

@@ -169,6 +169,19 @@ def config_digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Config keys added after runs were first trained, with the value that means "as before": at that value they are
+# left out of checkpoint fingerprints, so that a run trained before the key existed still resumes (and its
+# finished stages are still skipped). A new key that changes nothing at its default belongs here.
+LATER_KEYS: dict[str, Any] = {"sampled_negatives": None, "output_bias": None}
+
+
+def fingerprint_data(data: Any) -> Any:
+    """Config data (model_dump) without the later keys at their 'as before' value."""
+    if isinstance(data, dict):
+        return {k: fingerprint_data(v) for k, v in data.items() if not (k in LATER_KEYS and v == LATER_KEYS[k])}
+    return data
+
+
 @dataclass
 class TrainResult:
     best_weights: Path
@@ -210,7 +223,7 @@ class Trainer:
         self.device = torch.device(device)
         self.select_metric = select_metric
         # What must not change between a run and its resumption: the training config and the stage's inputs.
-        self.fingerprint = config_digest(cfg.model_dump(mode="json"), fingerprint, seed)
+        self.fingerprint = config_digest(fingerprint_data(cfg.model_dump(mode="json")), fingerprint, seed)
         self.num_workers = num_workers
         self.progress = progress
         self.verbose = verbose
