@@ -303,7 +303,7 @@ def specialists_cmd(
     run = _open_distributed_run(config, set_, bars(no_progress))
     if jobs > 1:
         _refuse_under_torchrun("--jobs")
-        run_shard_jobs(run, "specialists", jobs, [arg for o in set_ or [] for arg in ("--set", o)])
+        run_shard_jobs(run, "specialists", jobs, set_)
         return
     for vertical, result in train_specialists(run, only, shard, progress=bars(no_progress)).items():
         echo(f"specialist {vertical}: best epoch {result.best_epoch}, val mAP {result.best_metric}")
@@ -344,8 +344,7 @@ def cache_targets_cmd(
     run = _open_distributed_run(config, set_, bars(no_progress))
     if jobs > 1:
         _refuse_under_torchrun("--jobs")
-        extra = [arg for o in set_ or [] for arg in ("--set", o)] + (["--top-k", str(top_k)] if top_k else [])
-        run_shard_jobs(run, "cache-targets", jobs, extra)
+        run_shard_jobs(run, "cache-targets", jobs, set_, ("--top-k", str(top_k)) if top_k else ())
         index = write_index(run)
     else:
         verticals = shard_verticals(run, shard) if shard else None

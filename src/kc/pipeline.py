@@ -52,7 +52,7 @@ def run_pipeline(
 
     def specialists() -> None:
         if specialist_jobs > 1:
-            run_shard_jobs(run, "specialists", specialist_jobs, [a for o in overrides or [] for a in ("--set", o)])
+            run_shard_jobs(run, "specialists", specialist_jobs, overrides)
         else:
             train_specialists(run, **kw)
 

@@ -28,9 +28,12 @@ def shard_verticals(run: Run, shard: str) -> list[int]:
     return [v for v in range(run.taxonomy.num_verticals) if v % count == index]
 
 
-def run_shard_jobs(run: Run, command: str, jobs: int, extra: list[str]) -> None:
-    """`kc COMMAND RUN --shard I/N EXTRA...` for I in 0..N-1 as local processes at once, each with an equal share of
-    the CPU threads and, on a machine with GPUs, device I mod (GPU count)."""
+def run_shard_jobs(
+    run: Run, command: str, jobs: int, overrides: list[str] | None = None, extra: tuple[str, ...] = ()
+) -> None:
+    """`kc COMMAND RUN --shard I/N [--set OVERRIDE]... EXTRA...` for I in 0..N-1 as local processes at once, each
+    with an equal share of the CPU threads and, on a machine with GPUs, device I mod (GPU count)."""
+    extra = (*(arg for o in overrides or [] for arg in ("--set", o)), *extra)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     gpus = torch.cuda.device_count()
     processes = []
@@ -39,7 +42,7 @@ def run_shard_jobs(run: Run, command: str, jobs: int, extra: list[str]) -> None:
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
         argv = [sys.executable, "-m", "kc.cli", command, str(run.dir), "--shard", f"{index}/{jobs}", "--no-progress"]
-        processes.append(subprocess.Popen(argv + extra, env=env))
+        processes.append(subprocess.Popen([*argv, *extra], env=env))
     failed = [i for i, p in enumerate(processes) if p.wait() != 0]
     if failed:
         raise KCError(
