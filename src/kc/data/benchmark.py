@@ -25,6 +25,7 @@ Everything follows from ``seed``: the same spec writes the same bytes.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -206,14 +207,26 @@ def _mislabel(obj: tuple[int, int], classes: int, rate: float, rng: np.random.Ge
     return v, k
 
 
+def grid_taxonomy(
+    verticals: int, classes_per_vertical: int, digits: int, source: str, describe: Callable[[int], str] | None = None
+) -> Taxonomy:
+    """Verticals v00.. (`digits` wide), each with classes vNN.c000..; `describe(v)` is added to vertical names."""
+    vid = [f"v{v:0{digits}d}" for v in range(verticals)]
+    extra = [f" ({describe(v)})" if describe else "" for v in range(verticals)]
+    return Taxonomy(
+        [Vertical(vid[v], f"vertical {vid[v][1:]}{extra[v]}") for v in range(verticals)],
+        [
+            ClassInfo(f"{vid[v]}.c{k:03d}", f"class {k:03d} of vertical {vid[v][1:]}", vid[v])
+            for v in range(verticals)
+            for k in range(classes_per_vertical)
+        ],
+        source=source,
+    )
+
+
 def benchmark_taxonomy(spec: BenchmarkSpec) -> Taxonomy:
-    verticals = [Vertical(f"v{v:02d}", f"vertical {v:02d} ({SHAPES[v % len(SHAPES)]})") for v in range(spec.verticals)]
-    classes = [
-        ClassInfo(f"v{v:02d}.c{k:03d}", f"class {k:03d} of vertical {v:02d}", f"v{v:02d}")
-        for v in range(spec.verticals)
-        for k in range(spec.classes_per_vertical)
-    ]
-    return Taxonomy(verticals, classes, source="benchmark")
+    shape = lambda v: SHAPES[v % len(SHAPES)]  # noqa: E731
+    return grid_taxonomy(spec.verticals, spec.classes_per_vertical, 2, "benchmark", shape)
 
 
 def generate_benchmark(out: Path, spec: BenchmarkSpec, progress: bool = True) -> Path:

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kc.data.benchmark import grid_taxonomy
 from kc.io import atomic_write, atomic_write_text
-from kc.taxonomy import ClassInfo, Taxonomy, Vertical
+from kc.taxonomy import Taxonomy
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,4 @@ def generate_feature_benchmark(out: Path, spec: FeatureBenchmarkSpec) -> Path:
 
 
 def feature_taxonomy(spec: FeatureBenchmarkSpec) -> Taxonomy:
-    verticals = [Vertical(f"v{v:03d}", f"vertical {v:03d}") for v in range(spec.verticals)]
-    classes = [
-        ClassInfo(f"v{v:03d}.c{k:03d}", f"class {k:03d} of vertical {v:03d}", f"v{v:03d}")
-        for v in range(spec.verticals)
-        for k in range(spec.classes_per_vertical)
-    ]
-    return Taxonomy(verticals, classes, source="feature benchmark")
+    return grid_taxonomy(spec.verticals, spec.classes_per_vertical, 3, "feature benchmark")
