@@ -6,9 +6,15 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from kc.config import TrainConfig
+from conftest import tiny_config
+from kc.config import TrainConfig, config_from_dict
+from kc.data.dataset import ImageDataset, collate, dense_targets
 from kc.models.self_paced import SelfPacedScales
+from kc.run import prepare_run
+from kc.train.common import CONTROL, STUDENT, block_norms, start_from_generalist
+from kc.train.generalist import train_generalist
 from kc.train.trainer import Trainer
 
 VOC = [0, 0, 0, 1, 1, 2, 2, 2, 2]  # verticals of 3, 2 and 4 classes
@@ -132,3 +138,36 @@ def test_scales_survive_checkpoint_and_resume(tmp_path):
     assert not torch.equal(straight[1].gamma, make()[1].gamma)  # it did train
     history = json.loads((tmp_path / "b" / "checkpoints" / "last.json").read_text())["history"]
     assert [round(h["gamma/v0"], 6) for h in history][-1] == round(float(resumed[1].gamma[0].detach()), 6)
+
+
+def test_scales_started_from_the_generalist_keep_its_outputs(tmp_path, tiny_benchmark):
+    """init 'generalist': each vertical's scale starts at the median norm of the generalist's logit blocks, so the
+    student starts near the generalist's function; sqrt(N_v) is far from it once logits carry the prior bias."""
+    cfg = tiny_config(tiny_benchmark, tmp_path / "run", epochs=1)
+    cfg["model"]["head"]["output_bias"] = "prior"
+    run = prepare_run(config_from_dict(cfg), progress=False)
+    train_generalist(run, progress=False, verbose=False)
+    generalist = start_from_generalist(run, CONTROL).eval()
+    batch = next(
+        iter(
+            DataLoader(
+                ImageDataset(run.splits["train"], run.image_root, run.cfg.data, train=False), 64, collate_fn=collate
+            )
+        )
+    )
+    targets = dense_targets(batch["labels"], run.taxonomy.num_classes)
+
+    def start(init):
+        run.cfg.student.self_paced.init = init
+        student = start_from_generalist(run, STUDENT).eval()
+        with torch.no_grad():
+            return student, nn.functional.binary_cross_entropy_with_logits(student(batch["images"]), targets)
+
+    with torch.no_grad():
+        reference = nn.functional.binary_cross_entropy_with_logits(generalist(batch["images"]), targets)
+    measured, from_generalist = start("generalist")
+    torch.testing.assert_close(measured.output_scales.gamma, block_norms(run, generalist))
+    sizes = torch.tensor([run.taxonomy.vertical_size(v) for v in range(run.taxonomy.num_verticals)])
+    assert (measured.output_scales.gamma > 2 * sizes.sqrt()).all()  # prior-biased logits: norms far above sqrt(N_v)
+    _, from_sqrt = start("sqrt")
+    assert abs(from_generalist - reference) < 0.2 * abs(from_sqrt - reference)

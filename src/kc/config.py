@@ -163,8 +163,11 @@ class SelfPacedConfig(_Strict):
         description="vertical: one learned scale per vertical (the paper's best, and the best measured here); "
         "class: one per class; fixed: not trained; none: plain logits",
     )
-    init: Literal["sqrt"] | float = Field(
-        "sqrt", description="initial scale: sqrt(classes in the vertical), or a number"
+    init: Literal["sqrt", "generalist"] | float = Field(
+        "sqrt",
+        description="initial scale: sqrt(classes in the vertical) (the paper); generalist: the median norm of the "
+        "vertical's block of generalist logits on training images, so that the student starts as the generalist "
+        "(use it with model.head.output_bias: prior, whose logits have norms far above sqrt(N_v)); or a number",
     )
     init_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the initial scales")
     lr_multiplier: float = Field(
@@ -217,6 +220,13 @@ class StudentConfig(TrainConfig):
     unselected: Literal["zero", "ignore"] = Field(
         "zero",
         description="classes of verticals no teacher was selected for: target 0 (paper), or no distillation loss there",
+    )
+    sampled_verticals: int | None = Field(
+        None,
+        ge=1,
+        description="per step, the loss covers each image's own verticals plus this many other verticals drawn for "
+        "the batch (scaled to estimate the full loss without bias), and only their logits are computed: a "
+        "100K-class student step costs about what the generalist's sampled step does; unset = every class",
     )
 
 

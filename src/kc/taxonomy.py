@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,12 +55,13 @@ class Taxonomy:
         self.classes = sorted(classes, key=lambda c: self.vertical_index[c.vertical])
         self.class_index = {c.id: i for i, c in enumerate(self.classes)}
         self.vertical_of_class = [self.vertical_index[c.vertical] for c in self.classes]
+        counts = Counter(self.vertical_of_class)
         self.vertical_ranges: list[tuple[int, int]] = []
         start = 0
         for v in range(len(self.verticals)):
-            end = start + sum(1 for x in self.vertical_of_class if x == v)
-            self.vertical_ranges.append((start, end))
-            start = end
+            self.vertical_ranges.append((start, start + counts[v]))
+            start += counts[v]
+        self._fingerprint: str | None = None
 
     # ----------------------------------------------------------------------------------------------- sizes
     @property
@@ -93,8 +95,10 @@ class Taxonomy:
 
     def fingerprint(self) -> str:
         """Hash of the class list and vertical assignment: checkpoints and caches record it to detect mismatches."""
-        text = json.dumps([[c.id, c.vertical] for c in self.classes])
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        if self._fingerprint is None:  # asked once per stage and specialist: 0.16 s each at 100K classes
+            text = json.dumps([[c.id, c.vertical] for c in self.classes])
+            self._fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return self._fingerprint
 
     # ------------------------------------------------------------------------------------------------- io
     def to_dict(self) -> dict[str, Any]:

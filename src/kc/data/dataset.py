@@ -72,8 +72,11 @@ def collate(batch: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, to
     return {"images": images, "labels": labels, "index": torch.tensor([b[2] for b in batch])}
 
 
-def dense_targets(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, L) padded label indices -> (B, C) multi-hot float targets."""
+def dense_targets(labels: torch.Tensor, num_classes: int, first_class: int = 0) -> torch.Tensor:
+    """(B, L) padded label indices -> (B, num_classes) multi-hot float targets over the classes
+    [first_class, first_class + num_classes) (a specialist's vertical; by default every class)."""
+    shifted = labels - first_class
+    inside = (labels >= 0) & (shifted >= 0) & (shifted < num_classes)
     targets = torch.zeros(labels.shape[0], num_classes + 1, device=labels.device)
-    targets.scatter_(1, labels.clamp(min=-1) % (num_classes + 1), 1.0)  # -1 lands in the extra column
+    targets.scatter_(1, torch.where(inside, shifted, num_classes), 1.0)  # labels elsewhere land in the extra column
     return targets[:, :num_classes]

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kc.data.dataset import ImageDataset, collate
-from kc.distill.targets import SoftTargets, selected_verticals
+from kc.distill.targets import BlockTargets, Teachers
 from kc.errors import CheckpointError
 from kc.io import atomic_write, atomic_write_json, read_json
 from kc.run import Run
@@ -171,8 +171,8 @@ def cache_bytes(run: Run) -> int:
     return sum(p.stat().st_size for p in cache_dir(run).glob("teacher_*.npy"))
 
 
-class CachedTeachers:
-    """Soft targets from the cache, built as `OnlineTeachers` builds them (same SoftTargets), by training index."""
+class CachedTeachers(Teachers):
+    """Soft targets from the cache, built as `OnlineTeachers` builds them (same targets), by training index."""
 
     def __init__(
         self,
@@ -212,10 +212,7 @@ class CachedTeachers:
                 f"{directory}: the cache keeps the top {kept} logits, fewer than student.top_k={top_k} "
                 f"(verticals {', '.join(short[:10])}); rebuild it with `kc cache-targets RUN --top-k {top_k}`"
             )
-        self.ranges = taxonomy.vertical_ranges
-        self.vertical_of_class = torch.tensor(taxonomy.vertical_of_class)
-        self.num_classes, self.num_verticals = taxonomy.num_classes, taxonomy.num_verticals
-        self.top_k, self.temperature, self.unselected = top_k, temperature, unselected
+        super().__init__(taxonomy, top_k, temperature, unselected)
         # Per shard: the sorted training indices of its images (searched per batch), and the memory-mapped arrays.
         self.rows, self.logits, self.classes = [], [], []
         for v in range(taxonomy.num_verticals):
@@ -224,29 +221,18 @@ class CachedTeachers:
             self.logits.append(np.load(directory / f"{prefix}.logits.npy", mmap_mode="r"))
             self.classes.append(np.load(directory / f"{prefix}.classes.npy", mmap_mode="r"))
 
-    def to(self, device: torch.device) -> CachedTeachers:
-        self.vertical_of_class = self.vertical_of_class.to(device)
-        return self
-
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor) -> SoftTargets:
-        device = labels.device
-        selected = selected_verticals(labels, self.vertical_of_class, self.num_verticals)
-        values = torch.zeros(labels.shape[0], self.num_classes, device=device)
-        picked = selected.cpu().numpy()
-        indices = sample_index.cpu().numpy()
-        for v in np.flatnonzero(picked.any(axis=0)).tolist():
-            batch_rows = np.flatnonzero(picked[:, v])
-            where = np.searchsorted(self.rows[v], indices[batch_rows])
+    def blocks(self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor) -> BlockTargets:
+        selected, rows, verticals, values = self.pairs(labels)
+        indices = sample_index.cpu().numpy()[rows.cpu().numpy()]
+        pair_verticals = verticals.cpu().numpy()
+        for v in np.unique(pair_verticals).tolist():
+            pairs = np.flatnonzero(pair_verticals == v)
+            where = np.searchsorted(self.rows[v], indices[pairs])
             k = min(self.top_k, self.logits[v].shape[1])
-            z = torch.from_numpy(np.ascontiguousarray(self.logits[v][where, :k])).to(device)
-            cls = torch.from_numpy(np.ascontiguousarray(self.classes[v][where, :k])).long().to(device)
-            start = self.ranges[v][0]
-            block = torch.zeros(len(batch_rows), self.ranges[v][1] - start, device=device)
+            z = torch.from_numpy(np.ascontiguousarray(self.logits[v][where, :k])).to(values.device)
+            cls = torch.from_numpy(np.ascontiguousarray(self.classes[v][where, :k])).long().to(values.device)
+            block = torch.zeros(len(pairs), self.vertical_sizes[v], device=values.device)
             block.scatter_(1, cls, torch.sigmoid(z / self.temperature))
-            values[torch.from_numpy(batch_rows).to(device), start : self.ranges[v][1]] = block
-        if self.unselected == "zero":
-            defined = torch.ones_like(values, dtype=torch.bool)
-        else:
-            defined = selected[:, self.vertical_of_class]
-        return SoftTargets(values, defined, selected)
+            values[torch.from_numpy(pairs).to(values.device), : block.shape[1]] = block
+        return BlockTargets(rows, verticals, values, selected)

@@ -12,6 +12,29 @@ import torch.nn.functional as F
 from kc.distill.targets import SoftTargets
 
 
+def entry_losses(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    truth: torch.Tensor,
+    distill_weight: torch.Tensor,
+    *,
+    mode: str = "none",
+    truth_weight: float = 0.5,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """The loss of each (image, class) entry: the distillation term (times `distill_weight`) mixed with the truth.
+
+    mode none: targets z* (the paper); max: targets max(y, z*); weighted: (1-w) KD + w GT."""
+    t = temperature
+    distill_targets = torch.maximum(targets, truth) if mode == "max" else targets
+    terms = F.binary_cross_entropy_with_logits(logits / t, distill_targets, reduction="none") * (t * t)
+    terms = terms * distill_weight
+    if mode == "weighted":
+        truth_terms = F.binary_cross_entropy_with_logits(logits, truth, reduction="none")
+        terms = (1 - truth_weight) * terms + truth_weight * truth_terms
+    return terms
+
+
 def distillation_loss(
     student_logits: torch.Tensor,
     soft: SoftTargets,
@@ -23,14 +46,10 @@ def distillation_loss(
     truth_weight: float = 0.5,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """mode none: targets z* (the paper); max: targets max(y, z*); weighted: (1-w) KD + w GT."""
+    """The loss over every class (the paper's): `entry_losses` summed, averaged over images."""
     logits = student_logits.float()
-    targets = torch.maximum(soft.values, ground_truth) if mode == "max" else soft.values
-    t = temperature
-    per_entry = F.binary_cross_entropy_with_logits(logits / t, targets, reduction="none") * (t * t)
     weights = vertical_weights[vertical_of_class].unsqueeze(0) * soft.defined
-    loss = (per_entry * weights).sum() / logits.shape[0]
-    if mode == "weighted":
-        truth = F.binary_cross_entropy_with_logits(logits, ground_truth, reduction="sum") / logits.shape[0]
-        loss = (1 - truth_weight) * loss + truth_weight * truth
-    return loss
+    terms = entry_losses(
+        logits, soft.values, ground_truth, weights, mode=mode, truth_weight=truth_weight, temperature=temperature
+    )
+    return terms.sum() / logits.shape[0]

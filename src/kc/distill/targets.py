@@ -4,6 +4,9 @@ For each image, the verticals of its ground-truth labels select its teachers. Te
 sigma(t / T) over v's classes; the top K are kept and the rest set to 0. Classes of verticals no teacher was
 selected for get target 0 (``unselected: zero``, the paper), or carry no distillation loss at all
 (``unselected: ignore``): `SoftTargets.defined` says which entries the loss may use.
+
+Teachers give their targets as `BlockTargets`, one row per (image, selected vertical) pair over that vertical's
+classes: what the sampled student loss reads. `SoftTargets` spreads them over every class (the full loss).
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ class SoftTargets:
     selected: torch.Tensor  # (B, V) bool: the teachers each image was taught by
 
 
+@dataclass
+class BlockTargets:
+    rows: torch.Tensor  # (P,) the image of each (image, selected vertical) pair, ascending
+    verticals: torch.Tensor  # (P,) the pair's vertical, ascending within an image
+    values: torch.Tensor  # (P, S) targets over the vertical's classes in order, zero-padded to S (largest vertical)
+    selected: torch.Tensor  # (B, V) bool: the teachers each image was taught by
+
+
 def selected_verticals(labels: torch.Tensor, vertical_of_class: torch.Tensor, num_verticals: int) -> torch.Tensor:
     """(B, L) padded label indices -> (B, V) bool: the verticals of each image's labels."""
     selected = torch.zeros(labels.shape[0], num_verticals + 1, dtype=torch.bool, device=labels.device)
@@ -39,7 +50,53 @@ def keep_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(1, top.indices, top.values)
 
 
-class OnlineTeachers:
+class Teachers:
+    """What the online and the cached teachers share: the taxonomy's layout and the targets' settings. A subclass
+    fills `blocks(images, labels, sample_index)`; calling the teachers gives dense `SoftTargets`."""
+
+    def __init__(self, taxonomy: Taxonomy, top_k: int, temperature: float, unselected: str = "zero"):
+        self.num_classes, self.num_verticals = taxonomy.num_classes, taxonomy.num_verticals
+        self.starts = torch.tensor([a for a, _ in taxonomy.vertical_ranges], dtype=torch.long)
+        self.vertical_sizes = [b - a for a, b in taxonomy.vertical_ranges]
+        self.sizes = torch.tensor(self.vertical_sizes, dtype=torch.long)
+        self.vertical_of_class = torch.tensor(taxonomy.vertical_of_class, dtype=torch.long)
+        self.top_k, self.temperature, self.unselected = top_k, temperature, unselected
+
+    def to(self, device: torch.device) -> Teachers:
+        self.starts, self.sizes = self.starts.to(device), self.sizes.to(device)
+        self.vertical_of_class = self.vertical_of_class.to(device)
+        return self
+
+    def pairs(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """selected (B, V), the pairs' rows and verticals (P,), and zero targets (P, S) to fill."""
+        selected = selected_verticals(labels, self.vertical_of_class, self.num_verticals)
+        rows, verticals = selected.nonzero(as_tuple=True)
+        width = int(self.sizes[verticals].max()) if len(verticals) else 0
+        return selected, rows, verticals, torch.zeros(len(rows), width, device=labels.device)
+
+    def blocks(
+        self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
+    ) -> BlockTargets:
+        raise NotImplementedError
+
+    def __call__(
+        self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
+    ) -> SoftTargets:
+        blocks = self.blocks(images, labels, sample_index)
+        values = torch.zeros(labels.shape[0], self.num_classes, device=labels.device)
+        offsets = torch.arange(blocks.values.shape[1], device=labels.device)
+        valid = offsets < self.sizes[blocks.verticals].unsqueeze(1)
+        columns = self.starts[blocks.verticals].unsqueeze(1) + offsets
+        rows = blocks.rows.unsqueeze(1).expand_as(columns)
+        values[rows[valid], columns[valid]] = blocks.values[valid]
+        if self.unselected == "zero":
+            defined = torch.ones_like(values, dtype=torch.bool)
+        else:
+            defined = blocks.selected[:, self.vertical_of_class]
+        return SoftTargets(values, defined, blocks.selected)
+
+
+class OnlineTeachers(Teachers):
     """The specialists, frozen in eval mode, run on the images that select them (one batched pass per teacher)."""
 
     def __init__(
@@ -47,34 +104,24 @@ class OnlineTeachers:
     ):
         if len(teachers) != taxonomy.num_verticals:
             raise ValueError(f"{len(teachers)} teachers for {taxonomy.num_verticals} verticals")
+        super().__init__(taxonomy, top_k, temperature, unselected)
         self.teachers = teachers
         for t in teachers:
             t.eval().requires_grad_(False)
-        self.ranges = taxonomy.vertical_ranges
-        self.vertical_of_class = torch.tensor(taxonomy.vertical_of_class)
-        self.num_classes = taxonomy.num_classes
-        self.top_k = top_k
-        self.temperature = temperature
-        self.unselected = unselected
 
     def to(self, device: torch.device) -> OnlineTeachers:
+        super().to(device)
         self.teachers = [t.to(device) for t in self.teachers]
-        self.vertical_of_class = self.vertical_of_class.to(device)
         return self
 
     @torch.no_grad()
-    def __call__(
+    def blocks(
         self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
-    ) -> SoftTargets:
-        selected = selected_verticals(labels, self.vertical_of_class, len(self.teachers))
-        values = torch.zeros(images.shape[0], self.num_classes, device=images.device)
-        for v in selected.any(dim=0).nonzero().flatten().tolist():
-            rows = selected[:, v].nonzero().flatten()
-            start, end = self.ranges[v]
-            logits = self.teachers[v](images[rows]).float()[:, : end - start]  # an 'other' output is not a class
-            values[rows, start:end] = keep_top_k(torch.sigmoid(logits / self.temperature), self.top_k)
-        if self.unselected == "zero":
-            defined = torch.ones_like(values, dtype=torch.bool)
-        else:
-            defined = selected[:, self.vertical_of_class]
-        return SoftTargets(values, defined, selected)
+    ) -> BlockTargets:
+        selected, rows, verticals, values = self.pairs(labels)
+        for v in verticals.unique().tolist():
+            pairs = (verticals == v).nonzero().flatten()
+            size = self.vertical_sizes[v]
+            logits = self.teachers[v](images[rows[pairs]]).float()[:, :size]  # an 'other' output is not a class
+            values[pairs, :size] = keep_top_k(torch.sigmoid(logits / self.temperature), self.top_k)
+        return BlockTargets(rows, verticals, values, selected)

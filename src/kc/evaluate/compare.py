@@ -68,15 +68,19 @@ def score_models(run: Run, split: str = "test", progress: bool = False) -> tuple
     C, n = run.taxonomy.num_classes, len(samples)
     batch_size = run.cfg.generalist.eval_batch_size
 
-    def run_model(model: torch.nn.Module, desc: str) -> tuple[np.ndarray, np.ndarray, float]:
+    def run_model(
+        model: torch.nn.Module, desc: str, classes: tuple[int, int] = (0, C)
+    ) -> tuple[np.ndarray, np.ndarray, float]:
+        """Scores, targets over `classes` (a specialist's vertical: no (N, C) matrix per specialist), seconds."""
         scores, targets, rate = predict(
             model,
             samples,
             run.image_root,
             run.cfg.data,
-            C,
+            classes[1] - classes[0],
             batch_size=batch_size,
             device=device,
+            first_class=classes[0],
             progress=progress,
             desc=desc,
         )
@@ -93,7 +97,7 @@ def score_models(run: Run, split: str = "test", progress: bool = False) -> tuple
     spec_seconds, spec_params = 0.0, 0
     for v, model in enumerate(specialists):
         start, end = run.taxonomy.vertical_ranges[v]
-        scores, _, seconds = run_model(model, f"specialist {v}")
+        scores, _, seconds = run_model(model, f"specialist {v}", (start, end))
         oracle[:, start:end] = scores[:, : end - start]
         spec_seconds += seconds
         spec_params += count_parameters(model)

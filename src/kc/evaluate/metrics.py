@@ -15,17 +15,22 @@ import numpy as np
 from kc.taxonomy import Taxonomy
 
 
-def verified_targets(targets: np.ndarray, samples: list[Any]) -> np.ndarray:
+def verified_targets(targets: np.ndarray, samples: list[Any], first_class: int = 0) -> np.ndarray:
     """Open Images' evaluation rule. When any image of the split carries verified negatives, a class is scored only
     on the images labelled present (positive) or verified absent (negative) for it; every other entry becomes -1,
     which the AP functions leave out. A split without verified negatives is returned unchanged: every unlabelled
-    class of an image is a negative."""
+    class of an image is a negative. `targets` cover the classes from `first_class` on (a specialist's)."""
     if not any(s.negatives for s in samples):
         return targets
     out = np.full_like(targets, -1.0)
+    width = targets.shape[1]
+
+    def columns(classes: Any) -> list[int]:
+        return [c - first_class for c in classes if 0 <= c - first_class < width]
+
     for i, s in enumerate(samples):
-        out[i, list(s.negatives)] = 0.0
-        out[i, list(s.labels)] = 1.0
+        out[i, columns(s.negatives)] = 0.0
+        out[i, columns(s.labels)] = 1.0
     return out
 
 

@@ -30,11 +30,13 @@ def predict_batches(
     batch_size: int = 512,
     device: torch.device | str = "cpu",
     activation: str = "sigmoid",
+    first_class: int = 0,
     progress: bool = False,
     desc: str = "predicting",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
     """(scores, targets, seconds of the forward pass) per batch, for evaluations that need not hold every image's
-    scores at once."""
+    scores at once. Targets cover the classes [first_class, first_class + num_classes): a specialist's vertical
+    needs no (N, all classes) matrix."""
     device = torch.device(device)
     dataset = ImageDataset(samples, image_root, data_cfg, train=False)
     loader = DataLoader(
@@ -51,7 +53,8 @@ def predict_batches(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            yield probs.cpu().numpy(), dense_targets(batch["labels"], num_classes).numpy(), seconds
+            targets = dense_targets(batch["labels"], num_classes, first_class)
+            yield probs.cpu().numpy(), targets.numpy(), seconds
     finally:
         model.train(was_training)
 

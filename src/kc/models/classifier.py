@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -19,6 +20,17 @@ from kc.errors import CheckpointError, ConfigError
 from kc.models.heads import DenseHead
 
 
+@dataclass
+class ClassSubset:
+    """The logits a sampled loss needs: `columns` (K,) for every image, and per (image, vertical) pair the block
+    `block_classes` (P, S) for the image `block_rows` (P,) alone (-1: padding, whose logit is 0). With output
+    scales, the columns must hold whole verticals and each block row one vertical's classes, all of them."""
+
+    columns: torch.Tensor
+    block_rows: torch.Tensor
+    block_classes: torch.Tensor
+
+
 class Classifier(nn.Module):
     """backbone -> head -> output scales (the student's self-paced scales; identity otherwise)."""
 
@@ -31,16 +43,39 @@ class Classifier(nn.Module):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
 
-    def forward(self, images: torch.Tensor, classes: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits over every class, or over `classes` only: with a dense head and no output scales, only those rows
-        of the output layer are computed (sampled-negative training); other models compute all and keep those.
+    def forward(
+        self, images: torch.Tensor, classes: torch.Tensor | ClassSubset | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits over every class; over `classes` (K,) only: with a dense head and no output scales, only those
+        rows of the output layer are computed (sampled-negative training), other models compute all and keep those;
+        or for a `ClassSubset`: its (B, K) column logits and (P, S) block logits (the sampled student loss).
         An argument of forward, not a method beside it, so that it works through DistributedDataParallel."""
         if classes is None:
             return self.output_scales(self.head(self.backbone(images)))
+        if isinstance(classes, ClassSubset):
+            return self._subset_logits(images, classes)
         if isinstance(self.head, DenseHead) and isinstance(self.output_scales, nn.Identity):
             hidden = self.head.hidden(self.backbone(images))
             return F.linear(hidden, self.head.out.weight[classes], self.head.out.bias[classes])
         return self.forward(images)[:, classes]
+
+    def _subset_logits(self, images: torch.Tensor, subset: ClassSubset) -> tuple[torch.Tensor, torch.Tensor]:
+        padding = subset.block_classes < 0
+        blocks = subset.block_classes.clamp(min=0)
+        if isinstance(self.head, DenseHead):  # only the output rows asked for: cost follows K and P * S
+            hidden = self.head.hidden(self.backbone(images))
+            weight, bias = self.head.out.weight, self.head.out.bias
+            columns = F.linear(hidden, weight[subset.columns], bias[subset.columns])
+            per_block = torch.bmm(weight[blocks], hidden[subset.block_rows].unsqueeze(2)).squeeze(2) + bias[blocks]
+        else:  # structured heads compute every class; the scales and the loss still follow the subset
+            logits = self.head(self.backbone(images))
+            columns = logits[:, subset.columns]
+            per_block = logits[subset.block_rows.unsqueeze(1), blocks]
+        per_block = per_block.masked_fill(padding, 0.0)
+        if not isinstance(self.output_scales, nn.Identity):
+            columns = self.output_scales.scale_columns(columns, subset.columns)
+            per_block = self.output_scales.scale_blocks(per_block, blocks)
+        return columns, per_block
 
 
 def create_backbone(cfg: ModelConfig) -> nn.Module:

@@ -22,7 +22,7 @@ class SelfPacedScales(nn.Module):
         self,
         vertical_of_class: list[int],
         variant: str = "vertical",
-        init: str | float = "sqrt",
+        init: str | float | torch.Tensor = "sqrt",
         init_noise: float = 0.0,
         eps: float = 1e-6,
     ):
@@ -35,7 +35,10 @@ class SelfPacedScales(nn.Module):
         self.num_verticals = int(voc.max()) + 1 if len(voc) else 0
         self.register_buffer("vertical_of_class", voc, persistent=False)
         sizes = torch.bincount(voc, minlength=self.num_verticals).float()
-        per_vertical = sizes.sqrt() if init == "sqrt" else torch.full_like(sizes, float(init))
+        if isinstance(init, torch.Tensor):  # one value per vertical (e.g. the generalist's block norms)
+            per_vertical = init.detach().float().clone()
+        else:
+            per_vertical = sizes.sqrt() if init == "sqrt" else torch.full_like(sizes, float(init))
         if variant == "none":
             return
         start = per_vertical if variant in ("vertical", "fixed") else per_vertical[voc]
@@ -61,10 +64,28 @@ class SelfPacedScales(nn.Module):
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         if self.variant == "none":
             return logits
+        return self._scale(logits, self.vertical_of_class, self.per_class_scale())
+
+    def scale_columns(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits of the classes `classes` (K,), which must hold each of their verticals whole: the same
+        values as forward gives those columns."""
+        if self.variant == "none":
+            return logits
+        return self._scale(logits, self.vertical_of_class[classes], self.per_class_scale()[classes])
+
+    def scale_blocks(self, logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(P, S) logits, each row the whole block of one vertical's classes `classes` (P, S); padding entries
+        must hold logit 0 (any class index)."""
+        if self.variant == "none":
+            return logits
+        norms = (logits * logits).sum(dim=1, keepdim=True).clamp_min(self.eps * self.eps).sqrt()
+        return logits / norms * self.per_class_scale()[classes]
+
+    def _scale(self, logits: torch.Tensor, vertical_of_column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         squares = torch.zeros(logits.shape[0], self.num_verticals, device=logits.device, dtype=logits.dtype)
-        squares.index_add_(1, self.vertical_of_class, logits * logits)
+        squares.index_add_(1, vertical_of_column, logits * logits)
         norms = squares.clamp_min(self.eps * self.eps).sqrt()
-        return logits / norms[:, self.vertical_of_class] * self.per_class_scale()
+        return logits / norms[:, vertical_of_column] * scale
 
     def extra_repr(self) -> str:
         return f"variant={self.variant}, verticals={self.num_verticals}"

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
-from kc.data.dataset import dense_targets
+from kc.data.dataset import ImageDataset, collate, dense_targets
 from kc.errors import CheckpointError, DataError
 from kc.evaluate.metrics import average_precision, classification_metrics, verified_targets
 from kc.evaluate.predict import predict
@@ -89,21 +90,22 @@ def validation_fn(
         return None
 
     def validate(model: nn.Module) -> dict[str, Any]:
-        C = run.taxonomy.num_classes
+        # A specialist is scored on its vertical's classes alone (its 'other' output dropped): no (N, C) targets.
+        first, count = (0, run.taxonomy.num_classes) if classes is None else (classes[0], classes[1] - classes[0])
         scores, targets, _ = predict(
             model,
             run.splits["val"],
             run.image_root,
             run.cfg.data,
-            C,
+            count,
             batch_size=batch_size,
             device=device,
             activation=activation,
+            first_class=first,
         )
-        targets = verified_targets(targets, run.splits["val"])
+        targets = verified_targets(targets, run.splits["val"], first)
         if classes is not None:
-            start, end = classes
-            ap = average_precision(scores[:, : end - start], targets[:, start:end])
+            ap = average_precision(scores[:, :count], targets)
             scored = ap[~np.isnan(ap)]
             return {"mAP": 100 * float(scored.mean()) if scored.size else 0.0}
         m = classification_metrics(scores, targets, run.taxonomy)
@@ -167,10 +169,33 @@ def with_student_head(run: Run, model: Classifier) -> Classifier:
     return model
 
 
-def with_self_paced_scales(run: Run, model: Classifier) -> Classifier:
+def with_self_paced_scales(run: Run, model: Classifier, init: torch.Tensor | None = None) -> Classifier:
+    """The student's output scales on `model`; `init` (per vertical) where they start from measured values
+    (self_paced.init 'generalist'); otherwise a model about to load trained scales needs no measured start."""
     sp = run.cfg.student.self_paced
-    model.output_scales = SelfPacedScales(run.taxonomy.vertical_of_class, sp.variant, sp.init, sp.init_noise)
+    start = init if init is not None else ("sqrt" if sp.init == "generalist" else sp.init)
+    model.output_scales = SelfPacedScales(run.taxonomy.vertical_of_class, sp.variant, start, sp.init_noise)
     return model
+
+
+@torch.no_grad()
+def block_norms(run: Run, model: Classifier, images: int = 1024, batch_size: int = 256) -> torch.Tensor:
+    """Per vertical, the median over training images (up to `images`, evenly spread) of the L2 norm of the
+    vertical's block of `model`'s logits: self-paced scales that start there leave its outputs nearly unchanged."""
+    samples = run.splits["train"]
+    chosen = samples[:: max(1, len(samples) // images)][:images]
+    dataset = ImageDataset(chosen, run.image_root, run.cfg.data, train=False)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    vertical_of_class = torch.tensor(run.taxonomy.vertical_of_class)
+    was_training = model.training
+    model.eval()
+    norms = []
+    for batch in loader:
+        logits = model(batch["images"]).float()
+        squares = torch.zeros(len(logits), run.taxonomy.num_verticals).index_add_(1, vertical_of_class, logits**2)
+        norms.append(squares.sqrt())
+    model.train(was_training)
+    return torch.cat(norms).median(dim=0).values.clamp_min(1e-3)
 
 
 def new_model(run: Run, stage: str) -> Classifier:
@@ -188,7 +213,10 @@ def start_from_generalist(run: Run, stage: str) -> Classifier:
     model = with_student_head(run, load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run)))
     if run.cfg.student.head.init == "specialists":
         model.head.copy_from_specialists([s.head for s in load_specialists(run)])
-    return with_self_paced_scales(run, model) if stage == STUDENT else model
+    if stage != STUDENT:
+        return model
+    init = block_norms(run, model) if run.cfg.student.self_paced.init == "generalist" else None
+    return with_self_paced_scales(run, model, init)
 
 
 def start_digests(run: Run) -> str:

@@ -35,14 +35,31 @@ from kc.train.trainer import Trainer, TrainResult, resolve_device
 
 
 def specialist_samples(
-    samples: list[Sample], start: int, end: int, negatives_per_image: float, seed: int
+    samples: list[Sample],
+    start: int,
+    end: int,
+    negatives_per_image: float,
+    seed: int,
+    own: np.ndarray | None = None,
 ) -> list[Sample]:
-    """The vertical's images (a label in [start, end)) plus a seeded draw of other images as negatives."""
-    own = [s for s in samples if any(start <= c < end for c in s.labels)]
-    others = [s for s in samples if not any(start <= c < end for c in s.labels)]
+    """The vertical's images (a label in [start, end)) plus a seeded draw of other images as negatives. `own`: the
+    vertical's sample indices, ascending, if already known (`vertical_members`): saves a pass over every sample."""
+    if own is None:
+        own = np.array([i for i, s in enumerate(samples) if any(start <= c < end for c in s.labels)], dtype=np.int64)
+    others = np.setdiff1d(np.arange(len(samples)), own, assume_unique=True)
     count = min(len(others), round(negatives_per_image * len(own)))
     pick = np.random.default_rng([seed, start]).choice(len(others), size=count, replace=False)
-    return own + [others[i] for i in sorted(pick)]
+    return [samples[i] for i in own] + [samples[i] for i in others[np.sort(pick)]]
+
+
+def vertical_members(samples: list[Sample], vertical_of_class: list[int], num_verticals: int) -> list[np.ndarray]:
+    """Per vertical, the ascending indices of the samples with a label in it: one pass for all specialists (at 1,000
+    verticals, a pass per specialist cost more than training it)."""
+    members: list[list[int]] = [[] for _ in range(num_verticals)]
+    for i, sample in enumerate(samples):
+        for v in sorted({vertical_of_class[c] for c in sample.labels}):
+            members[v].append(i)
+    return [np.array(m, dtype=np.int64) for m in members]
 
 
 def specialist_loss(start: int, end: int, num_classes: int, other_output: bool) -> LossFn:
@@ -50,7 +67,7 @@ def specialist_loss(start: int, end: int, num_classes: int, other_output: bool) 
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(batch["images"]).float()
-        targets = dense_targets(batch["labels"], num_classes)[:, start:end]
+        targets = dense_targets(batch["labels"], end - start, first_class=start)
         if other_output:
             targets = torch.cat([targets, (targets.sum(dim=1, keepdim=True) == 0).float()], dim=1)
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
@@ -72,14 +89,16 @@ def train_specialist(
     progress: bool = True,
     verbose: bool = True,
     on_step: Callable[[int], None] | None = None,
+    own: np.ndarray | None = None,
 ) -> TrainResult:
+    """One vertical's specialist; `own` as in `specialist_samples`."""
     cfg, scfg = run.cfg, run.cfg.specialists
     start, end = run.taxonomy.vertical_ranges[vertical]
     device = resolve_device(cfg.device)
     generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
     model = restrict_outputs(generalist, start, end, scfg.other_output)
     seed = scfg.stage_seed(cfg.seed)
-    samples = specialist_samples(run.splits["train"], start, end, scfg.negatives_per_image, seed)
+    samples = specialist_samples(run.splits["train"], start, end, scfg.negatives_per_image, seed, own)
     name = f"specialist {run.taxonomy.verticals[vertical].id}"
     train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed + vertical)
     trainer = Trainer(
@@ -118,7 +137,11 @@ def train_specialists(
         verticals = shard_verticals(run, shard)
     else:
         verticals = list(range(run.taxonomy.num_verticals))
+    tax = run.taxonomy
+    members = vertical_members(run.splits["train"], tax.vertical_of_class, tax.num_verticals)
     return {
-        run.taxonomy.verticals[v].id: train_specialist(run, v, progress=progress, verbose=verbose, on_step=on_step)
+        tax.verticals[v].id: train_specialist(
+            run, v, progress=progress, verbose=verbose, on_step=on_step, own=members[v]
+        )
         for v in verticals
     }

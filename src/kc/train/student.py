@@ -11,7 +11,8 @@ from kc import distributed
 from kc.data.dataset import ImageDataset, dense_targets
 from kc.distill.cache import INDEX, CachedTeachers, build_cache, cache_dir, write_index
 from kc.distill.loss import distillation_loss
-from kc.distill.targets import OnlineTeachers
+from kc.distill.sampled import SampledVerticalsLoss
+from kc.distill.targets import OnlineTeachers, Teachers
 from kc.run import Run
 from kc.train.common import (
     GENERALIST,
@@ -29,13 +30,23 @@ from kc.train.common import (
 from kc.train.trainer import Trainer, TrainResult, resolve_device
 
 
-def student_loss(
-    run: Run, teachers: OnlineTeachers | CachedTeachers, vertical_weights: torch.Tensor, device: torch.device
-) -> LossFn:
+def student_loss(run: Run, teachers: Teachers, vertical_weights: torch.Tensor, device: torch.device) -> LossFn:
+    """The distillation loss over every class, or over sampled verticals (student.sampled_verticals)."""
     s = run.cfg.student
     # Constant per run: placed on the device once, not per batch.
     vertical_of_class = torch.tensor(run.taxonomy.vertical_of_class, device=device)
     vertical_weights = vertical_weights.to(device)
+
+    if s.sampled_verticals is not None:
+        return SampledVerticalsLoss(
+            teachers,
+            vertical_weights,
+            s.sampled_verticals,
+            mode=s.ground_truth,
+            truth_weight=s.ground_truth_weight,
+            temperature=s.temperature,
+            unselected=s.unselected,
+        )
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         images, labels = batch["images"], batch["labels"]
@@ -105,9 +116,7 @@ def train_student(
     mode = teacher_mode(run)
     digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(run.taxonomy.num_verticals)]
     if mode == "cache":
-        teachers: OnlineTeachers | CachedTeachers = CachedTeachers(
-            run, digests, scfg.top_k, scfg.temperature, scfg.unselected
-        ).to(device)
+        teachers: Teachers = CachedTeachers(run, digests, scfg.top_k, scfg.temperature, scfg.unselected).to(device)
     else:
         teachers = OnlineTeachers(
             load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected

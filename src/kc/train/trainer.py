@@ -172,7 +172,7 @@ def config_digest(*parts: Any) -> str:
 # Config keys added after runs were first trained, with the value that means "as before": at that value they are
 # left out of checkpoint fingerprints, so that a run trained before the key existed still resumes (and its
 # finished stages are still skipped). A new key that changes nothing at its default belongs here.
-LATER_KEYS: dict[str, Any] = {"sampled_negatives": None, "output_bias": None}
+LATER_KEYS: dict[str, Any] = {"sampled_negatives": None, "output_bias": None, "sampled_verticals": None}
 
 
 def fingerprint_data(data: Any) -> Any:

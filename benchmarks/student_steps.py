@@ -1,0 +1,108 @@
+"""Training steps of the student (every class vs sampled verticals) against the generalist's, side by side.
+
+    python benchmarks/student_steps.py RUN_DIR [--sampled-verticals 40] [--steps 8] [--json out.json]
+
+RUN_DIR is a run whose generalist and soft-target cache are built (e.g. the 100K feature run of docs/BENCHMARKS.md).
+On the same batches of the run's training data (batch = student.batch_size), the script times optimizer steps of:
+the generalist's loss as configured (e.g. `generalist.sampled_negatives`), the student's loss over every class (the
+paper), and the student's loss over each image's verticals plus N drawn ones (`student.sampled_verticals`), all
+from the cache. Steps are interleaved, model after model, so that the machine's drift hits all alike; the first
+round is a warm-up. Reports median step seconds, the ratios to the generalist step, and epoch estimates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from kc.config import load_config
+from kc.data.dataset import ImageDataset, collate
+from kc.distill.cache import CachedTeachers
+from kc.run import prepare_run
+from kc.train.common import (
+    CONTROL,
+    STUDENT,
+    best_weights,
+    file_digest,
+    ground_truth_loss,
+    specialist_dir,
+    start_from_generalist,
+)
+from kc.train.student import student_loss
+from kc.train.trainer import make_optimizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--sampled-verticals", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per model (after one warm-up step)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    run = prepare_run(load_config(args.run_dir / "config.yaml"), progress=False)
+    scfg, tax = run.cfg.student, run.taxonomy
+    digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(tax.num_verticals)]
+    teachers = CachedTeachers(run, digests, scfg.top_k, scfg.temperature, scfg.unselected)
+    weights, cpu = torch.ones(tax.num_verticals), torch.device("cpu")
+    gcfg = run.cfg.generalist
+    setups = {
+        "generalist": (
+            start_from_generalist(run, CONTROL),
+            ground_truth_loss(gcfg.loss, tax.num_classes, gcfg.sampled_negatives),
+        )
+    }
+    for name, drawn in (
+        ("student, every class", None),
+        (f"student, {args.sampled_verticals} drawn verticals", args.sampled_verticals),
+    ):
+        scfg.sampled_verticals = drawn
+        setups[name] = (start_from_generalist(run, STUDENT), student_loss(run, teachers, weights, cpu))
+    optimizers = {name: make_optimizer(model, scfg) for name, (model, _) in setups.items()}
+
+    dataset = ImageDataset(run.splits["train"], run.image_root, run.cfg.data, train=True, seed=0)
+    loader = iter(DataLoader(dataset, batch_size=scfg.batch_size, shuffle=True, collate_fn=collate))
+    batches = [next(loader) for _ in range(args.steps + 1)]
+    times: dict[str, list[float]] = {name: [] for name in setups}
+    for i, batch in enumerate(batches):
+        for name, (model, loss_fn) in setups.items():
+            model.train()
+            start = time.perf_counter()
+            loss = loss_fn(model, batch)
+            optimizers[name].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[name].step()
+            if i:  # the first round warms up
+                times[name].append(time.perf_counter() - start)
+    steps_per_epoch = -(-len(run.splits["train"]) // scfg.batch_size)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    result = {
+        "run": str(args.run_dir),
+        "classes": tax.num_classes,
+        "verticals": tax.num_verticals,
+        "batch_size": scfg.batch_size,
+        "step_seconds": median,
+        "vs_generalist": {name: s / median["generalist"] for name, s in median.items()},
+        "epoch_minutes": {name: s * steps_per_epoch / 60 for name, s in median.items()},
+    }
+    print(
+        f"{tax.num_classes:,} classes in {tax.num_verticals:,} verticals, batch {scfg.batch_size}, "
+        f"{args.steps} steps each (medians)"
+    )
+    for name in setups:
+        print(
+            f"  {name:40s} {median[name]:8.3f} s/step  {result['vs_generalist'][name]:6.2f}x generalist  "
+            f"{result['epoch_minutes'][name]:7.1f} min/epoch"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

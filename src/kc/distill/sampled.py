@@ -1,0 +1,95 @@
+"""The student's loss over sampled verticals (`student.sampled_verticals`): its cost follows the verticals a step
+touches, not the vocabulary.
+
+The full loss (`distillation_loss`) sums, for every image, a term per class. Split by vertical, an image's terms on
+the verticals its labels select carry its soft targets (and its truth); on every other vertical they are the loss of
+target 0 (`unselected: zero`; `ignore` and the truth of `weighted` likewise see only 0 there). This loss keeps each
+image's own verticals whole and, for the others, draws m of the M verticals uniformly per step, shared by the batch:
+an image's terms on drawn verticals it does not select are scaled by M / m. Each vertical is drawn with probability
+m / M, so the loss is an unbiased estimate of the full one, and with m >= M it is the full loss exactly.
+
+Whole verticals, not single classes, are drawn because the self-paced scales normalise each vertical's block of
+logits: with whole blocks they are computed exactly as over every class. The model computes only those logits
+(`ClassSubset`): B x (classes of the drawn verticals) plus, per image, its own verticals' classes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kc.distill.loss import entry_losses
+from kc.distill.targets import Teachers
+from kc.models.classifier import ClassSubset
+
+
+class SampledVerticalsLoss:
+    def __init__(
+        self,
+        teachers: Teachers,
+        vertical_weights: torch.Tensor,
+        drawn: int,
+        *,
+        mode: str,
+        truth_weight: float,
+        temperature: float,
+        unselected: str,
+    ):
+        self.teachers = teachers
+        self.vertical_weights = vertical_weights
+        self.num_verticals = teachers.num_verticals
+        # Verticals an image does not select only add terms of target 0: the distillation's (unselected: zero) or
+        # the truth's (weighted). Where neither applies there is nothing to draw.
+        self.negative_distill = 1.0 if unselected == "zero" else 0.0
+        negatives_count = unselected == "zero" or mode == "weighted"
+        self.drawn = min(drawn, self.num_verticals) if negatives_count else 0
+        self.options = {"mode": mode, "truth_weight": truth_weight, "temperature": temperature}
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        images, labels = batch["images"], batch["labels"]
+        t = self.teachers
+        device = labels.device
+        targets = t.blocks(images, labels, batch["index"])
+        # Each pair's block: its vertical's classes in order, -1 beyond the vertical's size.
+        offsets = torch.arange(targets.values.shape[1], device=device)
+        inside = offsets < t.sizes[targets.verticals].unsqueeze(1)
+        block_classes = torch.where(inside, t.starts[targets.verticals].unsqueeze(1) + offsets, -1)
+        # Drawn verticals, whole: torch's RNG, so a resumed run draws the same.
+        drawn = torch.randperm(self.num_verticals)[: self.drawn].to(device)
+        column_vertical = torch.repeat_interleave(drawn, t.sizes[drawn])
+        first_column = torch.cumsum(t.sizes[drawn], 0) - t.sizes[drawn]
+        within = torch.arange(len(column_vertical), device=device) - torch.repeat_interleave(
+            first_column, t.sizes[drawn]
+        )
+        columns = t.starts[column_vertical] + within
+        column_logits, block_logits = model(images, classes=ClassSubset(columns, targets.rows, block_classes))
+
+        own = entry_losses(
+            block_logits.float(),
+            targets.values,
+            self._block_truth(labels, targets.rows, targets.verticals, block_classes.shape[1]),
+            self.vertical_weights[targets.verticals].unsqueeze(1) * inside,
+            **self.options,
+        )
+        loss = (own * inside).sum()
+        if len(columns):
+            elsewhere = ~targets.selected[:, column_vertical]  # (B, K): the image's own verticals count above
+            weight = self.vertical_weights[column_vertical].unsqueeze(0) * elsewhere * self.negative_distill
+            zeros = torch.zeros_like(column_logits, dtype=torch.float)
+            others = entry_losses(column_logits.float(), zeros, zeros, weight, **self.options)
+            loss = loss + (others * elsewhere).sum() * (self.num_verticals / self.drawn)
+        return loss / labels.shape[0]
+
+    def _block_truth(
+        self, labels: torch.Tensor, rows: torch.Tensor, verticals: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        """(P, S): 1 where the pair's image has that class of the pair's vertical as a label."""
+        t = self.teachers
+        truth = torch.zeros(len(rows), width, device=labels.device)
+        image, slot = (labels >= 0).nonzero(as_tuple=True)
+        classes = labels[image, slot]
+        vertical = t.vertical_of_class[classes]
+        # Pairs are sorted by (row, vertical): find each label's pair by its key.
+        pair = torch.searchsorted(rows * self.num_verticals + verticals, image * self.num_verticals + vertical)
+        truth[pair, classes - t.starts[vertical]] = 1.0
+        return truth

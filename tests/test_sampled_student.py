@@ -1,0 +1,165 @@
+"""The student loss over sampled verticals: the full loss exactly when every vertical is drawn, an unbiased estimate
+of it when few are, and logits computed only for the verticals a step touches."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from kc.data.dataset import dense_targets
+from kc.distill.loss import distillation_loss
+from kc.distill.sampled import SampledVerticalsLoss
+from kc.distill.targets import OnlineTeachers
+from kc.models.classifier import Classifier, ClassSubset
+from kc.models.heads import DenseHead
+from kc.models.self_paced import SelfPacedScales
+from kc.models.structured import StructuredHead
+from kc.taxonomy import Taxonomy
+from kc.train.student import train_student
+from test_pipeline import trained_teachers
+
+SIZES = [5, 3, 4, 2]
+TAX = Taxonomy.from_dict(
+    {
+        "verticals": ["a", "b", "c", "d"],
+        "classes": [{"id": f"{v}{i}", "vertical": v} for v, n in zip("abcd", SIZES, strict=True) for i in range(n)],
+    }
+)
+# image 0: a; 1: b; 2: a and c (two labels in c); 3: no label; 4: d; 5: c
+LABELS = torch.tensor([[1, -1, -1], [6, -1, -1], [0, 9, 11], [-1, -1, -1], [12, -1, -1], [10, -1, -1]])
+IMAGES = torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+
+
+def teachers(unselected="zero", top_k=3):
+    torch.manual_seed(1)
+    specialists = [nn.Sequential(nn.Flatten(), nn.Linear(12, n)) for n in SIZES]
+    return OnlineTeachers(specialists, TAX, top_k=top_k, temperature=2.0, unselected=unselected)
+
+
+def student(head="dense", variant="vertical"):
+    torch.manual_seed(2)
+    voc = TAX.vertical_of_class
+    if head == "dense":
+        top = DenseHead(12, [8], TAX.num_classes)
+    else:
+        top = StructuredHead(12, [8, 4], SIZES, structure="fc-sc")
+    scales = SelfPacedScales(voc, variant, init_noise=0.3) if variant else None
+    return Classifier(nn.Flatten(), top, scales)
+
+
+def batch():
+    return {"images": IMAGES, "labels": LABELS, "index": torch.arange(6)}
+
+
+def full_loss(model, t, weights, mode, truth_weight=0.3):
+    soft = t(IMAGES, LABELS)
+    voc = torch.tensor(TAX.vertical_of_class)
+    truth = dense_targets(LABELS, TAX.num_classes)
+    return distillation_loss(
+        model(IMAGES), soft, truth, voc, weights, mode=mode, truth_weight=truth_weight, temperature=2.0
+    )
+
+
+def sampled(t, weights, drawn, mode, unselected, truth_weight=0.3):
+    return SampledVerticalsLoss(
+        t, weights, drawn, mode=mode, truth_weight=truth_weight, temperature=2.0, unselected=unselected
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "unselected", "head", "variant"),
+    [
+        ("none", "zero", "dense", "vertical"),
+        ("max", "zero", "dense", "class"),
+        ("weighted", "ignore", "dense", "vertical"),
+        ("none", "ignore", "dense", None),
+        ("weighted", "zero", "structured", "vertical"),
+        ("max", "ignore", "structured", "none"),
+    ],
+)
+def test_drawing_every_vertical_gives_the_full_loss_and_its_gradients(mode, unselected, head, variant):
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.5])
+    t = teachers(unselected)
+    full_model, sampled_model = student(head, variant), student(head, variant)
+    full = full_loss(full_model, t, weights, mode)
+    part = sampled(t, weights, drawn=10, mode=mode, unselected=unselected)(sampled_model, batch())
+    assert part.item() == pytest.approx(full.item(), rel=1e-5)
+    full.backward()
+    part.backward()
+    for (name, a), b in zip(full_model.named_parameters(), sampled_model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_drawing_few_verticals_estimates_the_full_loss_without_bias():
+    weights = torch.ones(4)
+    t = teachers("zero")
+    model = student("dense", "vertical")
+    with torch.no_grad():
+        full = full_loss(model, t, weights, "none").item()
+        loss = sampled(t, weights, drawn=1, mode="none", unselected="zero")
+        torch.manual_seed(3)
+        draws = torch.tensor([loss(model, batch()).item() for _ in range(400)])
+    # Drawing 1 of 4 verticals has only 4 outcomes: the mean over many draws converges to the full loss.
+    assert draws.std() > 0.01 * full  # the draws differ ...
+    assert draws.mean().item() == pytest.approx(full, rel=0.03)  # ... and average out to the full loss
+
+
+def test_the_model_computes_only_the_logits_asked_for():
+    model = student("dense", "vertical")
+    # columns: vertical b whole; blocks: image 0 over vertical a, image 4 over vertical d (padded to 5)
+    columns = torch.tensor([5, 6, 7])
+    block_classes = torch.tensor([[0, 1, 2, 3, 4], [12, 13, -1, -1, -1]])
+    subset = ClassSubset(columns, torch.tensor([0, 4]), block_classes)
+    column_logits, block_logits = model(IMAGES, classes=subset)
+    every = model(IMAGES)
+    torch.testing.assert_close(column_logits, every[:, 5:8])
+    torch.testing.assert_close(block_logits[0], every[0, 0:5])
+    torch.testing.assert_close(block_logits[1, :2], every[4, 12:14])
+    assert (block_logits[1, 2:] == 0).all()
+
+
+def test_with_nothing_to_draw_no_column_is_computed():
+    # unselected: ignore without the truth's weighting: verticals an image does not select carry no loss at all
+    loss = sampled(teachers("ignore"), torch.ones(4), drawn=3, mode="none", unselected="ignore")
+    assert loss.drawn == 0
+    seen = {}
+
+    class Spy(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images, classes=None):
+            seen["columns"] = len(classes.columns)
+            return self.inner(images, classes=classes)
+
+    value = loss(Spy(student()), batch())
+    assert seen["columns"] == 0 and torch.isfinite(value)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_student_on_sampled_verticals_trains_and_resumes_to_the_same_weights(tmp_path, tiny_benchmark):
+    run = trained_teachers(tmp_path / "run", tiny_benchmark)
+    run.cfg.student.sampled_verticals = 1  # 1 of the 3 verticals drawn per step, besides each image's own
+    run.cfg.student.epochs = 2
+    straight = train_student(run, progress=False, verbose=False)
+    weights = run.dir / "student" / "checkpoints" / "best.safetensors"
+    reference = load_file(str(weights))
+    assert straight.history[-1]["val_mAP"] > 0
+    shutil.rmtree(run.dir / "student")
+
+    def interrupt(step):
+        if step == 5:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_student(run, progress=False, verbose=False, on_step=interrupt)
+    train_student(run, progress=False, verbose=False)
+    resumed = load_file(str(weights))
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)  # the same draws after resume
