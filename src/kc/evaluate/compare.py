@@ -17,7 +17,6 @@ Images/s are the forward passes alone (decoding excluded), with the same batch s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,16 +40,6 @@ from kc.train.common import (
 from kc.train.trainer import resolve_device
 
 
-@dataclass
-class Scored:
-    name: str
-    scores: np.ndarray  # (N, C) probabilities
-    parameters: int
-    networks_per_image: int
-    seconds: float  # forward time over the whole split
-    scales: dict[str, float] | None = None  # self-paced scale per vertical, where the model has them
-
-
 def output_scales(model: torch.nn.Module, run: Run) -> dict[str, float] | None:
     scales = getattr(model, "output_scales", None)
     if not isinstance(scales, SelfPacedScales) or scales.variant == "none":
@@ -62,17 +51,20 @@ def _rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else 0.0
 
 
-def score_models(run: Run, split: str = "test", progress: bool = False) -> tuple[list[Scored], np.ndarray]:
+def compare(run: Run, split: str = "test", progress: bool = False) -> dict[str, Any]:
+    """Every model scored on `split` and reduced to its metrics before the next is scored: at most the generalist's
+    scores, the targets and one more (images x classes) matrix are held at once (at 100K classes, 1.6 GB each for
+    4,000 images)."""
     samples = run.splits[split]
     device = resolve_device(run.cfg.device)
     C, n = run.taxonomy.num_classes, len(samples)
     batch_size = run.cfg.generalist.eval_batch_size
 
     def run_model(
-        model: torch.nn.Module, desc: str, classes: tuple[int, int] = (0, C)
+        model: torch.nn.Module, desc: str, classes: tuple[int, int] = (0, C), targets: bool = False
     ) -> tuple[np.ndarray, np.ndarray, float]:
-        """Scores, targets over `classes` (a specialist's vertical: no (N, C) matrix per specialist), seconds."""
-        scores, targets, rate = predict(
+        """Scores, targets over `classes` if asked for (a specialist's vertical: no (N, C) matrix), seconds."""
+        scores, truth, rate = predict(
             model,
             samples,
             run.image_root,
@@ -81,16 +73,35 @@ def score_models(run: Run, split: str = "test", progress: bool = False) -> tuple
             batch_size=batch_size,
             device=device,
             first_class=classes[0],
+            with_targets=targets,
             progress=progress,
             desc=desc,
         )
-        return scores, targets, n / rate if rate else 0.0
+        return scores, truth, n / rate if rate else 0.0
 
-    rows: list[Scored] = []
+    models: list[dict[str, Any]] = []
+
+    def add(name: str, scores: np.ndarray, parameters: int, networks: int, seconds: float, scales=None) -> None:
+        m = classification_metrics(scores, targets, run.taxonomy)
+        models.append(
+            {
+                "model": name,
+                "mean_per_vertical_AP": m["mean_per_vertical_AP"],
+                "mAP": m["mAP"],
+                "per_vertical_AP": {k: v["ap"] for k, v in m["per_vertical"].items()},
+                **({k: m[k] for k in ("top1", "top5") if k in m}),
+                "parameters": parameters,
+                "networks_per_image": networks,
+                "images_per_s": _rate(n, seconds),
+                **({"self_paced_scales": scales} if scales else {}),
+            }
+        )
+
     generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
-    gen_scores, targets, gen_seconds = run_model(generalist, "generalist")
+    gen_scores, targets, gen_seconds = run_model(generalist, "generalist", targets=True)
+    targets = verified_targets(targets, samples)
     gen_params = count_parameters(generalist)
-    rows.append(Scored("generalist", gen_scores, gen_params, 1, gen_seconds))
+    add("generalist", gen_scores, gen_params, 1, gen_seconds)
 
     specialists = load_specialists(run)
     oracle = np.zeros_like(gen_scores)
@@ -102,52 +113,29 @@ def score_models(run: Run, split: str = "test", progress: bool = False) -> tuple
         spec_seconds += seconds
         spec_params += count_parameters(model)
     K = len(specialists)
-    rows.append(Scored("specialists (oracle-routed)", oracle, spec_params, K, spec_seconds))
-    gate = np.zeros_like(gen_scores)
-    for start, end in run.taxonomy.vertical_ranges:
-        gate[:, start:end] = gen_scores[:, start:end].max(axis=1, keepdims=True)
-    rows.append(
-        Scored("specialists (ensemble)", oracle * gate, spec_params + gen_params, K + 1, spec_seconds + gen_seconds)
-    )
+    add("specialists (oracle-routed)", oracle, spec_params, K, spec_seconds)
+    for start, end in run.taxonomy.vertical_ranges:  # the ensemble, in place: gated by the generalist
+        oracle[:, start:end] *= gen_scores[:, start:end].max(axis=1, keepdims=True)
+    add("specialists (ensemble)", oracle, spec_params + gen_params, K + 1, spec_seconds + gen_seconds)
+    del oracle, gen_scores
 
     for stage in (STUDENT, CONTROL):
         if best_weights(run.stage_dir(stage)).is_file():
             model = load_stage(run, run.stage_dir(stage), new_model(run, stage))
             scores, _, seconds = run_model(model, stage)
             name = "student" if stage == STUDENT else "control (generalist + student's epochs)"
-            rows.append(Scored(name, scores, count_parameters(model), 1, seconds, output_scales(model, run)))
-    return rows, targets
+            add(name, scores, count_parameters(model), 1, seconds, output_scales(model, run))
+            del scores
+
+    result: dict[str, Any] = {"split": split, "images": n, "models": models}
+    by_name = {m["model"]: m for m in models}
+    if "student" in by_name:
+        g, s, o = by_name["generalist"], by_name["student"], by_name["specialists (oracle-routed)"]
+        result["gap_closed"] = {k: gap_closed(s[k], g[k], o[k]) for k in ("mean_per_vertical_AP", "mAP")}
+    return result
 
 
 def gap_closed(student: float, generalist: float, specialists: float) -> float | None:
     """The share of the generalist -> specialists gap the student closed (the paper: 25%)."""
     gap = specialists - generalist
     return (student - generalist) / gap if gap > 0 else None
-
-
-def compare(run: Run, split: str = "test", progress: bool = False) -> dict[str, Any]:
-    rows, targets = score_models(run, split, progress)
-    targets = verified_targets(targets, run.splits[split])
-    n = targets.shape[0]
-    models = []
-    for row in rows:
-        m = classification_metrics(row.scores, targets, run.taxonomy)
-        models.append(
-            {
-                "model": row.name,
-                "mean_per_vertical_AP": m["mean_per_vertical_AP"],
-                "mAP": m["mAP"],
-                "per_vertical_AP": {k: v["ap"] for k, v in m["per_vertical"].items()},
-                **({k: m[k] for k in ("top1", "top5") if k in m}),
-                "parameters": row.parameters,
-                "networks_per_image": row.networks_per_image,
-                "images_per_s": _rate(n, row.seconds),
-                **({"self_paced_scales": row.scales} if row.scales else {}),
-            }
-        )
-    by_name = {m["model"]: m for m in models}
-    result: dict[str, Any] = {"split": split, "images": n, "models": models}
-    if "student" in by_name:
-        g, s, o = by_name["generalist"], by_name["student"], by_name["specialists (oracle-routed)"]
-        result["gap_closed"] = {k: gap_closed(s[k], g[k], o[k]) for k in ("mean_per_vertical_AP", "mAP")}
-    return result

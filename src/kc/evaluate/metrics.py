@@ -118,14 +118,19 @@ def streaming_average_precision(
     return ap
 
 
-def topk_accuracy(scores: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy for single-label data (`labels`: (N,) class indices)."""
-    out = {}
-    for k in ks:
-        k_eff = min(k, scores.shape[1])
-        top = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
-        out[f"top{k}"] = float((top == labels[:, None]).any(axis=1).mean())
-    return out
+def topk_accuracy(
+    scores: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5), rows: int = 256
+) -> dict[str, float]:
+    """Top-k accuracy for single-label data (`labels`: (N,) class indices); `rows` images at a time, so that the
+    partition's (images x classes) index array stays small at 100K classes."""
+    hits = dict.fromkeys(ks, 0)
+    for a in range(0, scores.shape[0], rows):
+        block, truth = -scores[a : a + rows], labels[a : a + rows, None]
+        for k in ks:
+            k_eff = min(k, scores.shape[1])
+            top = np.argpartition(block, k_eff - 1, axis=1)[:, :k_eff]
+            hits[k] += int((top == truth).any(axis=1).sum())
+    return {f"top{k}": hits[k] / scores.shape[0] if scores.shape[0] else 0.0 for k in ks}
 
 
 def _nanmean(x: np.ndarray) -> float:

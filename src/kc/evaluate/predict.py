@@ -31,12 +31,13 @@ def predict_batches(
     device: torch.device | str = "cpu",
     activation: str = "sigmoid",
     first_class: int = 0,
+    with_targets: bool = True,
     progress: bool = False,
     desc: str = "predicting",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
     """(scores, targets, seconds of the forward pass) per batch, for evaluations that need not hold every image's
     scores at once. Targets cover the classes [first_class, first_class + num_classes): a specialist's vertical
-    needs no (N, all classes) matrix."""
+    needs no (N, all classes) matrix); `with_targets=False`: none (0 columns), for scores alone."""
     device = torch.device(device)
     dataset = ImageDataset(samples, image_root, data_cfg, train=False)
     loader = DataLoader(
@@ -53,7 +54,7 @@ def predict_batches(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            targets = dense_targets(batch["labels"], num_classes, first_class)
+            targets = dense_targets(batch["labels"], num_classes if with_targets else 0, first_class)
             yield probs.cpu().numpy(), targets.numpy(), seconds
     finally:
         model.train(was_training)
@@ -73,15 +74,20 @@ def predict(
     start, end = distributed.part(len(samples))
     if not distributed.is_main():
         options["progress"] = False
-    scores, targets, model_seconds = [], [], 0.0
+    # Filled in place, not concatenated from a list: at 100K classes one more copy of the scores is 1.6 GB.
+    scores = targets = np.zeros((0, num_classes), dtype=np.float32)
+    model_seconds, row = 0.0, 0
     for batch_scores, batch_targets, seconds in predict_batches(
         model, samples[start:end], image_root, data_cfg, num_classes, **options
     ):
-        scores.append(batch_scores)
-        targets.append(batch_targets)
+        if not row:
+            scores = np.empty((end - start, batch_scores.shape[1]), dtype=np.float32)
+            targets = np.empty((end - start, batch_targets.shape[1]), dtype=np.float32)
+        scores[row : row + len(batch_scores)] = batch_scores
+        targets[row : row + len(batch_scores)] = batch_targets
+        row += len(batch_scores)
         model_seconds += seconds
-    empty = np.zeros((0, num_classes), dtype=np.float32)
-    all_scores = distributed.gather_rows(np.concatenate(scores) if scores else empty)
-    all_targets = distributed.gather_rows(np.concatenate(targets) if targets else empty)
+    all_scores = distributed.gather_rows(scores)
+    all_targets = distributed.gather_rows(targets)
     slowest = float(distributed.gather_rows(np.array([model_seconds])).max())  # the ranks run side by side
     return all_scores, all_targets, len(samples) / slowest if slowest > 0 else 0.0
