@@ -181,7 +181,8 @@ def with_self_paced_scales(run: Run, model: Classifier, init: torch.Tensor | Non
 @torch.no_grad()
 def block_norms(run: Run, model: Classifier, images: int = 1024, batch_size: int = 256) -> torch.Tensor:
     """Per vertical, the median over training images (up to `images`, evenly spread) of the L2 norm of the
-    vertical's block of `model`'s logits: self-paced scales that start there leave its outputs nearly unchanged."""
+    vertical's block of `model`'s logits: self-paced scales that start there keep the typical size of its logits
+    (not their ranking across images, which normalising each image's block changes: docs/BENCHMARKS.md, 100K)."""
     samples = run.splits["train"]
     chosen = samples[:: max(1, len(samples) // images)][:images]
     dataset = ImageDataset(chosen, run.image_root, run.cfg.data, train=False)
