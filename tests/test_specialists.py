@@ -4,7 +4,7 @@ from kc.config import ModelConfig
 from kc.data.samples import Sample
 from kc.evaluate.compare import gap_closed
 from kc.models.classifier import build_classifier, restrict_outputs
-from kc.train.specialists import specialist_loss, specialist_samples
+from kc.train.specialists import specialist_loss, specialist_samples, vertical_members
 
 
 def test_a_specialist_starts_with_the_generalists_outputs_on_its_vertical():
@@ -31,6 +31,17 @@ def test_specialist_training_set_is_the_vertical_plus_seeded_negatives():
     assert picked == specialist_samples(samples, 2, 4, 1.5, seed=0)
     assert picked != specialist_samples(samples, 2, 4, 1.5, seed=1)
     assert len(specialist_samples(samples, 2, 4, 0.0, seed=0)) == 20
+
+
+def test_vertical_members_give_every_specialist_the_same_samples_as_its_own_pass():
+    # classes 0-9 in verticals of 2 (class c -> vertical c // 2); some images carry labels in two verticals
+    samples = [Sample(f"{i}.png", (i % 10,) + ((i * 7) % 10,) * (i % 3 == 0), "train", f"m:{i}") for i in range(100)]
+    members = vertical_members(samples, [c // 2 for c in range(10)], 5)
+    for v in range(5):
+        start, end = 2 * v, 2 * v + 2
+        expected = specialist_samples(samples, start, end, 1.0, seed=3)
+        assert specialist_samples(samples, start, end, 1.0, seed=3, own=members[v]) == expected
+        assert all(any(start <= c < end for c in samples[i].labels) for i in members[v])
 
 
 def test_specialist_loss_targets_its_classes_and_other():
