@@ -24,6 +24,8 @@ from kc.models.classifier import ClassSubset
 
 
 class SampledVerticalsLoss:
+    """The loss function (model, batch) -> loss of `student.sampled_verticals` (see the module's docstring)."""
+
     def __init__(
         self,
         teachers: Teachers,
@@ -56,12 +58,10 @@ class SampledVerticalsLoss:
         block_classes = torch.where(inside, t.starts[targets.verticals].unsqueeze(1) + offsets, -1)
         # Drawn verticals, whole: torch's RNG, so a resumed run draws the same.
         drawn = torch.randperm(self.num_verticals)[: self.drawn].to(device)
-        column_vertical = torch.repeat_interleave(drawn, t.sizes[drawn])
-        first_column = torch.cumsum(t.sizes[drawn], 0) - t.sizes[drawn]
-        within = torch.arange(len(column_vertical), device=device) - torch.repeat_interleave(
-            first_column, t.sizes[drawn]
-        )
-        columns = t.starts[column_vertical] + within
+        sizes = t.sizes[drawn]
+        column_vertical = torch.repeat_interleave(drawn, sizes)
+        first_column = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)  # each column's block start
+        columns = t.starts[column_vertical] + torch.arange(len(column_vertical), device=device) - first_column
         column_logits, block_logits = model(images, classes=ClassSubset(columns, targets.rows, block_classes))
 
         own = entry_losses(
