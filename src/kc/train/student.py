@@ -33,9 +33,7 @@ from kc.train.trainer import Trainer, TrainResult, resolve_device
 def student_loss(run: Run, teachers: Teachers, vertical_weights: torch.Tensor, device: torch.device) -> LossFn:
     """The distillation loss over every class, or over sampled verticals (student.sampled_verticals)."""
     s = run.cfg.student
-    # Constant per run: placed on the device once, not per batch.
-    vertical_of_class = torch.tensor(run.taxonomy.vertical_of_class, device=device)
-    vertical_weights = vertical_weights.to(device)
+    vertical_weights = vertical_weights.to(device)  # constant per run: placed on the device once, not per batch
 
     if s.sampled_verticals is not None:
         return SampledVerticalsLoss(
@@ -56,7 +54,7 @@ def student_loss(run: Run, teachers: Teachers, vertical_weights: torch.Tensor, d
             model(images),
             soft,
             truth,
-            vertical_of_class,
+            teachers.vertical_of_class,  # the teachers' copy, already on their device
             vertical_weights,
             mode=s.ground_truth,
             truth_weight=s.ground_truth_weight,
