@@ -352,9 +352,12 @@ class Trainer:
                 loss = self.loss_fn(forward_model, batch)
             # Summed over the ranks (a no-op on one): every rank sees the same loss and stop request, so all of
             # them raise or stop at the same step and none waits forever on another.
-            loss_total, stops = distributed.sum_values(loss.item(), float(self._stop.requested is not None))
+            # The request is read once, before the sum: a signal landing after it must not make this rank stop
+            # while the others, having summed no request, go on to the next step's collective (a deadlock).
+            requested = self._stop.requested
+            loss_total, stops = distributed.sum_values(loss.item(), float(requested is not None))
             value = loss_total / self.world
-            stop = self._stop.requested or (signal.SIGTERM if stops else None)
+            stop = (requested or signal.SIGTERM) if stops else None
             if not math.isfinite(value):
                 raise TrainingDiverged(
                     f"{self.name}: the loss became {value} at epoch {epoch + 1}, step {state['step']}; "
