@@ -19,7 +19,7 @@ from pathlib import Path
 from kc.config import load_config, merge, parse_override
 from kc.evaluate.stage import evaluate_stage
 from kc.run import prepare_run
-from kc.train.generalist import train_control
+from kc.train.controls import train_control
 from kc.train.student import cache_targets, train_student
 
 METRICS = ("mean_per_vertical_AP", "mAP")

@@ -37,14 +37,26 @@ def test_pipeline_end_to_end_and_resumed_after_an_interruption_mid_specialists(t
         "specialists (oracle-routed)",
         "specialists (ensemble)",
         "student",
-        "control (generalist + student's epochs)",
+        "control: same compute",
+        "control: self-distillation",
+        "control: ground truth, student's head",
+        "control: total compute",
     ]
-    assert [m["networks_per_image"] for m in result["models"]] == [1, 3, 4, 1, 1]
+    assert [m["networks_per_image"] for m in result["models"]] == [1, 3, 4, 1, 1, 1, 1, 1]
     assert all(0 <= m["mAP"] <= 100 for m in result["models"])
     report = (straight.dir / "report.md").read_text()
     assert "mean per-vertical AP" in report and "closed" in report and "```yaml" in report
     metrics = json.loads((straight.dir / "metrics.json").read_text())
-    assert set(metrics["timings"]) == {"generalist", "specialists", "student", "control", "evaluation"}
+    assert set(metrics["timings"]) == {
+        "generalist",
+        "specialists",
+        "student",
+        "control",
+        "control_self_distillation",
+        "control_ground_truth",
+        "control_total_compute",
+        "evaluation",
+    }
 
     # Interrupt in the second specialist: generalist 18 steps, first specialist 12, then 5 more.
     calls = {"n": 0}
@@ -135,16 +147,20 @@ def trained_teachers(run_dir, bench):
     return run
 
 
-def test_ablate_trains_the_four_students_on_shared_teachers(tmp_path, tiny_benchmark):
+def test_ablate_trains_every_student_on_shared_teachers_and_reports_val_apart(tmp_path, tiny_benchmark):
     run = trained_teachers(tmp_path / "run", tiny_benchmark)
     out = CliRunner().invoke(app, ["ablate", str(run.dir)])
     assert out.exit_code == 0, out.output
     table = (run.dir / "ablation" / "ablation.md").read_text()
-    for name in ("| distillation | fc-fc |", "| + self-paced scales | fc-fc |", "| + both | fc-sc |"):
+    for name in ("| distillation | fc-fc |", "| + self-paced scales (centred) | fc-fc |", "| + both (paper scales) |"):
         assert name in table
+    assert "| val mAP | val - control | test mAP |" in table and "Best on val mAP" in table
     result = json.loads((run.dir / "ablation" / "ablation.json").read_text())
     params = {s["variant"]: s["parameters"] for s in result["summary"]}
-    assert params["+ both"] > params["+ self-paced scales"] > params["distillation"]  # FC-SC blocks; 3 scales
+    assert params["+ both (paper scales)"] > params["+ self-paced scales (paper)"] > params["distillation"]
+    assert params["+ self-paced scales (centred)"] == params["+ self-paced scales (paper)"]
+    best = max(result["summary"], key=lambda s: s["val_mAP"])
+    assert result["best_on_val"] == best["variant"]
     variant = run.dir / "ablation" / "fc-sc_vertical" / "seed_0"
     assert (variant / "specialists").is_symlink()
     assert (variant / "student" / "checkpoints" / "best.safetensors").is_file()

@@ -38,14 +38,14 @@ def teachers(unselected="zero", top_k=3):
     return OnlineTeachers(specialists, TAX, top_k=top_k, temperature=2.0, unselected=unselected)
 
 
-def student(head="dense", variant="vertical"):
+def student(head="dense", variant="vertical", centred=False):
     torch.manual_seed(2)
     voc = TAX.vertical_of_class
     if head == "dense":
         top = DenseHead(12, [8], TAX.num_classes)
     else:
         top = StructuredHead(12, [8, 4], SIZES, structure="fc-sc")
-    scales = SelfPacedScales(voc, variant, init_noise=0.3) if variant else None
+    scales = SelfPacedScales(voc, variant, init_noise=0.3, centred=centred) if variant else None
     return Classifier(nn.Flatten(), top, scales)
 
 
@@ -69,20 +69,22 @@ def sampled(t, weights, drawn, mode, unselected, truth_weight=0.3):
 
 
 @pytest.mark.parametrize(
-    ("mode", "unselected", "head", "variant"),
+    ("mode", "unselected", "head", "variant", "centred"),
     [
-        ("none", "zero", "dense", "vertical"),
-        ("max", "zero", "dense", "class"),
-        ("weighted", "ignore", "dense", "vertical"),
-        ("none", "ignore", "dense", None),
-        ("weighted", "zero", "structured", "vertical"),
-        ("max", "ignore", "structured", "none"),
+        ("none", "zero", "dense", "vertical", False),
+        ("max", "zero", "dense", "class", False),
+        ("weighted", "ignore", "dense", "vertical", False),
+        ("none", "ignore", "dense", None, False),
+        ("weighted", "zero", "structured", "vertical", False),
+        ("max", "ignore", "structured", "none", False),
+        ("none", "zero", "dense", "vertical", True),
+        ("weighted", "ignore", "structured", "class", True),
     ],
 )
-def test_drawing_every_vertical_gives_the_full_loss_and_its_gradients(mode, unselected, head, variant):
+def test_drawing_every_vertical_gives_the_full_loss_and_its_gradients(mode, unselected, head, variant, centred):
     weights = torch.tensor([1.0, 0.5, 2.0, 1.5])
     t = teachers(unselected)
-    full_model, sampled_model = student(head, variant), student(head, variant)
+    full_model, sampled_model = student(head, variant, centred), student(head, variant, centred)
     full = full_loss(full_model, t, weights, mode)
     part = sampled(t, weights, drawn=10, mode=mode, unselected=unselected)(sampled_model, batch())
     assert part.item() == pytest.approx(full.item(), rel=1e-5)

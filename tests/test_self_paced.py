@@ -65,6 +65,57 @@ def test_batched_layer_equals_a_per_vertical_loop(variant):
     torch.testing.assert_close(layer(x), expected)
 
 
+@pytest.mark.parametrize("variant", ["vertical", "class"])
+def test_centred_layer_equals_a_per_vertical_loop(variant):
+    torch.manual_seed(0)
+    layer = SelfPacedScales(VOC, variant, init_noise=0.1, centred=True)
+    x = torch.randn(5, 9) - 4.0
+    scale = layer.per_class_scale()
+    parts = []
+    for a, b in ((0, 3), (3, 5), (5, 9)):
+        m = x[:, a:b].mean(dim=1, keepdim=True)
+        parts.append(m + (x[:, a:b] - m) / (x[:, a:b] - m).norm(dim=1, keepdim=True) * scale[a:b])
+    torch.testing.assert_close(layer(x), torch.cat(parts, dim=1))
+    # the block form (padded rows of one vertical each) gives the same values
+    rows = torch.tensor([[0, 1, 2, 0], [3, 4, 0, 0], [5, 6, 7, 8]])
+    padded = torch.stack([torch.cat([x[1, r[:n]], torch.zeros(4 - n)]) for r, n in zip(rows, (3, 2, 4), strict=True)])
+    blocks_out = layer.scale_blocks(padded, rows)
+    expected = layer(x)[1]
+    for row, (r, n) in enumerate(zip(rows, (3, 2, 4), strict=True)):
+        torch.testing.assert_close(blocks_out[row, :n], expected[r[:n]])
+        assert (blocks_out[row, n:] == 0).all()
+
+
+def test_centred_scales_keep_the_ranking_across_verticals_that_the_papers_lose():
+    """A planted prior-biased generalist: an image's own vertical's block sits at level -7 (its true class 3
+    higher), every other block at -11 with a wider shape. Ranked by the raw logits, positives come first. The
+    paper's normalisation divides each block's level out, so an absent block's highest entries rise to the
+    positives' height; the centred one keeps the level. Both start at the generalist's median block norms."""
+    from kc.evaluate.metrics import average_precision
+
+    torch.manual_seed(0)
+    voc = [v for v in range(4) for _ in range(5)]
+    n = 400
+    vertical = torch.arange(n) % 4
+    truth = torch.zeros(n, 20)
+    truth[torch.arange(n), vertical * 5 + torch.randint(0, 5, (n,))] = 1
+    own = torch.tensor(voc)[None, :] == vertical[:, None]
+    logits = torch.where(own, -7.0 + 0.5 * torch.randn(n, 20), -11.0 + 2.0 * torch.randn(n, 20)) + 3.0 * truth
+
+    def val_map(scores):
+        return 100 * float(average_precision(torch.sigmoid(scores).numpy(), truth.numpy()).mean())
+
+    def at_generalist_norms(centred):
+        x = logits - logits.view(n, 4, 5).mean(2).repeat_interleave(5, 1) if centred else logits
+        return SelfPacedScales(voc, "vertical", init=x.view(n, 4, 5).norm(dim=2).median(dim=0).values, centred=centred)
+
+    generalist = val_map(logits)
+    with torch.no_grad():
+        centred, paper = val_map(at_generalist_norms(True)(logits)), val_map(at_generalist_norms(False)(logits))
+    assert centred > generalist - 1.0, (centred, generalist)
+    assert paper < generalist - 10.0, (paper, generalist)
+
+
 def test_gamma_receives_gradient_and_changes_under_training():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 9), SelfPacedScales(VOC, "vertical"))

@@ -73,15 +73,20 @@ def test_structured_self_paced_student_exports_exactly_to_both_formats(trained, 
     torch.manual_seed(1)
     from safetensors.torch import save_file
 
-    save_file(new_model(run, STUDENT).state_dict(), str(student_dir / "best.safetensors"))
     images = torch.randn(3, 3, 16, 16)
-    model = load_stage(run, run.stage_dir(STUDENT), new_model(run, STUDENT)).eval()
-    for fmt in ("onnx", "torchscript"):
-        manifest = export_stage(run, tmp_path / fmt, fmt, STUDENT)
-        assert manifest["parity"]["max_abs_logit_difference"] <= 1e-4, fmt
-        with torch.no_grad():
-            expected = model(images).numpy()
-        np.testing.assert_allclose(open_model(tmp_path / fmt).logits(images.numpy()), expected, atol=1e-4, rtol=0)
+    for centred in (False, True):  # the paper's scales and the centred ones
+        run.cfg.student.self_paced.centred = centred
+        save_file(new_model(run, STUDENT).state_dict(), str(student_dir / "best.safetensors"))
+        model = load_stage(run, run.stage_dir(STUDENT), new_model(run, STUDENT)).eval()
+        assert model.output_scales.centred is centred
+        for fmt in ("onnx", "torchscript"):
+            out = tmp_path / f"{fmt}-{centred}"
+            manifest = export_stage(run, out, fmt, STUDENT)
+            assert manifest["parity"]["max_abs_logit_difference"] <= 1e-4, fmt
+            with torch.no_grad():
+                expected = model(images).numpy()
+            np.testing.assert_allclose(open_model(out).logits(images.numpy()), expected, atol=1e-4, rtol=0)
+    run.cfg.student.self_paced.centred = False
 
 
 def test_a_failed_export_leaves_the_previous_artifact_untouched(trained, tmp_path):

@@ -1,10 +1,14 @@
 """`kc ablate`: the paper's ablation of the student on one run's generalist and specialists.
 
-Variants: distillation alone (dense head, plain logits); + self-paced scales; + structurally connected layers
-(FC-SC); + both. Each variant, and for each head structure the same-compute control (the generalist trained on
-with the ground truth, same head, same epochs), is trained for each seed in its own run directory under
-RUN/ablation/, which links the run's data, generalist, specialists and soft-target cache instead of copying them.
-Everything resumes like any stage. The table goes to RUN/ablation/ablation.md and .json.
+Variants: distillation alone (dense head, plain logits); + self-paced scales (the paper's, and the centred ones
+that keep the ranking across verticals); + structurally connected layers (FC-SC); + both. Each variant, and for
+each head structure the same-compute control (the generalist trained on with the ground truth, same head, same
+epochs), is trained for each seed in its own run directory under RUN/ablation/, which links the run's data,
+generalist, specialists and soft-target cache instead of copying them. Everything resumes like any stage.
+
+Every model is scored on val (what a choice between variants may read) and on test (the record), printed apart.
+The seeds here vary the student's and control's data order only (the teachers are the run's); for seeds over the
+whole pipeline, use `kc seeds`. The table goes to RUN/ablation/ablation.md and .json.
 """
 
 from __future__ import annotations
@@ -17,20 +21,23 @@ from kc.evaluate.stage import evaluate_stage
 from kc.io import atomic_write_json, atomic_write_text
 from kc.run import Run, prepare_run
 from kc.train.common import CONTROL, STUDENT
-from kc.train.generalist import train_control
+from kc.train.controls import train_control
 from kc.train.student import cache_targets, train_student
 
-VARIANTS: list[tuple[str, str, str]] = [  # name, head structure, self-paced variant
-    ("distillation", "fc-fc", "none"),
-    ("+ self-paced scales", "fc-fc", "vertical"),
-    ("+ structurally connected layers (FC-SC)", "fc-sc", "none"),
-    ("+ both", "fc-sc", "vertical"),
+VARIANTS: list[tuple[str, str, str, bool]] = [  # name, head structure, self-paced variant, centred
+    ("distillation", "fc-fc", "none", False),
+    ("+ self-paced scales (paper)", "fc-fc", "vertical", False),
+    ("+ self-paced scales (centred)", "fc-fc", "vertical", True),
+    ("+ structurally connected layers (FC-SC)", "fc-sc", "none", False),
+    ("+ both (paper scales)", "fc-sc", "vertical", False),
+    ("+ both (centred scales)", "fc-sc", "vertical", True),
 ]
 SHARED = ("taxonomy.json", "data", "generalist", "specialists", "cache")
 METRICS = ("mAP", "mean_per_vertical_AP")
+SPLITS = ("val", "test")
 
 
-def _variant_run(run: Run, slug: str, seed: int, structure: str, self_paced: str) -> Run:
+def _variant_run(run: Run, slug: str, seed: int, structure: str, self_paced: str, centred: bool) -> Run:
     directory = run.dir / "ablation" / slug / f"seed_{seed}"
     directory.mkdir(parents=True, exist_ok=True)
     for name in SHARED:
@@ -39,58 +46,78 @@ def _variant_run(run: Run, slug: str, seed: int, structure: str, self_paced: str
             link.symlink_to(run.dir / name, target_is_directory=(run.dir / name).is_dir())
     overrides = {
         "run_dir": str(directory),
-        "student": {"seed": seed, "head": {"structure": structure}, "self_paced": {"variant": self_paced}},
+        "student": {
+            "seed": seed,
+            "head": {"structure": structure},
+            "self_paced": {"variant": self_paced, "centred": centred},
+        },
     }
     if structure == "fc-fc":
         overrides = merge(overrides, {"student": {"head": {"shared_units": 0, "init": "generalist"}}})
     return prepare_run(load_config(run.dir / "config.yaml", overrides), progress=False)
 
 
+def _scores(run: Run, stage: str) -> dict[str, float]:
+    out = {}
+    for split in SPLITS:
+        metrics = evaluate_stage(run, stage, split, progress=False)
+        out.update({f"{split}_{m}": metrics[m] for m in METRICS})
+        out["parameters"] = metrics["parameters"]
+    return out
+
+
 def ablate(run: Run, seeds: list[int], verbose: bool = True) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     controls: dict[tuple[str, int], dict[str, Any]] = {}
-    for name, structure, self_paced in VARIANTS:
-        slug = f"{structure}_{self_paced}"
+    for name, structure, self_paced, centred in VARIANTS:
+        slug = f"{structure}_{self_paced}" + ("_centred" if centred else "")
         for seed in seeds:
-            sub = _variant_run(run, slug, seed, structure, self_paced)
+            sub = _variant_run(run, slug, seed, structure, self_paced, centred)
             if sub.cfg.student.teachers == "cache":  # built once, in the run's own RUN/cache when it has one
                 cache_targets(sub, progress=False)
             train_student(sub, progress=False, verbose=False)
-            student = evaluate_stage(sub, STUDENT, "test", progress=False)
+            student = _scores(sub, STUDENT)
             if (structure, seed) not in controls:  # the control depends on the head and the seed only
                 train_control(sub, progress=False, verbose=False)
-                controls[(structure, seed)] = evaluate_stage(sub, CONTROL, "test", progress=False)
+                controls[(structure, seed)] = _scores(sub, CONTROL)
             control = controls[(structure, seed)]
             rows.append(
                 {
                     "variant": name,
                     "structure": structure,
                     "self_paced": self_paced,
+                    "centred": centred,
                     "seed": seed,
-                    "parameters": student["parameters"],
-                    **{m: student[m] for m in METRICS},
-                    **{f"control_{m}": control[m] for m in METRICS},
+                    **student,
+                    **{f"control_{k}": v for k, v in control.items() if k != "parameters"},
                 }
             )
             if verbose:
-                print(f"{name}, seed {seed}: mAP {student['mAP']:.2f} (control {control['mAP']:.2f})", flush=True)
+                print(
+                    f"{name}, seed {seed}: val mAP {student['val_mAP']:.2f} (control {control['val_mAP']:.2f}); "
+                    f"test mAP {student['test_mAP']:.2f} (control {control['test_mAP']:.2f})",
+                    flush=True,
+                )
     summary = []
-    for name, structure, self_paced in VARIANTS:
+    for name, structure, self_paced, centred in VARIANTS:
         mine = [r for r in rows if r["variant"] == name]
-        diffs = [r["mAP"] - r["control_mAP"] for r in mine]
-        summary.append(
-            {
-                "variant": name,
-                "structure": structure,
-                "self_paced": self_paced,
-                "parameters": mine[0]["parameters"],
-                **{m: statistics.mean(r[m] for r in mine) for m in METRICS},
-                "control_mAP": statistics.mean(r["control_mAP"] for r in mine),
-                "vs_control": statistics.mean(diffs),
-                "vs_control_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-            }
-        )
-    result = {"seeds": seeds, "rows": rows, "summary": summary}
+        entry: dict[str, Any] = {
+            "variant": name,
+            "structure": structure,
+            "self_paced": self_paced,
+            "centred": centred,
+            "parameters": mine[0]["parameters"],
+        }
+        for split in SPLITS:
+            for m in METRICS:
+                entry[f"{split}_{m}"] = statistics.mean(r[f"{split}_{m}"] for r in mine)
+            diffs = [r[f"{split}_mAP"] - r[f"control_{split}_mAP"] for r in mine]
+            entry[f"control_{split}_mAP"] = statistics.mean(r[f"control_{split}_mAP"] for r in mine)
+            entry[f"{split}_vs_control"] = statistics.mean(diffs)
+            entry[f"{split}_vs_control_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        summary.append(entry)
+    best = max(summary, key=lambda s: s["val_mAP"])["variant"]
+    result = {"seeds": seeds, "rows": rows, "summary": summary, "best_on_val": best}
     out = run.dir / "ablation"
     atomic_write_json(out / "ablation.json", result)
     atomic_write_text(out / "ablation.md", ablation_table(result) + "\n")
@@ -99,17 +126,23 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True) -> dict[str, Any]:
 
 def ablation_table(result: dict[str, Any]) -> str:
     seeds = result["seeds"]
+    spread = len(seeds) > 1
     lines = [
-        f"Test split; means over seeds {', '.join(map(str, seeds))}; control = the generalist trained on with the "
-        "ground truth for the student's epochs, same head.",
+        f"Means over seeds {', '.join(map(str, seeds))} (the student's and control's data order); control = the "
+        "generalist trained on with the ground truth for the student's epochs, same head. Val chooses, test records.",
         "",
-        "| student | head | mAP | mean per-vertical AP | parameters | control mAP | student - control |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| student | head | parameters | val mAP | val - control | test mAP | test mean per-vertical AP | "
+        "test - control |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def diff(s: dict[str, Any], split: str) -> str:
+        return f"{s[f'{split}_vs_control']:+.2f}" + (f" ± {s[f'{split}_vs_control_std']:.2f}" if spread else "")
+
     for s in result["summary"]:
-        spread = f" ± {s['vs_control_std']:.2f}" if len(seeds) > 1 else ""
         lines.append(
-            f"| {s['variant']} | {s['structure']} | {s['mAP']:.2f} | {s['mean_per_vertical_AP']:.2f} | "
-            f"{s['parameters']:,} | {s['control_mAP']:.2f} | {s['vs_control']:+.2f}{spread} |"
+            f"| {s['variant']} | {s['structure']} | {s['parameters']:,} | {s['val_mAP']:.2f} | {diff(s, 'val')} | "
+            f"{s['test_mAP']:.2f} | {s['test_mean_per_vertical_AP']:.2f} | {diff(s, 'test')} |"
         )
+    lines += ["", f"Best on val mAP: {result['best_on_val']}."]
     return "\n".join(lines)

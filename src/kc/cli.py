@@ -362,15 +362,28 @@ def cache_targets_cmd(
 @user_errors
 def control_cmd(
     config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
+    kind: Annotated[
+        str | None,
+        typer.Option(help="only this control: same_compute | self_distillation | ground_truth | total_compute"),
+    ] = None,
     set_: SetOption = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Train the same-compute control: the generalist trained on for the student's epochs, ground truth only."""
-    from kc.train.generalist import train_control
+    """Train the controls: same compute, self-distillation, ground truth with the student's head, total compute
+    (config `controls.kinds`, or --kind)."""
+    from kc.config import CONTROL_KINDS
+    from kc.train.common import STAGES, controls_to_train
+    from kc.train.controls import TRAIN
 
+    if kind is not None and kind not in CONTROL_KINDS:
+        raise KCError(f"--kind: '{kind}' is not one of {', '.join(CONTROL_KINDS)}")
     run = _open_distributed_run(config, set_, bars(no_progress))
-    result = train_control(run, progress=bars(no_progress))
-    echo(f"control: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
+    stages = controls_to_train(run) if kind is None else [s.name for s in STAGES if s.control == kind]
+    if not stages:
+        echo("no control to train (control: false, or controls.kinds is empty)")
+    for stage in stages:
+        result = TRAIN[stage](run, progress=bars(no_progress))
+        echo(f"{stage}: best epoch {result.best_epoch}, val mAP {result.best_metric}; weights {result.best_weights}")
 
 
 @app.command("report")
@@ -382,13 +395,13 @@ def report_cmd(
 ) -> None:
     """Score every trained model side by side; write RUN/report.md, report.html (with plots) and metrics.json."""
     from kc import distributed
-    from kc.evaluate.compare import compare
+    from kc.evaluate.compare import compare_splits
     from kc.evaluate.report import comparison_table
     from kc.io import read_json
     from kc.pipeline import write_report
 
     run = _open_distributed_run(config, set_, bars(no_progress))
-    result = compare(run, "test", progress=bars(no_progress))
+    result = compare_splits(run, progress=bars(no_progress))
     timings_path = run.dir / "timings.json"
     distributed.on_main(lambda: write_report(run, result, read_json(timings_path) if timings_path.is_file() else {}))
     echo(comparison_table(result))
@@ -610,7 +623,7 @@ def pipeline_cmd(
     set_: SetOption = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """generalist -> specialists -> student -> control -> report. Re-run the same command to resume."""
+    """generalist -> specialists -> student -> controls -> report. Re-run the same command to resume."""
     from kc.evaluate.report import comparison_table
     from kc.pipeline import run_pipeline
 
@@ -620,6 +633,32 @@ def pipeline_cmd(
     result = run_pipeline(run, progress=bars(no_progress), specialist_jobs=specialist_jobs, overrides=set_)
     echo(comparison_table(result))
     echo(f"\nreport: {run.dir / 'report.md'}")
+
+
+@app.command("seeds")
+@user_errors
+def seeds_cmd(
+    config: Annotated[Path, typer.Argument(help="run config (YAML); each seed runs in RUN/seed_<n>")],
+    seed: Annotated[list[int], typer.Option(help="a whole-pipeline seed (repeat: --seed 0 --seed 1 --seed 2)")],
+    generate: Annotated[
+        str | None,
+        typer.Option(help="a benchmark preset: each seed generates its own draw of it (else the config's data)"),
+    ] = None,
+    label_noise: Annotated[
+        float | None,
+        typer.Option(help="with --generate: share of training labels naming another class of the vertical"),
+    ] = None,
+    set_: SetOption = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """The whole pipeline once per seed (benchmark draw, split, generalist, specialists, student, controls);
+    mean ± std over seeds, the student's paired differences and wins; RUN/seeds.md and seeds.json."""
+    from kc.seeds import run_seeds, seeds_table
+
+    summary = run_seeds(
+        config, seed, generate, set_, label_noise=label_noise, progress=bars(no_progress), echo=typer.echo
+    )
+    echo(seeds_table(summary))
 
 
 @app.command("demo")

@@ -115,6 +115,12 @@ class TrainConfig(_Strict):
     compile: bool = Field(False, description="torch.compile the model (GPUs)")
     checkpoint_every_steps: int = Field(200, ge=1)
     grad_clip: float | None = Field(None, gt=0)
+    patience: int | None = Field(
+        None,
+        ge=1,
+        description="stop when the val metric has not improved for this many epochs (the plateau criterion of "
+        "convergence); the best epoch is kept either way; unset = train every epoch",
+    )
     seed: int | None = Field(
         None,
         description="seed of this stage's data order and dropout (default: the run's seed); set it to repeat "
@@ -169,6 +175,12 @@ class SelfPacedConfig(_Strict):
         description="initial scale: sqrt(classes in the vertical) (the paper); generalist: the median norm of the "
         "vertical's block of generalist logits on training images, so that the student starts as the generalist "
         "(use it with model.head.output_bias: prior, whose logits have norms far above sqrt(N_v)); or a number",
+    )
+    centred: bool = Field(
+        False,
+        description="keep each image's block mean outside the normalisation: y = m + gamma (x - m) / ||x - m|| "
+        "(false: the paper's y = gamma x / ||x||, which divides out the level through which a prior-biased model "
+        "ranks images across verticals); with init 'generalist' the scales start at the centred block norms",
     )
     init_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the initial scales")
     lr_multiplier: float = Field(
@@ -231,6 +243,28 @@ class StudentConfig(TrainConfig):
     )
 
 
+CONTROL_KINDS = ("same_compute", "self_distillation", "ground_truth", "total_compute")
+
+
+class ControlsConfig(_Strict):
+    """What the student is measured against. Each control starts from the generalist, like the student."""
+
+    kinds: list[Literal["same_compute", "self_distillation", "ground_truth", "total_compute"]] = Field(
+        default_factory=lambda: list(CONTROL_KINDS),
+        description="same_compute: the generalist trained on with the ground truth for the student's epochs "
+        "(student's head); self_distillation: the student's exact recipe taught by the generalist itself instead of "
+        "the specialists; ground_truth: the student's head and self-paced scales trained on the ground truth "
+        "(left out when the student has no scales: it is then same_compute); total_compute: the generalist trained "
+        "on for the image-steps of all specialists and the student together",
+    )
+    total_compute_patience: int | None = Field(
+        5,
+        ge=1,
+        description="the total-compute control stops when its val mAP has not improved for this many epochs (its "
+        "budget can be many times the student's); unset = its whole budget",
+    )
+
+
 class RunConfig(_Strict):
     run_dir: Path = Path("runs/default")
     seed: int = 0
@@ -242,9 +276,10 @@ class RunConfig(_Strict):
     student: StudentConfig = StudentConfig()
     control: bool = Field(
         True,
-        description="also train the generalist on for the student's epochs with ground truth only: the "
-        "same-compute control without which a student's gain may be nothing but extra training",
+        description="also train the controls (`controls`): without them a student's gain may be nothing but extra "
+        "training, self-distillation or the student's head",
     )
+    controls: ControlsConfig = ControlsConfig()
 
     @model_validator(mode="after")
     def _student_head_fits(self) -> RunConfig:

@@ -1,4 +1,4 @@
-"""`kc pipeline`: generalist -> specialists -> student -> control -> comparison report, resumable at every stage.
+"""`kc pipeline`: generalist -> specialists -> student -> controls -> comparison report, resumable at every stage.
 
 Finished stages are skipped and an interrupted one resumes from its last checkpoint, so re-running the same
 command after any interruption finishes the run. Each stage's wall time is kept in RUN/timings.json (a stage
@@ -14,16 +14,17 @@ from typing import Any
 
 from kc import distributed
 from kc.evaluate import plots
-from kc.evaluate.compare import compare
+from kc.evaluate.compare import compare_splits
 from kc.evaluate.report import report_html, run_report
 from kc.io import atomic_write_json, atomic_write_text, read_json
 from kc.models.accounting import accounting_tables, parameter_accounting
 from kc.run import Run
-from kc.train.common import CONTROL, GENERALIST, STUDENT, specialist_dir
-from kc.train.generalist import train_control, train_generalist
+from kc.train.common import GENERALIST, STAGES, STUDENT, controls_to_train, specialist_dir
+from kc.train.controls import TRAIN
+from kc.train.generalist import train_generalist
 from kc.train.jobs import run_shard_jobs
 from kc.train.specialists import train_specialists
-from kc.train.student import cache_targets, train_student
+from kc.train.student import cache_targets
 from kc.train.trainer import stage_complete
 
 
@@ -62,9 +63,8 @@ def run_pipeline(
     ]
     if run.cfg.student.teachers == "cache":  # resumes shard by shard; a complete cache costs a glance
         stages.append(("cache", lambda: cache_targets(run, progress=progress)))
-    stages.append((STUDENT, lambda: train_student(run, **kw)))
-    if run.cfg.control:
-        stages.append((CONTROL, lambda: train_control(run, **kw)))
+    for name in [STUDENT, *controls_to_train(run)]:
+        stages.append((name, lambda name=name: TRAIN[name](run, **kw)))
     for name, train in stages:
         done_before = all(stage_complete(d) for d in _stage_dirs(run, name))
         start = time.perf_counter()
@@ -74,7 +74,7 @@ def run_pipeline(
             if distributed.is_main():
                 atomic_write_json(timings_path, timings)
     start = time.perf_counter()
-    result = compare(run, "test", progress=progress)  # every rank scores its part of the test images
+    result = compare_splits(run, progress=progress)  # every rank scores its part of the val and test images
     timings["evaluation"] = time.perf_counter() - start
     if distributed.is_main():
         atomic_write_json(timings_path, timings)
@@ -98,7 +98,7 @@ def write_report(run: Run, result: dict[str, Any], timings: dict[str, float]) ->
 def draw_plots(run: Run, result: dict[str, Any]) -> list[tuple[str, str]]:
     """RUN/plots/*.png; returns (title, path relative to the run) for each picture drawn."""
     out = run.dir / "plots"
-    stages = {GENERALIST: run.stage_dir(GENERALIST), STUDENT: run.stage_dir(STUDENT), CONTROL: run.stage_dir(CONTROL)}
+    stages = {s.name: run.stage_dir(s.name) for s in STAGES}
     stages.update({f"specialist #{v}": specialist_dir(run, v) for v in range(run.taxonomy.num_verticals)})
     drawn = [
         ("Mean AP per vertical", plots.per_vertical_bars(result, run.taxonomy, out / "per_vertical_ap.png")),

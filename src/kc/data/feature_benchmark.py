@@ -12,6 +12,12 @@ head on them (backbone `kc_features`). The structure mirrors the image benchmark
 - an **image** is its class's point plus Gaussian noise (`noise`); `label_noise` of the training labels name
   another class of the same vertical, as in the image benchmark.
 
+With `size_ratio` > 1 the verticals are of unequal sizes, geometrically spaced from the smallest to `size_ratio`
+times it (the paper's 20 verticals hold about 1.5K to 24K of its 100K classes), and a vertical of more classes
+than `2**fine_dims` varies as many more axes as its sign patterns need. The `paper-*` presets are built so that
+the method can show something (the regime the paper measured in): 20 verticals, clean labels, and val and test
+splits whose "vertical-only" chance floor (each class ranked at random among its vertical's images) stays low.
+
 Written: `features.npy` (float16, rows x dim), `manifest.jsonl` (paths `features.npy#<row>`, labels, split),
 `taxonomy.json`. Val and test are `val_images` / `test_images` images of classes drawn at random (a test split with
 every class would not fit a 2-core machine's evaluation).
@@ -27,7 +33,7 @@ import numpy as np
 
 from kc.data.benchmark import grid_taxonomy
 from kc.io import atomic_write, atomic_write_text
-from kc.taxonomy import Taxonomy
+from kc.taxonomy import ClassInfo, Taxonomy, Vertical
 
 
 @dataclass(frozen=True)
@@ -42,29 +48,82 @@ class FeatureBenchmarkSpec:
     fine_scale: float = 1.0
     noise: float = 0.4
     label_noise: float = 0.2
+    size_ratio: float = 1.0
     seed: int = 0
+
+    def vertical_sizes(self) -> list[int]:
+        """Classes per vertical: all `classes_per_vertical`, or (size_ratio > 1) geometrically spaced, smallest
+        first, summing to verticals x classes_per_vertical."""
+        V, total = self.verticals, self.verticals * self.classes_per_vertical
+        if self.size_ratio == 1.0 or V == 1:
+            return [self.classes_per_vertical] * V
+        weights = self.size_ratio ** (np.arange(V) / (V - 1))
+        sizes = np.maximum(1, np.floor(weights / weights.sum() * total)).astype(int)
+        sizes[-1] += total - int(sizes.sum())  # the rounding's remainder goes to the largest
+        return sizes.tolist()
+
+    def fine_dims_of(self, size: int) -> int:
+        """Axes a vertical of `size` classes varies: enough sign patterns for each class to have its own."""
+        return max(self.fine_dims, int(np.ceil(np.log2(max(2, size)))))
 
 
 FEATURE_PRESETS = {
     "features-100k": FeatureBenchmarkSpec(),  # 100,000 classes in 1,000 verticals
     "features-1k": FeatureBenchmarkSpec(verticals=10, val_images=500, test_images=1000),  # the same, 1,000 classes
+    # The paper's regime at three scales: 20 verticals of unequal sizes (16x from smallest to largest), clean labels.
+    "paper-1k": FeatureBenchmarkSpec(
+        verticals=20,
+        classes_per_vertical=50,
+        train_per_class=30,
+        val_images=2000,
+        test_images=2000,
+        fine_dims=6,
+        label_noise=0.0,
+        size_ratio=16.0,
+    ),
+    "paper-10k": FeatureBenchmarkSpec(
+        verticals=20,
+        classes_per_vertical=500,
+        train_per_class=10,
+        val_images=4000,
+        test_images=4000,
+        fine_dims=6,
+        label_noise=0.0,
+        size_ratio=16.0,
+    ),
+    "paper-100k": FeatureBenchmarkSpec(
+        verticals=20,
+        classes_per_vertical=5000,
+        train_per_class=8,
+        val_images=4000,
+        test_images=4000,
+        fine_dims=6,
+        label_noise=0.0,
+        size_ratio=16.0,
+    ),
 }
 
 
 def generate_feature_benchmark(out: Path, spec: FeatureBenchmarkSpec) -> Path:
     """Write the benchmark to `out`; returns the manifest path. Same spec, same bytes."""
-    if 2**spec.fine_dims < spec.classes_per_vertical:
+    sizes = spec.vertical_sizes()
+    if spec.size_ratio == 1.0 and 2**spec.fine_dims < spec.classes_per_vertical:
         raise ValueError(f"fine_dims {spec.fine_dims} gives fewer sign patterns than {spec.classes_per_vertical}")
+    if any(spec.fine_dims_of(size) > spec.dim for size in sizes):
+        raise ValueError(f"dim {spec.dim} is too small for a vertical of {max(sizes)} classes")
     rng = np.random.default_rng(spec.seed)
-    V, K, D = spec.verticals, spec.classes_per_vertical, spec.dim
+    V, D = spec.verticals, spec.dim
     vertical_points = rng.normal(0.0, 1.0, (V, D)).astype(np.float32)
-    centres = np.repeat(vertical_points, K, axis=0)
-    for v in range(V):
-        axes = rng.choice(D, spec.fine_dims, replace=False)
-        codes = rng.choice(2**spec.fine_dims, K, replace=False)
-        signs = ((codes[:, None] >> np.arange(spec.fine_dims)) & 1) * 2.0 - 1.0
-        centres[v * K : (v + 1) * K, axes] += spec.fine_scale * signs
-    C = V * K
+    centres = np.repeat(vertical_points, sizes, axis=0)
+    vertical_of_class = np.repeat(np.arange(V), sizes)
+    first_class = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for size, first in zip(sizes, first_class, strict=True):
+        dims = spec.fine_dims if spec.size_ratio == 1.0 else spec.fine_dims_of(size)
+        axes = rng.choice(D, dims, replace=False)
+        codes = rng.choice(2**dims, size, replace=False)
+        signs = ((codes[:, None] >> np.arange(dims)) & 1) * 2.0 - 1.0
+        centres[first : first + size, axes] += spec.fine_scale * signs
+    C = int(sum(sizes))
     train_classes = np.repeat(np.arange(C), spec.train_per_class)
     val_classes = rng.integers(0, C, spec.val_images)
     test_classes = rng.integers(0, C, spec.test_images)
@@ -76,9 +135,14 @@ def generate_feature_benchmark(out: Path, spec: FeatureBenchmarkSpec) -> Path:
         features[begin : begin + len(block)] = centres[block] + rng.normal(0.0, spec.noise, (len(block), D))
     labels = classes.copy()
     noisy = rng.random(len(train_classes)) < spec.label_noise
-    shift = rng.integers(1, K, int(noisy.sum()))
-    vertical = train_classes[noisy] // K
-    labels[: len(train_classes)][noisy] = vertical * K + (train_classes[noisy] % K + shift) % K
+    noisy_classes = train_classes[noisy]
+    size = np.asarray(sizes)[vertical_of_class[noisy_classes]]
+    first = first_class[vertical_of_class[noisy_classes]]
+    if spec.size_ratio == 1.0:  # the draw the equal-size presets were written with: their bytes stay the same
+        shift = rng.integers(1, spec.classes_per_vertical, len(noisy_classes))
+    else:  # another class of the same vertical (a 1-class vertical keeps its label)
+        shift = rng.integers(1, np.maximum(2, size))
+    labels[: len(train_classes)][noisy] = first + (noisy_classes - first + shift) % size
 
     out.mkdir(parents=True, exist_ok=True)
 
@@ -100,4 +164,14 @@ def generate_feature_benchmark(out: Path, spec: FeatureBenchmarkSpec) -> Path:
 
 
 def feature_taxonomy(spec: FeatureBenchmarkSpec) -> Taxonomy:
-    return grid_taxonomy(spec.verticals, spec.classes_per_vertical, 3, "feature benchmark")
+    if spec.size_ratio == 1.0:
+        return grid_taxonomy(spec.verticals, spec.classes_per_vertical, 3, "feature benchmark")
+    sizes = spec.vertical_sizes()
+    digits = len(str(max(sizes) - 1))
+    verticals = [Vertical(f"v{v:02d}", f"vertical {v:02d} ({size} classes)") for v, size in enumerate(sizes)]
+    classes = [
+        ClassInfo(f"v{v:02d}.c{k:0{digits}d}", f"class {k} of vertical {v:02d}", f"v{v:02d}")
+        for v, size in enumerate(sizes)
+        for k in range(size)
+    ]
+    return Taxonomy(verticals, classes, source="feature benchmark")

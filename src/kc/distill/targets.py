@@ -125,3 +125,35 @@ class OnlineTeachers(Teachers):
             logits = self.teachers[v](images[rows[pairs]]).float()[:, :size]  # an 'other' output is not a class
             values[pairs, :size] = keep_top_k(torch.sigmoid(logits / self.temperature), self.top_k)
         return BlockTargets(rows, verticals, values, selected)
+
+
+class GeneralistTeacher(Teachers):
+    """One network over every class (the generalist) as the teacher of every vertical: each (image, selected
+    vertical) pair gets the top K of that network's own probabilities on the vertical's classes. The
+    self-distillation control: the student's recipe without what the specialists know."""
+
+    def __init__(
+        self, teacher: nn.Module, taxonomy: Taxonomy, top_k: int, temperature: float, unselected: str = "zero"
+    ):
+        super().__init__(taxonomy, top_k, temperature, unselected)
+        self.teacher = teacher.eval().requires_grad_(False)
+
+    def to(self, device: torch.device) -> GeneralistTeacher:
+        super().to(device)
+        self.teacher = self.teacher.to(device)
+        return self
+
+    @torch.no_grad()
+    def blocks(
+        self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
+    ) -> BlockTargets:
+        selected, rows, verticals, values = self.pairs(labels)
+        if not len(rows):
+            return BlockTargets(rows, verticals, values, selected)
+        probs = torch.sigmoid(self.teacher(images).float() / self.temperature)
+        offsets = torch.arange(values.shape[1], device=labels.device)
+        inside = offsets < self.sizes[verticals].unsqueeze(1)
+        columns = (self.starts[verticals].unsqueeze(1) + offsets).clamp(max=self.num_classes - 1)
+        block = torch.where(inside, probs[rows.unsqueeze(1), columns], 0.0)
+        # Top K per pair among its own classes (padding is 0, below every probability).
+        return BlockTargets(rows, verticals, keep_top_k(block, self.top_k), selected)

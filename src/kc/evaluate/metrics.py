@@ -171,3 +171,41 @@ def metrics_from_ap(ap: np.ndarray, taxonomy: Taxonomy, images: int) -> dict:
         "per_class_ap": [None if np.isnan(a) else 100 * float(a) for a in ap],
     }
     return result
+
+
+def vertical_rows(targets: np.ndarray, start: int, end: int) -> np.ndarray:
+    """The images (rows) with a positive among the classes [start, end): a vertical's own images."""
+    return np.flatnonzero((targets[:, start:end] > 0).any(axis=1))
+
+
+def within_vertical_ap(scores: np.ndarray, targets: np.ndarray, taxonomy: Taxonomy) -> np.ndarray:
+    """Per-class AP with each class ranked among its vertical's own images only (those with a label in the
+    vertical): how well a model tells a vertical's classes apart, whatever it does across verticals."""
+    ap = np.full(targets.shape[1], np.nan)
+    for start, end in taxonomy.vertical_ranges:
+        rows = vertical_rows(targets, start, end)
+        if len(rows):
+            ap[start:end] = average_precision(scores[rows, start:end], targets[rows, start:end])
+    return ap
+
+
+def vertical_floor_ap(targets: np.ndarray, taxonomy: Taxonomy, draws: int = 10, seed: int = 0) -> np.ndarray:
+    """Per-class AP of the "vertical-only" scorer, the chance floor of a split: it knows each image's verticals and
+    nothing else (an image of the class's vertical above every other image, in random order among them). Its
+    expected AP is estimated over `draws` seeded random orders. Over all images and within vertical it is the same:
+    every positive of a class lies among its vertical's images."""
+    rng = np.random.default_rng(seed)
+    ap = np.full(targets.shape[1], np.nan)
+    for start, end in taxonomy.vertical_ranges:
+        rows = vertical_rows(targets, start, end)
+        if not len(rows):
+            continue
+        block = targets[rows, start:end]
+        ap[start:end] = np.mean(
+            [
+                average_precision(np.repeat(rng.random((len(rows), 1)), end - start, axis=1), block)
+                for _ in range(draws)
+            ],
+            axis=0,
+        )
+    return ap

@@ -16,7 +16,7 @@ from kc.evaluate.predict import predict, predict_batches
 from kc.io import atomic_write_json
 from kc.models.classifier import count_parameters
 from kc.run import Run
-from kc.train.common import FULL_MODEL_STAGES, GENERALIST, STUDENT, load_stage, new_model
+from kc.train.common import FULL_MODEL_STAGES, GENERALIST, activation, load_stage, new_model
 from kc.train.trainer import resolve_device
 
 # Above this many bytes of (images x classes) scores, AP is computed streaming (two passes over the model's outputs,
@@ -43,9 +43,9 @@ def evaluate_stage(
     device = resolve_device(run.cfg.device)
     model = load_stage(run, run.stage_dir(stage), new_model(run, stage))
     tcfg = run.cfg.generalist
-    activation = "sigmoid" if tcfg.loss == "bce" or stage == STUDENT else "softmax"
     C = run.taxonomy.num_classes
-    options = {"batch_size": tcfg.eval_batch_size, "device": device, "activation": activation, "progress": progress}
+    how = activation(stage, tcfg.loss)
+    options = {"batch_size": tcfg.eval_batch_size, "device": device, "activation": how, "progress": progress}
     images_per_s: float | None = None
     if len(samples) * C * 4 > max_score_bytes:
 

@@ -5,6 +5,12 @@ y_v = gamma_v * x_v / ||x_v||. Because the gradient reaching x_v scales with gam
 vertical's own learned learning rate. Variants: `vertical` (one scalar per vertical, the paper's best), `class`
 (one scale per class), `fixed` (gamma_v = init, not trained), `none` (logits unchanged).
 
+`centred` keeps each image's block mean m_v outside the normalisation: y_v = m_v + gamma_v (x_v - m_v) / ||x_v - m_v||.
+A prior-biased model says "this vertical is absent" through the common level of the block; the paper's formula
+divides that level out, so absent verticals' blocks keep only their shape and the ranking of images across
+verticals is lost (10K classes: val mAP 72.8 -> 27.2 at the start), while the centred one keeps it and still gives
+each vertical a learned scale of its within-vertical contrast.
+
 Batched over verticals: the per-vertical squared norms are one `index_add_` over the class -> vertical map, so the
 cost does not grow with the number of verticals (no Python loop).
 """
@@ -25,8 +31,10 @@ class SelfPacedScales(nn.Module):
         init: str | float | torch.Tensor = "sqrt",
         init_noise: float = 0.0,
         eps: float = 1e-6,
+        centred: bool = False,
     ):
         super().__init__()
+        self.centred = centred
         if variant not in VARIANTS:
             raise ValueError(f"self-paced variant '{variant}' is not one of {', '.join(VARIANTS)}")
         self.variant = variant
@@ -35,6 +43,7 @@ class SelfPacedScales(nn.Module):
         self.num_verticals = int(voc.max()) + 1 if len(voc) else 0
         self.register_buffer("vertical_of_class", voc, persistent=False)
         sizes = torch.bincount(voc, minlength=self.num_verticals).float()
+        self.register_buffer("sizes", sizes, persistent=False)
         if isinstance(init, torch.Tensor):  # one value per vertical (e.g. the generalist's block norms)
             per_vertical = init.detach().float().clone()
         else:
@@ -78,14 +87,29 @@ class SelfPacedScales(nn.Module):
         must hold logit 0 (any class index)."""
         if self.variant == "none":
             return logits
-        norms = (logits * logits).sum(dim=1, keepdim=True).clamp_min(self.eps * self.eps).sqrt()
-        return logits / norms * self.per_class_scale()[classes]
+        scale = self.per_class_scale()[classes]
+        if not self.centred:
+            norms = (logits * logits).sum(dim=1, keepdim=True).clamp_min(self.eps * self.eps).sqrt()
+            return logits / norms * scale
+        size = self.sizes[self.vertical_of_class[classes[:, :1]]]  # (P, 1): the row's vertical's classes
+        inside = torch.arange(logits.shape[1], device=logits.device) < size
+        mean = logits.sum(dim=1, keepdim=True) / size  # padding holds 0
+        centred = (logits - mean) * inside
+        norms = (centred * centred).sum(dim=1, keepdim=True).clamp_min(self.eps * self.eps).sqrt()
+        return (mean + centred / norms * scale) * inside
 
     def _scale(self, logits: torch.Tensor, vertical_of_column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        squares = torch.zeros(logits.shape[0], self.num_verticals, device=logits.device, dtype=logits.dtype)
-        squares.index_add_(1, vertical_of_column, logits * logits)
-        norms = squares.clamp_min(self.eps * self.eps).sqrt()
-        return logits / norms[:, vertical_of_column] * scale
+        def per_vertical_sum(values: torch.Tensor) -> torch.Tensor:
+            sums = torch.zeros(values.shape[0], self.num_verticals, device=values.device, dtype=values.dtype)
+            return sums.index_add_(1, vertical_of_column, values)
+
+        mean = None
+        if self.centred:  # whole verticals: each block's columns are its vertical's classes
+            mean = (per_vertical_sum(logits) / self.sizes.to(logits.dtype))[:, vertical_of_column]
+            logits = logits - mean
+        norms = per_vertical_sum(logits * logits).clamp_min(self.eps * self.eps).sqrt()
+        scaled = logits / norms[:, vertical_of_column] * scale
+        return scaled if mean is None else mean + scaled
 
     def extra_repr(self) -> str:
-        return f"variant={self.variant}, verticals={self.num_verticals}"
+        return f"variant={self.variant}, verticals={self.num_verticals}, centred={self.centred}"

@@ -30,7 +30,7 @@ from kc.errors import CheckpointError, KCError
 from kc.io import atomic_write_json, read_json
 from kc.run import Run
 from kc.serve.model_card import model_card
-from kc.train.common import FULL_MODEL_STAGES, STUDENT, best_weights, file_digest, load_stage, new_model
+from kc.train.common import FULL_MODEL_STAGES, STUDENT, activation, best_weights, file_digest, load_stage, new_model
 
 FORMATS = ("onnx", "torchscript")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -108,7 +108,7 @@ def export_stage(
             "format": fmt,
             "file": model_file.name,
             "stage": stage,
-            "activation": "sigmoid" if stage == STUDENT or loss == "bce" else "softmax",
+            "activation": activation(stage, loss),
             "preprocess": {"size": run.cfg.data.image_size, "mean": run.cfg.data.mean, "std": run.cfg.data.std},
             "classes": run.taxonomy.num_classes,
             "verticals": run.taxonomy.num_verticals,

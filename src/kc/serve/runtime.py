@@ -110,7 +110,7 @@ def open_model(path: Path, stage: str = "student", threads: int | None = None) -
 
 
 def _open_run_stage(run_dir: Path, stage: str, threads: int) -> LoadedModel:
-    from kc.train.common import FULL_MODEL_STAGES, STUDENT, load_stage, new_model
+    from kc.train.common import FULL_MODEL_STAGES, activation, load_stage, new_model
 
     if stage not in FULL_MODEL_STAGES:
         raise CheckpointError(f"--stage: '{stage}' is not one of {', '.join(FULL_MODEL_STAGES)}")
@@ -118,8 +118,6 @@ def _open_run_stage(run_dir: Path, stage: str, threads: int) -> LoadedModel:
     taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
     run = Run(cfg, run_dir.resolve(), taxonomy, Path("."), {})
     model = load_stage(run, run.stage_dir(stage), new_model(run, stage)).eval()
-    activation = "sigmoid" if stage == STUDENT or cfg.generalist.loss == "bce" else "softmax"
+    how = activation(stage, cfg.generalist.loss)
     preprocess = Preprocess(cfg.data.image_size, cfg.data.mean, cfg.data.std)
-    return LoadedModel(
-        _torch_runner(model, threads), taxonomy, preprocess, activation, f"{stage} of run {run_dir}", threads
-    )
+    return LoadedModel(_torch_runner(model, threads), taxonomy, preprocess, how, f"{stage} of run {run_dir}", threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,83 @@ from kc.run import Run
 from kc.train.checkpoint import load_weights
 
 GENERALIST, STUDENT, CONTROL = "generalist", "student", "control"
-FULL_MODEL_STAGES = (GENERALIST, STUDENT, CONTROL)  # the stages whose model covers every class
+SELF_DISTILLATION, GROUND_TRUTH, TOTAL_COMPUTE = (
+    "control_self_distillation",
+    "control_ground_truth",
+    "control_total_compute",
+)
+
+
+@dataclass(frozen=True)
+class FullModelStage:
+    """A stage whose model covers every class: its directory (RUN/<name>), its row in the comparison, its model
+    (the generalist's architecture, or with the student's head, or with the student's head and self-paced scales)
+    and its training targets (the ground truth, with the generalist's loss, or a teacher's soft targets)."""
+
+    name: str
+    title: str
+    student_head: bool
+    scales: bool
+    ground_truth: bool
+    control: str | None = None  # its name in config `controls.kinds`, for a control
+
+
+# Every full-vocabulary stage, in the order the pipeline trains them and the comparison lists them. The controls
+# are what a student's gain must beat: (a) extra training, (b) distillation from the generalist itself, (c) the
+# student's head and scales trained on labels, (d) the compute of generalist + specialists + student together.
+STAGES = (
+    FullModelStage(GENERALIST, "generalist", student_head=False, scales=False, ground_truth=True),
+    FullModelStage(STUDENT, "student", student_head=True, scales=True, ground_truth=False),
+    FullModelStage(
+        CONTROL, "control: same compute", student_head=True, scales=False, ground_truth=True, control="same_compute"
+    ),
+    FullModelStage(
+        SELF_DISTILLATION,
+        "control: self-distillation",
+        student_head=True,
+        scales=True,
+        ground_truth=False,
+        control="self_distillation",
+    ),
+    FullModelStage(
+        GROUND_TRUTH,
+        "control: ground truth, student's head",
+        student_head=True,
+        scales=True,
+        ground_truth=True,
+        control="ground_truth",
+    ),
+    FullModelStage(
+        TOTAL_COMPUTE,
+        "control: total compute",
+        student_head=True,
+        scales=False,
+        ground_truth=True,
+        control="total_compute",
+    ),
+)
+STAGE = {s.name: s for s in STAGES}
+FULL_MODEL_STAGES = tuple(STAGE)
+
+
+def activation(stage: str, generalist_loss: str) -> str:
+    """How a full-vocabulary stage's logits become scores: softmax for a model trained on the generalist's softmax
+    loss, sigmoid otherwise (soft targets are per-class probabilities)."""
+    return "softmax" if STAGE[stage].ground_truth and generalist_loss == "softmax" else "sigmoid"
+
+
+def controls_to_train(run: Run) -> list[str]:
+    """The controls this run trains, in the table's order. The ground-truth control equals the same-compute control
+    when the student has no self-paced scales (same head, init, loss and epochs), so it is then left out."""
+    if not run.cfg.control:
+        return []
+    kinds = set(run.cfg.controls.kinds)
+    if run.cfg.student.self_paced.variant == "none":
+        kinds.discard("ground_truth")
+    return [s.name for s in STAGES if s.control in kinds]
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
@@ -88,6 +165,8 @@ def validation_fn(
     """Metrics on the val split: over all classes, or (specialists) mAP over the classes [start, end) only."""
     if not run.splits["val"]:
         return None
+    if classes is not None and not any(classes[0] <= c < classes[1] for s in run.splits["val"] for c in s.labels):
+        return None  # no val image of the vertical: nothing to select on (the last epoch is kept), not a 0.0
 
     def validate(model: nn.Module) -> dict[str, Any]:
         # A specialist is scored on its vertical's classes alone (its 'other' output dropped): no (N, C) targets.
@@ -107,7 +186,7 @@ def validation_fn(
         if classes is not None:
             ap = average_precision(scores[:, :count], targets)
             scored = ap[~np.isnan(ap)]
-            return {"mAP": 100 * float(scored.mean()) if scored.size else 0.0}
+            return {"mAP": 100 * float(scored.mean())} if scored.size else {}  # no metric, not a 0.0
         m = classification_metrics(scores, targets, run.taxonomy)
         return {k: v for k, v in m.items() if isinstance(v, (int, float))}
 
@@ -174,12 +253,16 @@ def with_self_paced_scales(run: Run, model: Classifier, init: torch.Tensor | Non
     (self_paced.init 'generalist'); otherwise a model about to load trained scales needs no measured start."""
     sp = run.cfg.student.self_paced
     start = init if init is not None else ("sqrt" if sp.init == "generalist" else sp.init)
-    model.output_scales = SelfPacedScales(run.taxonomy.vertical_of_class, sp.variant, start, sp.init_noise)
+    model.output_scales = SelfPacedScales(
+        run.taxonomy.vertical_of_class, sp.variant, start, sp.init_noise, centred=sp.centred
+    )
     return model
 
 
 @torch.no_grad()
-def block_norms(run: Run, model: Classifier, images: int = 1024, batch_size: int = 256) -> torch.Tensor:
+def block_norms(
+    run: Run, model: Classifier, images: int = 1024, batch_size: int = 256, centred: bool = False
+) -> torch.Tensor:
     """Per vertical, the median over training images (up to `images`, evenly spread) of the L2 norm of the
     vertical's block of `model`'s logits: self-paced scales that start there keep the typical size of its logits
     (not their ranking across images, which normalising each image's block changes: docs/BENCHMARKS.md, 100K)."""
@@ -193,6 +276,10 @@ def block_norms(run: Run, model: Classifier, images: int = 1024, batch_size: int
     norms = []
     for batch in loader:
         logits = model(batch["images"]).float()
+        if centred:  # minus each image's block mean, as the centred scales normalise
+            sums = torch.zeros(len(logits), run.taxonomy.num_verticals).index_add_(1, vertical_of_class, logits)
+            sizes = torch.bincount(vertical_of_class, minlength=run.taxonomy.num_verticals)
+            logits = logits - (sums / sizes)[:, vertical_of_class]
         squares = torch.zeros(len(logits), run.taxonomy.num_verticals).index_add_(1, vertical_of_class, logits**2)
         norms.append(squares.sqrt())
     model.train(was_training)
@@ -200,23 +287,24 @@ def block_norms(run: Run, model: Classifier, images: int = 1024, batch_size: int
 
 
 def new_model(run: Run, stage: str) -> Classifier:
-    """The architecture of a full-vocabulary stage: generalist; control (the student's head); student (the
-    student's head and self-paced output scales)."""
+    """The architecture of a full-vocabulary stage (`STAGES`): the generalist's, with the student's head, and with
+    the student's self-paced output scales where the stage has them."""
     model = new_generalist_model(run)
-    if stage in (STUDENT, CONTROL):
+    if STAGE[stage].student_head:
         model = with_student_head(run, model)
-    return with_self_paced_scales(run, model) if stage == STUDENT else model
+    return with_self_paced_scales(run, model) if STAGE[stage].scales else model
 
 
 def start_from_generalist(run: Run, stage: str) -> Classifier:
-    """The student or control before training: the trained generalist, given the stage's architecture; with
+    """The student or a control before training: the trained generalist, given the stage's architecture; with
     student.head.init 'specialists', each vertical's blocks then start from its specialist's top layers."""
     model = with_student_head(run, load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run)))
     if run.cfg.student.head.init == "specialists":
         model.head.copy_from_specialists([s.head for s in load_specialists(run)])
-    if stage != STUDENT:
+    if not STAGE[stage].scales:
         return model
-    init = block_norms(run, model) if run.cfg.student.self_paced.init == "generalist" else None
+    sp = run.cfg.student.self_paced
+    init = block_norms(run, model, centred=sp.centred) if sp.init == "generalist" else None
     return with_self_paced_scales(run, model, init)
 
 

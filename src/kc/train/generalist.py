@@ -1,5 +1,4 @@
-"""The generalist (all classes, ground truth only) and the control (the generalist trained on for the student's
-epochs, same data and schedule: the comparison without which a student's gain may be extra training alone)."""
+"""The generalist (all classes, ground truth only), and the ground-truth training every such control shares."""
 
 from __future__ import annotations
 
@@ -9,8 +8,9 @@ from kc.config import ModelConfig, TrainConfig
 from kc.data.dataset import ImageDataset
 from kc.run import Run
 from kc.train.common import (
-    CONTROL,
     GENERALIST,
+    STAGE,
+    activation,
     check_single_label,
     ground_truth_loss,
     new_generalist_model,
@@ -21,14 +21,19 @@ from kc.train.common import (
 from kc.train.trainer import Trainer, TrainResult, fingerprint_data, resolve_device
 
 
-def _train_on_ground_truth(
+def train_on_ground_truth(
     run: Run,
     stage: str,
     tcfg: TrainConfig,
+    *,
     progress: bool,
     verbose: bool,
     on_step: Callable[[int], None] | None,
+    scalars: Callable | None = None,
+    lr_multipliers: dict[str, float] | None = None,
 ) -> TrainResult:
+    """Train `stage` on the ground truth with the generalist's loss: the generalist from scratch, a control from the
+    trained generalist in the stage's architecture (`STAGES`)."""
     cfg = run.cfg
     if tcfg.loss == "softmax":
         check_single_label(run)
@@ -36,19 +41,20 @@ def _train_on_ground_truth(
     fingerprint = run.taxonomy.fingerprint() + model_fingerprint(cfg.model)
     if stage == GENERALIST:
         model = new_generalist_model(run)
-    else:  # the control: the trained generalist, in the student's head structure
+    else:  # a control: the trained generalist, in the stage's architecture
         fingerprint += start_digests(run) + str(cfg.student.head.model_dump()) + str(cfg.generalist.sampled_negatives)
+        if STAGE[stage].scales:
+            fingerprint += str(cfg.student.self_paced.model_dump())
         model = start_from_generalist(run, stage)
     seed = tcfg.stage_seed(cfg.seed)
     train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed)
-    activation = "sigmoid" if tcfg.loss == "bce" else "softmax"
     trainer = Trainer(
         model,
         tcfg,
         run.stage_dir(stage),
         train_set,
         ground_truth_loss(tcfg.loss, run.taxonomy.num_classes, run.cfg.generalist.sampled_negatives),
-        validation_fn(run, device, tcfg.eval_batch_size, activation),
+        validation_fn(run, device, tcfg.eval_batch_size, activation(stage, cfg.generalist.loss)),
         seed=seed,
         device=device,
         fingerprint=fingerprint,
@@ -57,12 +63,14 @@ def _train_on_ground_truth(
         verbose=verbose,
         on_step=on_step,
         name=stage,
+        scalars=scalars,
+        lr_multipliers=lr_multipliers,
     )
     return trainer.fit()
 
 
 def model_fingerprint(model: ModelConfig) -> str:
-    """The model config as the checkpoints of the generalist and the control record it."""
+    """The model config as the checkpoints of the generalist and the controls record it."""
     return str(fingerprint_data(model.model_dump(mode="json")))
 
 
@@ -70,17 +78,6 @@ def train_generalist(
     run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
 ) -> TrainResult:
     """Backbone + head over all classes, trained on the ground truth alone."""
-    return _train_on_ground_truth(run, GENERALIST, run.cfg.generalist, progress, verbose, on_step)
-
-
-def control_config(run: Run) -> TrainConfig:
-    """The student's epochs, batch, optimizer and schedule, with the generalist's ground-truth loss."""
-    fields = run.cfg.student.model_dump(include=set(TrainConfig.model_fields))
-    return TrainConfig.model_validate({**fields, "loss": run.cfg.generalist.loss})
-
-
-def train_control(
-    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
-) -> TrainResult:
-    """The generalist, from its best checkpoint, trained on for as many epochs as the student gets."""
-    return _train_on_ground_truth(run, CONTROL, control_config(run), progress, verbose, on_step)
+    return train_on_ground_truth(
+        run, GENERALIST, run.cfg.generalist, progress=progress, verbose=verbose, on_step=on_step
+    )

@@ -12,16 +12,18 @@ from kc.data.dataset import ImageDataset, dense_targets
 from kc.distill.cache import INDEX, CachedTeachers, build_cache, cache_dir, write_index
 from kc.distill.loss import distillation_loss
 from kc.distill.sampled import SampledVerticalsLoss
-from kc.distill.targets import OnlineTeachers, Teachers
+from kc.distill.targets import GeneralistTeacher, OnlineTeachers, Teachers
 from kc.run import Run
 from kc.train.common import (
     GENERALIST,
+    SELF_DISTILLATION,
     STUDENT,
     LossFn,
     best_weights,
     file_digest,
     load_specialists,
     load_stage,
+    new_generalist_model,
     new_specialist_model,
     specialist_dir,
     start_from_generalist,
@@ -107,10 +109,9 @@ def teacher_mode(run: Run) -> str:
 def train_student(
     run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
 ) -> TrainResult:
-    cfg, scfg = run.cfg, run.cfg.student
-    device = resolve_device(cfg.device)
-    # The student starts as the generalist (backbone, head in the student's structure), its output scales on top.
-    model = start_from_generalist(run, STUDENT)
+    """The student, taught by the specialists its images select (online, or from the soft-target cache)."""
+    scfg = run.cfg.student
+    device = resolve_device(run.cfg.device)
     mode = teacher_mode(run)
     digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(run.taxonomy.num_verticals)]
     if mode == "cache":
@@ -119,28 +120,60 @@ def train_student(
         teachers = OnlineTeachers(
             load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected
         ).to(device)
+    inputs = file_digest(best_weights(run.stage_dir(GENERALIST))) + "".join(digests) + mode
+    return train_distilled(run, STUDENT, teachers, inputs, progress=progress, verbose=verbose, on_step=on_step)
+
+
+def train_self_distillation(
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
+) -> TrainResult:
+    """The self-distillation control: the student's exact recipe (head, scales, loss, epochs, top-K) with the
+    generalist as the only teacher, each image's verticals selecting blocks of the generalist's own outputs. What
+    the student gains over it is what the specialists teach."""
+    scfg = run.cfg.student
+    device = resolve_device(run.cfg.device)
+    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    teachers = GeneralistTeacher(generalist, run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected).to(device)
+    inputs = file_digest(best_weights(run.stage_dir(GENERALIST))) + "generalist-teacher"
+    return train_distilled(
+        run, SELF_DISTILLATION, teachers, inputs, progress=progress, verbose=verbose, on_step=on_step
+    )
+
+
+def train_distilled(
+    run: Run,
+    stage: str,
+    teachers: Teachers,
+    inputs: str,
+    *,
+    progress: bool,
+    verbose: bool,
+    on_step: Callable[[int], None] | None,
+) -> TrainResult:
+    """The student's recipe (student.*) taught by `teachers`; `inputs` says what the teachers were made from."""
+    cfg, scfg = run.cfg, run.cfg.student
+    device = resolve_device(cfg.device)
+    # Starts as the generalist (backbone, head in the student's structure), the output scales on top.
+    model = start_from_generalist(run, stage)
     # Equal, fixed weights per vertical: the interface through which pacing strategies plug in.
     vertical_weights = torch.ones(run.taxonomy.num_verticals)
-    inputs = [best_weights(run.stage_dir(GENERALIST))] + [
-        best_weights(specialist_dir(run, v)) for v in range(run.taxonomy.num_verticals)
-    ]
     seed = scfg.stage_seed(cfg.seed)
     train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed)
     trainer = Trainer(
         model,
         scfg,
-        run.stage_dir(STUDENT),
+        run.stage_dir(stage),
         train_set,
         student_loss(run, teachers, vertical_weights, device),
         validation_fn(run, device, scfg.eval_batch_size),
         seed=seed,
         device=device,
-        fingerprint=run.taxonomy.fingerprint() + "".join(file_digest(p) for p in inputs) + mode,
+        fingerprint=run.taxonomy.fingerprint() + inputs,
         num_workers=cfg.data.num_workers,
         progress=progress,
         verbose=verbose,
         on_step=on_step,
-        name=STUDENT,
+        name=stage,
         scalars=scale_scalars(run),
         lr_multipliers={"output_scales.": scfg.self_paced.lr_multiplier},
     )

@@ -172,7 +172,13 @@ def config_digest(*parts: Any) -> str:
 # Config keys added after runs were first trained, with the value that means "as before": at that value they are
 # left out of checkpoint fingerprints, so that a run trained before the key existed still resumes (and its
 # finished stages are still skipped). A new key that changes nothing at its default belongs here.
-LATER_KEYS: dict[str, Any] = {"sampled_negatives": None, "output_bias": None, "sampled_verticals": None}
+LATER_KEYS: dict[str, Any] = {
+    "sampled_negatives": None,
+    "output_bias": None,
+    "sampled_verticals": None,
+    "patience": None,
+    "centred": False,
+}
 
 
 def fingerprint_data(data: Any) -> Any:
@@ -291,9 +297,14 @@ class Trainer:
         )
         try:
             with StopSignals() as self._stop:
-                while state["epoch"] < self.cfg.epochs:
+                while state["epoch"] < self.cfg.epochs and not self._plateaued(state):
                     stats = self._train_epoch(forward_model, optimizer, state, writer)
                     self._end_epoch(optimizer, state, stats, writer)
+                if state["epoch"] < self.cfg.epochs:
+                    self._log(
+                        f"{self.name}: val {self.select_metric} has not improved for {self.cfg.patience} epochs "
+                        f"(best at epoch {state['best_epoch']}): stopped at epoch {state['epoch']} of {self.cfg.epochs}"
+                    )
         finally:
             writer.close()
         state["complete"] = True
@@ -302,10 +313,18 @@ class Trainer:
         return self._result(state, resumed_from)
 
     # ------------------------------------------------------------------------------------------ internals
+    def _plateaued(self, state: dict[str, Any]) -> bool:
+        """The plateau criterion (`patience`): `patience` epochs in a row without a better val metric."""
+        patience = self.cfg.patience
+        if patience is None or self.validate is None or state["best_metric"] is None:
+            return False
+        return state["epoch"] - state["best_epoch"] >= patience
+
     def _save(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         if self.main:
             keep = ("step", "epoch", "step_in_epoch", "best_metric", "best_epoch", "history", "complete")
-            self.ckpt.save(self.model, optimizer, {**{k: state[k] for k in keep}, "fingerprint": self.fingerprint})
+            extra = {"fingerprint": self.fingerprint, "seed": self.seed}  # the seed: which draw this stage is
+            self.ckpt.save(self.model, optimizer, {**{k: state[k] for k in keep}, **extra})
 
     def _train_epoch(
         self, forward_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], writer: Any
@@ -409,13 +428,16 @@ class Trainer:
             val = self.validate(self.model)
             entry.update({f"val_{k}": v for k, v in val.items() if isinstance(v, (int, float))})
         metric = entry.get(f"val_{self.select_metric}")
-        better = state["best_epoch"] < 0 or (metric is not None and metric > (state["best_metric"] or -math.inf))
-        if (better or self.validate is None) and self.main:
+        # Nothing to select on (no validation, or no val image to score): the latest epoch is kept. A best metric
+        # of 0.0 is a metric like any other.
+        best = state["best_metric"]
+        better = metric is None or best is None or metric > best
+        if better and self.main:
             save_weights(self.ckpt.best, self.model)
             atomic_write_json(
                 self.ckpt.best_info, {"epoch": entry["epoch"], "metric": self.select_metric, "value": metric}
             )
-        if better or self.validate is None:
+        if better:
             state["best_metric"], state["best_epoch"] = metric, entry["epoch"]
         for key, value in entry.items():
             if key not in ("epoch", "step"):

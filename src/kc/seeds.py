@@ -1,0 +1,169 @@
+"""`kc seeds`: the whole pipeline once per seed, and what holds across seeds.
+
+A seed here changes everything that is drawn: the benchmark (with --generate, each seed writes its own draw),
+the split of a manifest without a split column, the generalist's initialisation and data order, every specialist,
+the student and every control (their `seed` keys stay unset, so each follows the run's). Each seed is a run
+directory of its own, RUN/seed_<n>, resumable like any run. The summary gives, per model, the mean and standard
+deviation over seeds of each split's metrics, and for the student against every baseline the paired difference
+(mean, std, wins), and the gap closed from the strongest baseline (chosen on val in each seed) on test.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kc.config import config_from_dict, merge, parse_override
+from kc.data.benchmark import PRESETS, generate_benchmark
+from kc.data.feature_benchmark import FEATURE_PRESETS, generate_feature_benchmark
+from kc.errors import ConfigError, KCError
+from kc.evaluate.report import fmt_metric
+from kc.io import atomic_write_json, atomic_write_text
+from kc.pipeline import run_pipeline
+from kc.run import prepare_run
+
+STAGE_SECTIONS = ("generalist", "specialists", "student")
+METRICS = ("mAP", "mean_per_vertical_AP")
+
+
+def _seed_config(
+    base: dict[str, Any], source: Path, seed: int, generate: str | None, label_noise: float | None, progress: bool
+):
+    data = merge(base, {"seed": seed})
+    run_root = Path(data.get("run_dir", "runs/default"))
+    run_root = run_root if run_root.is_absolute() else (source.parent / run_root)
+    seed_dir = run_root.resolve() / f"seed_{seed}"
+    data["run_dir"] = str(seed_dir / "run" if generate else seed_dir)
+    if generate:
+        out = seed_dir / "benchmark"
+        spec = FEATURE_PRESETS.get(generate) or PRESETS[generate]
+        spec = replace(spec, seed=seed, **({} if label_noise is None else {"label_noise": label_noise}))
+        if generate in FEATURE_PRESETS:
+            manifest = generate_feature_benchmark(out, spec)
+        else:
+            manifest = generate_benchmark(out, spec, progress=progress)
+        data["data"] = {**data.get("data", {}), "manifest": str(manifest), "taxonomy": str(out / "taxonomy.json")}
+    return config_from_dict(data, source=str(source), base=source.parent), run_root.resolve()
+
+
+def run_seeds(
+    config: Path,
+    seeds: list[int],
+    generate: str | None = None,
+    overrides: list[str] | None = None,
+    label_noise: float | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    if not seeds:
+        raise KCError("--seed: give at least one seed (three or more for a claim)")
+    if generate is not None and generate not in PRESETS and generate not in FEATURE_PRESETS:
+        raise KCError(f"--generate: '{generate}' is not one of {', '.join([*PRESETS, *FEATURE_PRESETS])}")
+    if label_noise is not None and generate is None:
+        raise KCError("--label-noise applies to a generated benchmark: give --generate PRESET too")
+    if not config.is_file():
+        raise ConfigError(f"{config}: config file not found")
+    base = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    for text in overrides or []:
+        base = merge(base, parse_override(text))
+    fixed = [s for s in STAGE_SECTIONS if (base.get(s) or {}).get("seed") is not None]
+    if fixed:
+        raise ConfigError(
+            f"{config}: {', '.join(f'{s}.seed' for s in fixed)} is set, so a seed would not change that stage; "
+            "remove it for a whole-pipeline seed"
+        )
+    results, root = {}, None
+    for seed in seeds:
+        cfg, root = _seed_config(base, config, seed, generate, label_noise, progress)
+        echo(f"seed {seed}: {cfg.run_dir}")
+        run = prepare_run(cfg, progress=progress)
+        results[seed] = run_pipeline(run, progress=progress, verbose=progress)
+    summary = summarise(results)
+    atomic_write_json(root / "seeds.json", {"seeds": seeds, "summary": summary, "runs": results})
+    atomic_write_text(root / "seeds.md", seeds_table(summary) + "\n")
+    return summary
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarise(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per model, mean and std over seeds; the student's paired differences and the gaps it closed."""
+    seeds = list(results)
+    first = results[seeds[0]]
+    stages = [m["stage"] for m in first["models"]]
+    models = []
+    for stage in stages:
+        rows = {s: {m["stage"]: m for m in results[s]["models"]}[stage] for s in seeds}
+        val = {s: {m["stage"]: m for m in (results[s].get("val") or {}).get("models", [])}.get(stage) for s in seeds}
+        entry = {"stage": stage, "model": rows[seeds[0]]["model"]}
+        for k in (*METRICS, "within_vertical_mAP"):
+            entry[f"test_{k}"] = _mean_std([rows[s][k] for s in seeds])
+        if all(val.values()):
+            entry["val_mAP"] = _mean_std([val[s]["mAP"] for s in seeds])
+        models.append(entry)
+    paired = []
+    if "student" in stages:
+        for stage in stages:
+            if stage in ("student", "specialists_oracle", "specialists_ensemble"):
+                continue
+            for k in METRICS:
+                diffs = [
+                    {m["stage"]: m for m in results[s]["models"]}["student"][k]
+                    - {m["stage"]: m for m in results[s]["models"]}[stage][k]
+                    for s in seeds
+                ]
+                paired.append({"baseline": stage, "metric": k, **_mean_std(diffs), "wins": sum(d > 0 for d in diffs)})
+    gaps: dict[str, Any] = {}
+    for which in ("from_strongest_baseline", "from_generalist"):
+        for k in METRICS:
+            values = [results[s].get("gap_closed", {}).get(which, {}).get(k) for s in seeds]
+            if all(v is not None for v in values):
+                gaps[f"{which}_{k}"] = _mean_std([100 * v for v in values])
+    return {
+        "seeds": seeds,
+        "models": models,
+        "paired_differences": paired,
+        "gap_closed_percent": gaps,
+        "strongest_baseline": {s: results[s].get("strongest_baseline", {}).get("stage") for s in seeds},
+        "floor_test_mAP": _mean_std([results[s]["floor"]["mAP"] for s in seeds]),
+    }
+
+
+def _pm(x: dict[str, float] | None) -> str:
+    return "n/a" if x is None else f"{fmt_metric(x['mean'])} ± {fmt_metric(x['std'])}"
+
+
+def seeds_table(summary: dict[str, Any]) -> str:
+    seeds = summary["seeds"]
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))} (each the whole pipeline); mean ± std over seeds. Val chooses, test is "
+        f"the record. Test chance floor (vertical-only scorer): mAP {_pm(summary['floor_test_mAP'])}.",
+        "",
+        "| model | val mAP | test mAP | test mean per-vertical AP | test within-vertical mAP |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for m in summary["models"]:
+        lines.append(
+            f"| {m['model']} | {_pm(m.get('val_mAP'))} | {_pm(m['test_mAP'])} | "
+            f"{_pm(m['test_mean_per_vertical_AP'])} | {_pm(m['test_within_vertical_mAP'])} |"
+        )
+    if summary["paired_differences"]:
+        lines += ["", "| student - baseline (test) | metric | mean ± std | wins |", "|---|---|---:|---:|"]
+        for p in summary["paired_differences"]:
+            lines.append(
+                f"| {p['baseline']} | {p['metric']} | {p['mean']:+.2f} ± {p['std']:.2f} | {p['wins']}/{len(seeds)} |"
+            )
+    if summary["gap_closed_percent"]:
+        lines += ["", "| gap closed (test, %) | mean ± std |", "|---|---:|"]
+        for k, v in summary["gap_closed_percent"].items():
+            lines.append(f"| {k.replace('_', ' ')} | {v['mean']:.1f} ± {v['std']:.1f} |")
+        chosen = ", ".join(f"seed {s}: {b}" for s, b in summary["strongest_baseline"].items())
+        lines += ["", f"Strongest baseline, chosen on val mAP: {chosen}."]
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""The controls a student's gain is measured against, each started from the trained generalist as the student is.
+
+- **same compute** (`control`): the generalist, in the student's head structure, trained on with the ground truth
+  for the student's epochs, batch, optimizer and schedule: what extra training alone gives.
+- **self-distillation** (`control_self_distillation`): the student's exact recipe with the generalist as the only
+  teacher (`kc.train.student.train_self_distillation`): what distillation gives without the specialists.
+- **ground truth with the student's head** (`control_ground_truth`): the student's head and self-paced scales
+  trained on the ground truth: what the head and scales give without teachers.
+- **total compute** (`control_total_compute`): the same-compute control given the image-steps of every specialist
+  and of the student together, so that it has spent what the whole method spent after the generalist; bounded by
+  a val plateau (`controls.total_compute_patience`) since that budget can be many times the student's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from kc.config import TrainConfig
+from kc.run import Run
+from kc.train.common import CONTROL, GROUND_TRUTH, SELF_DISTILLATION, STUDENT, TOTAL_COMPUTE
+from kc.train.generalist import train_on_ground_truth
+from kc.train.specialists import specialist_samples, vertical_members
+from kc.train.student import scale_scalars, train_self_distillation, train_student
+from kc.train.trainer import EpochBatches, TrainResult
+
+
+def control_config(run: Run) -> TrainConfig:
+    """The student's epochs, batch, optimizer and schedule, with the generalist's ground-truth loss."""
+    fields = run.cfg.student.model_dump(include=set(TrainConfig.model_fields))
+    return TrainConfig.model_validate({**fields, "loss": run.cfg.generalist.loss})
+
+
+def image_steps(samples: int, cfg: TrainConfig) -> int:
+    """Images a stage's training passes through the network: its steps times the images in each."""
+    return cfg.epochs * EpochBatches.per_epoch(samples, cfg.batch_size) * min(cfg.batch_size, samples)
+
+
+def total_compute_epochs(run: Run) -> int:
+    """Epochs of the control's batch that hold as many image-steps as every specialist and the student together
+    (the generalist's own are shared by every model, so they cancel)."""
+    train, tax, scfg = run.splits["train"], run.taxonomy, run.cfg.specialists
+    members = vertical_members(train, tax.vertical_of_class, tax.num_verticals)
+    seed = scfg.stage_seed(run.cfg.seed)
+    specialists = sum(
+        image_steps(len(specialist_samples(train, a, b, scfg.negatives_per_image, seed, members[v])), scfg)
+        for v, (a, b) in enumerate(tax.vertical_ranges)
+    )
+    control = control_config(run)
+    spent = specialists + image_steps(len(train), run.cfg.student)
+    return max(1, math.ceil(spent / image_steps(len(train), control.model_copy(update={"epochs": 1}))))
+
+
+def total_compute_config(run: Run) -> TrainConfig:
+    return control_config(run).model_copy(
+        update={"epochs": total_compute_epochs(run), "patience": run.cfg.controls.total_compute_patience}
+    )
+
+
+Progress = Callable[[int], None] | None
+
+
+def train_control(run: Run, *, progress: bool = True, verbose: bool = True, on_step: Progress = None) -> TrainResult:
+    """The same-compute control: the generalist trained on for as many epochs as the student gets."""
+    kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
+    return train_on_ground_truth(run, CONTROL, control_config(run), **kw)
+
+
+def train_ground_truth_control(
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Progress = None
+) -> TrainResult:
+    """The student's head and self-paced scales (their LR multiplier included) on the ground truth."""
+    kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
+    multipliers = {"output_scales.": run.cfg.student.self_paced.lr_multiplier}
+    return train_on_ground_truth(
+        run, GROUND_TRUTH, control_config(run), scalars=scale_scalars(run), lr_multipliers=multipliers, **kw
+    )
+
+
+def train_total_compute_control(
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Progress = None
+) -> TrainResult:
+    kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
+    return train_on_ground_truth(run, TOTAL_COMPUTE, total_compute_config(run), **kw)
+
+
+# How each full-vocabulary stage after the generalist trains (the stage table is kc.train.common.STAGES).
+TRAIN: dict[str, Callable[..., TrainResult]] = {
+    STUDENT: train_student,
+    CONTROL: train_control,
+    SELF_DISTILLATION: train_self_distillation,
+    GROUND_TRUTH: train_ground_truth_control,
+    TOTAL_COMPUTE: train_total_compute_control,
+}
