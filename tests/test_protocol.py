@@ -33,6 +33,7 @@ from kc.train.common import (
     TOTAL_COMPUTE,
     load_stage,
     new_generalist_model,
+    specialist_dir,
     start_from_generalist,
 )
 from kc.train.controls import total_compute_config, total_compute_epochs
@@ -187,13 +188,16 @@ def test_each_control_starts_from_the_generalist_with_its_claimed_model(finished
         with torch.no_grad():  # scales with the centred init: the same ranking, not the same logits
             if not has_scales:
                 assert torch.allclose(model(x), generalist(x), atol=1e-5), stage
-    # The total-compute control's budget: every specialist's and the student's image-steps, in control epochs.
+    # The total-compute control's budget: the image-steps every specialist and the student took, in control epochs.
     n = len(run.splits["train"])
     per_specialist = []
-    for a, b in run.taxonomy.vertical_ranges:
+    for v, (a, b) in enumerate(run.taxonomy.vertical_ranges):
         own = sum(any(a <= c < b for c in s.labels) for s in run.splits["train"])
         size = own + min(n - own, own)
         per_specialist.append(EPOCHS["epochs"] * (size // 32) * 32)
+        assert CheckpointDir(specialist_dir(run, v) / "checkpoints").read_state()["step"] == EPOCHS["epochs"] * (
+            size // 32
+        )
     student = EPOCHS["epochs"] * (n // 32) * 32
     assert total_compute_epochs(run) == math.ceil((sum(per_specialist) + student) / ((n // 32) * 32))
     assert total_compute_config(run).patience == 2

@@ -6,23 +6,26 @@
   teacher (`kc.train.student.train_self_distillation`): what distillation gives without the specialists.
 - **ground truth with the student's head** (`control_ground_truth`): the student's head and self-paced scales
   trained on the ground truth: what the head and scales give without teachers.
-- **total compute** (`control_total_compute`): the same-compute control given the image-steps of every specialist
-  and of the student together, so that it has spent what the whole method spent after the generalist; bounded by
-  a val plateau (`controls.total_compute_patience`) since that budget can be many times the student's.
+- **total compute** (`control_total_compute`): the same-compute control given the image-steps every specialist and
+  the student took together (those that stopped at their val plateau counted to where they stopped), so that it
+  has spent what the whole method spent after the generalist; bounded by its own val plateau
+  (`controls.total_compute_patience`), since that budget can be many times the student's.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 from kc.config import TrainConfig
 from kc.run import Run
-from kc.train.common import CONTROL, GROUND_TRUTH, SELF_DISTILLATION, STUDENT, TOTAL_COMPUTE
+from kc.train.checkpoint import CheckpointDir
+from kc.train.common import CONTROL, GROUND_TRUTH, SELF_DISTILLATION, STUDENT, TOTAL_COMPUTE, specialist_dir
 from kc.train.generalist import train_on_ground_truth
 from kc.train.specialists import specialist_samples, vertical_members
 from kc.train.student import scale_scalars, train_self_distillation, train_student
-from kc.train.trainer import EpochBatches, TrainResult
+from kc.train.trainer import EpochBatches, TrainResult, stage_complete
 
 
 def control_config(run: Run) -> TrainConfig:
@@ -31,24 +34,34 @@ def control_config(run: Run) -> TrainConfig:
     return TrainConfig.model_validate({**fields, "loss": run.cfg.generalist.loss})
 
 
-def image_steps(samples: int, cfg: TrainConfig) -> int:
-    """Images a stage's training passes through the network: its steps times the images in each."""
-    return cfg.epochs * EpochBatches.per_epoch(samples, cfg.batch_size) * min(cfg.batch_size, samples)
+def image_steps(stage_dir: Path, samples: int, cfg: TrainConfig) -> int:
+    """Images a stage's training passed through the network: the steps it took (a finished stage may have stopped
+    at its val plateau; an unfinished one counts its whole budget) times the images in each."""
+    if stage_complete(stage_dir):
+        steps = CheckpointDir(stage_dir / "checkpoints").read_state()["step"]
+    else:
+        steps = cfg.epochs * EpochBatches.per_epoch(samples, cfg.batch_size)
+    return steps * min(cfg.batch_size, samples)
 
 
 def total_compute_epochs(run: Run) -> int:
     """Epochs of the control's batch that hold as many image-steps as every specialist and the student together
-    (the generalist's own are shared by every model, so they cancel)."""
+    took (the generalist's own are shared by every model, so they cancel)."""
     train, tax, scfg = run.splits["train"], run.taxonomy, run.cfg.specialists
     members = vertical_members(train, tax.vertical_of_class, tax.num_verticals)
     seed = scfg.stage_seed(run.cfg.seed)
     specialists = sum(
-        image_steps(len(specialist_samples(train, a, b, scfg.negatives_per_image, seed, members[v])), scfg)
+        image_steps(
+            specialist_dir(run, v),
+            len(specialist_samples(train, a, b, scfg.negatives_per_image, seed, members[v])),
+            scfg,
+        )
         for v, (a, b) in enumerate(tax.vertical_ranges)
     )
+    spent = specialists + image_steps(run.stage_dir(STUDENT), len(train), run.cfg.student)
     control = control_config(run)
-    spent = specialists + image_steps(len(train), run.cfg.student)
-    return max(1, math.ceil(spent / image_steps(len(train), control.model_copy(update={"epochs": 1}))))
+    per_epoch = EpochBatches.per_epoch(len(train), control.batch_size) * min(control.batch_size, len(train))
+    return max(1, math.ceil(spent / per_epoch))
 
 
 def total_compute_config(run: Run) -> TrainConfig:
