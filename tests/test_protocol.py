@@ -246,30 +246,21 @@ def test_a_seed_changes_every_stage(bench, tmp_path):
 
 
 def test_seed_summary_pairs_differences_by_seed():
-    def result(student, control):
+    def result(student, control, gap):
+        speed = {"parameters": 10, "networks_per_image": 1, "images_per_s": 100.0, "within_vertical_mAP": 1.0}
         models = [
-            {"stage": "generalist", "model": "g", "mAP": 40.0, "mean_per_vertical_AP": 40.0, "within_vertical_mAP": 1},
-            {
-                "stage": "student",
-                "model": "s",
-                "mAP": student,
-                "mean_per_vertical_AP": student,
-                "within_vertical_mAP": 1,
-            },
-            {
-                "stage": "control",
-                "model": "c",
-                "mAP": control,
-                "mean_per_vertical_AP": control,
-                "within_vertical_mAP": 1,
-            },
+            {"stage": "generalist", "model": "g", "mAP": 40.0, "mean_per_vertical_AP": 40.0, **speed},
+            {"stage": "student", "model": "s", "mAP": student, "mean_per_vertical_AP": student, **speed},
+            {"stage": "control", "model": "c", "mAP": control, "mean_per_vertical_AP": control, **speed},
         ]
-        return {"models": models, "floor": {"mAP": 5.0}}
+        return {"models": models, "floor": {"mAP": 5.0}, "gap_closed_per_vertical": {"a": gap, "b": None}}
 
-    summary = summarise({0: result(50, 48), 1: result(60, 61), 2: result(55, 52)})
+    summary = summarise({0: result(50, 48, 0.1), 1: result(60, 61, -0.2), 2: result(55, 52, 0.4)})
     diff = next(p for p in summary["paired_differences"] if p["baseline"] == "control" and p["metric"] == "mAP")
     assert diff["mean"] == pytest.approx(4 / 3) and diff["wins"] == 2
     assert diff["std"] == pytest.approx(np.std([2, -1, 3], ddof=1))
+    spread = summary["gap_closed_percent"]["per_vertical_from_strongest_baseline"]
+    assert (spread["min"], spread["median"], spread["max"], spread["count"]) == pytest.approx((-20, 10, 40, 3))
 
 
 class Constant:

@@ -148,10 +148,11 @@ class Crash(Exception):
     pass
 
 
-def test_scales_survive_checkpoint_and_resume(tmp_path):
+@pytest.mark.parametrize("centred", [False, True])
+def test_scales_survive_checkpoint_and_resume(tmp_path, centred):
     def make():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(6, 9), SelfPacedScales(VOC, "vertical"))
+        return nn.Sequential(nn.Linear(6, 9), SelfPacedScales(VOC, "vertical", centred=centred))
 
     def loss(model, batch):
         logits = model(batch["images"])

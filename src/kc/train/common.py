@@ -103,7 +103,6 @@ def controls_to_train(run: Run) -> list[str]:
 
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def sampled_bce(num_classes: int, negatives: int) -> LossFn:
