@@ -68,7 +68,12 @@ def run_seeds(
         raise KCError("--label-noise applies to a generated benchmark: give --generate PRESET too")
     if not config.is_file():
         raise ConfigError(f"{config}: config file not found")
-    base = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    try:
+        base = yaml.safe_load(config.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config}: not valid YAML: {exc}") from None
+    if not isinstance(base, dict):
+        raise ConfigError(f"{config}: a config is a YAML mapping of keys to values")
     for text in overrides or []:
         base = merge(base, parse_override(text))
     fixed = [s for s in STAGE_SECTIONS if (base.get(s) or {}).get("seed") is not None]
