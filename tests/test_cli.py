@@ -97,7 +97,13 @@ def test_demo_on_the_tiny_preset(tmp_path):
     result = runner.invoke(app, ["demo", "--preset", "tiny", "--run-dir", str(demo), "--no-progress", *short])
     assert result.exit_code == 0, result.output
     assert "| student |" in result.output and "wall time" in result.output
+    for control in ("same compute", "self-distillation", "ground truth, student's head", "total compute"):
+        assert f"| control: {control} |" in result.output
+    assert "from the strongest baseline" in result.output
     assert (demo / "run" / "report.md").is_file() and (demo / "run" / "timings.json").is_file()
+    metrics = json.loads((demo / "run" / "metrics.json").read_text())
+    assert {m["stage"] for m in metrics["models"]} >= {"control", "control_self_distillation", "control_total_compute"}
+    assert metrics["strongest_baseline"]["chosen_on"] == "val mAP"
 
 
 def test_a_moved_run_directory_still_works(tmp_path, tiny_benchmark):
