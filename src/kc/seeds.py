@@ -101,23 +101,24 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 def summarise(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Per model, mean and std over seeds; the student's paired differences and the gaps it closed."""
     seeds = list(results)
-    first = results[seeds[0]]
-    stages = [m["stage"] for m in first["models"]]
+    # Each seed's models by stage, on test and on val (built once; every table below reads them).
+    test = {s: {m["stage"]: m for m in results[s]["models"]} for s in seeds}
+    val = {s: {m["stage"]: m for m in (results[s].get("val") or {}).get("models", [])} for s in seeds}
+    stages = list(test[seeds[0]])
     models = []
     for stage in stages:
-        rows = {s: {m["stage"]: m for m in results[s]["models"]}[stage] for s in seeds}
-        val = {s: {m["stage"]: m for m in (results[s].get("val") or {}).get("models", [])}.get(stage) for s in seeds}
+        first = test[seeds[0]][stage]
         entry = {
             "stage": stage,
-            "model": rows[seeds[0]]["model"],
-            "parameters": rows[seeds[0]]["parameters"],
-            "networks_per_image": rows[seeds[0]]["networks_per_image"],
-            "images_per_s": statistics.median(rows[s]["images_per_s"] for s in seeds),
+            "model": first["model"],
+            "parameters": first["parameters"],
+            "networks_per_image": first["networks_per_image"],
+            "images_per_s": statistics.median(test[s][stage]["images_per_s"] for s in seeds),
         }
         for k in (*METRICS, "within_vertical_mAP"):
-            entry[f"test_{k}"] = _mean_std([rows[s][k] for s in seeds])
-        if all(val.values()):
-            entry["val_mAP"] = _mean_std([val[s]["mAP"] for s in seeds])
+            entry[f"test_{k}"] = _mean_std([test[s][stage][k] for s in seeds])
+        if all(stage in val[s] for s in seeds):
+            entry["val_mAP"] = _mean_std([val[s][stage]["mAP"] for s in seeds])
         models.append(entry)
     paired = []
     if "student" in stages:
@@ -125,11 +126,7 @@ def summarise(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             if stage in ("student", "specialists_oracle", "specialists_ensemble"):
                 continue
             for k in METRICS:
-                diffs = [
-                    {m["stage"]: m for m in results[s]["models"]}["student"][k]
-                    - {m["stage"]: m for m in results[s]["models"]}[stage][k]
-                    for s in seeds
-                ]
+                diffs = [test[s]["student"][k] - test[s][stage][k] for s in seeds]
                 paired.append({"baseline": stage, "metric": k, **_mean_std(diffs), "wins": sum(d > 0 for d in diffs)})
     gaps: dict[str, Any] = {}
     for which in ("from_strongest_baseline", "from_generalist"):
