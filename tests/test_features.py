@@ -71,3 +71,19 @@ def test_bad_feature_rows_are_reported_with_their_line(tmp_path):
         with pytest.raises(DataError) as err:
             prepare_run(feature_config(bench, tmp_path / f"run{number}", "bad.jsonl"), progress=False)
         assert "bad.jsonl:4" in str(err.value) and why in str(err.value)
+
+
+def test_feature_noise_is_a_seeded_draw_per_epoch_on_training_rows_only(tmp_path):
+    generate_feature_benchmark(tmp_path / "bench", SPEC)
+    cfg = feature_config(tmp_path / "bench", tmp_path / "run")
+    run = prepare_run(cfg, progress=False)
+    noisy_cfg = cfg.data.model_copy(update={"augment": cfg.data.augment.model_copy(update={"feature_noise": 0.5})})
+    clean = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=3)[7][0]
+    train = ImageDataset(run.splits["train"], run.image_root, noisy_cfg, train=True, seed=3)
+    first = train[7][0]
+    assert torch.equal(train[7][0], first)  # the same view within an epoch (workers, resumes)
+    assert 0.3 < (first - clean).std() < 0.7  # noise of the configured size
+    train.set_epoch(1)
+    assert not torch.allclose(train[7][0], first)  # a fresh draw each epoch
+    evaluation = ImageDataset(run.splits["train"], run.image_root, noisy_cfg, train=False, seed=3)
+    assert torch.equal(evaluation[7][0], clean)  # val, test and teachers' caches read the rows as they are

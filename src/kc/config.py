@@ -35,6 +35,13 @@ class SplitConfig(_Strict):
 class AugmentConfig(_Strict):
     hflip: bool = False
     crop_padding: int = Field(0, ge=0, description="random crop after zero-padding by this many pixels")
+    feature_noise: float = Field(
+        0.0,
+        ge=0.0,
+        description="precomputed features only: add Gaussian noise of this standard deviation to each training "
+        "row, a fresh draw per epoch (online teachers score the same noisy row as the student; a soft-target "
+        "cache holds the rows' targets as they are)",
+    )
 
 
 class DataConfig(_Strict):

@@ -32,6 +32,10 @@ class ImageDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def generator(self, index: int) -> torch.Generator:
+        """The randomness of one image's view in this epoch."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -45,12 +49,16 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         sample = self.samples[index]
-        if is_feature_path(sample.path):  # a row of precomputed features: no pixels to augment or normalise
+        if is_feature_path(sample.path):  # a row of precomputed features: no pixels to crop, flip or normalise
             labels = torch.tensor(sample.labels, dtype=torch.long)
-            return read_feature(self.image_root, sample.path), labels, index
+            x = read_feature(self.image_root, sample.path)
+            if self.augment is not None and self.augment.feature_noise:
+                noise = torch.randn(x.shape, generator=self.generator(index))
+                x = x + self.augment.feature_noise * noise
+            return x, labels, index
         x = self.load(index)
         if self.augment is not None and (self.augment.hflip or self.augment.crop_padding):
-            gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index)
+            gen = self.generator(index)
             if self.augment.crop_padding:
                 p = self.augment.crop_padding
                 x = F.pad(x, (p, p, p, p))

@@ -323,7 +323,9 @@ class Trainer:
     def _save(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         if self.main:
             keep = ("step", "epoch", "step_in_epoch", "best_metric", "best_epoch", "history", "complete")
-            extra = {"fingerprint": self.fingerprint, "seed": self.seed}  # the seed: which draw this stage is
+            # The seed says which draw this stage is; the config, what it was trained with (a run's config.yaml
+            # holds the latest config any command ran with, which may have changed a stage section since).
+            extra = {"fingerprint": self.fingerprint, "seed": self.seed, "config": self.cfg.model_dump(mode="json")}
             self.ckpt.save(self.model, optimizer, {**{k: state[k] for k in keep}, **extra})
 
     def _train_epoch(
