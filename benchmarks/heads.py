@@ -44,8 +44,8 @@ def student_inference(run_dir: Path, batch: int, repeats: int) -> None:
     from kc.config import load_config
     from kc.models.accounting import head_structures
     from kc.run import Run
+    from kc.stages import STUDENT, new_model
     from kc.taxonomy import Taxonomy
-    from kc.train.common import STUDENT, new_model
 
     taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
     base = load_config(run_dir / "config.yaml", {"run_dir": str(run_dir)})

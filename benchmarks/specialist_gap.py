@@ -31,7 +31,8 @@ from kc.demo import DEMO_CONFIG
 from kc.evaluate.metrics import average_precision
 from kc.evaluate.predict import predict
 from kc.run import prepare_run
-from kc.train.common import GENERALIST, ground_truth_loss, load_stage, new_generalist_model
+from kc.stages import GENERALIST, load_stage, new_generalist_model
+from kc.train.common import ground_truth_loss
 from kc.train.generalist import train_generalist
 from kc.train.trainer import Trainer
 

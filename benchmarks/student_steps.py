@@ -25,15 +25,8 @@ from kc.config import load_config
 from kc.data.dataset import ImageDataset, collate
 from kc.distill.cache import CachedTeachers
 from kc.run import prepare_run
-from kc.train.common import (
-    CONTROL,
-    STUDENT,
-    best_weights,
-    file_digest,
-    ground_truth_loss,
-    specialist_dir,
-    start_from_generalist,
-)
+from kc.stages import CONTROL, STUDENT, best_weights, file_digest, specialist_dir
+from kc.train.common import ground_truth_loss, start_from_generalist
 from kc.train.student import student_loss
 from kc.train.trainer import make_optimizer
 

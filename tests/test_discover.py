@@ -10,8 +10,8 @@ from kc.cli import app
 from kc.config import config_from_dict
 from kc.discover import agreement, class_embeddings, spherical_kmeans
 from kc.run import prepare_run
+from kc.stages import GENERALIST, new_model
 from kc.taxonomy import Taxonomy
-from kc.train.common import GENERALIST, new_model
 
 SIZES = [10, 20, 12, 18]
 GROUP = np.repeat(np.arange(len(SIZES)), SIZES)

@@ -99,7 +99,7 @@ def test_evaluation_switches_to_streaming_with_the_same_result(tmp_path, tiny_be
     from kc.config import config_from_dict
     from kc.evaluate.stage import evaluate_stage
     from kc.run import prepare_run
-    from kc.train.common import GENERALIST, new_model
+    from kc.stages import GENERALIST, new_model
 
     run = prepare_run(config_from_dict(tiny_config(tiny_benchmark, tmp_path / "run")), progress=False)
     weights = run.stage_dir(GENERALIST) / "checkpoints"

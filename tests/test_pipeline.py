@@ -12,7 +12,7 @@ from kc.cli import app
 from kc.config import config_from_dict
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run
-from kc.train.common import specialist_dir
+from kc.stages import specialist_dir
 
 EPOCHS = {"epochs": 2, "batch_size": 16, "eval_batch_size": 64, "checkpoint_every_steps": 4}
 

@@ -11,19 +11,19 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import tiny_config
 from kc.cli import app
 from kc.config import config_from_dict
 from kc.data.feature_benchmark import FEATURE_PRESETS, FeatureBenchmarkSpec, generate_feature_benchmark
 from kc.distill.targets import GeneralistTeacher, OnlineTeachers
+from kc.errors import CheckpointError
 from kc.evaluate.compare import gaps
 from kc.evaluate.metrics import vertical_floor_ap
 from kc.models.classifier import restrict_outputs
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run
 from kc.seeds import summarise
-from kc.taxonomy import Taxonomy
-from kc.train.checkpoint import CheckpointDir
-from kc.train.common import (
+from kc.stages import (
     CONTROL,
     GENERALIST,
     GROUND_TRUTH,
@@ -34,8 +34,10 @@ from kc.train.common import (
     load_stage,
     new_generalist_model,
     specialist_dir,
-    start_from_generalist,
 )
+from kc.taxonomy import Taxonomy
+from kc.train.checkpoint import CheckpointDir
+from kc.train.common import start_from_generalist
 from kc.train.controls import total_compute_config, total_compute_epochs
 from kc.train.trainer import Trainer
 
@@ -329,3 +331,22 @@ def test_evaluate_and_report_score_a_softmax_generalist_alike(bench, tmp_path):
     side_by_side = next(m for m in compare(run, "test")["models"] if m["stage"] == GENERALIST)
     assert side_by_side["mAP"] == pytest.approx(alone["mAP"], abs=1e-9)
     assert side_by_side["top1"] == pytest.approx(alone["top1"])
+
+
+def test_a_run_made_before_a_config_key_existed_still_opens_and_refuses_a_new_value(tmp_path, tiny_benchmark):
+    from kc.run import changed_keys
+
+    cfg = config_from_dict(tiny_config(tiny_benchmark, tmp_path / "run"))
+    prepare_run(cfg, progress=False)
+    written = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    del written["data"]["augment"]["feature_noise"]  # as a run directory written before the key was added
+    (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(written))
+    prepare_run(cfg, progress=False)  # the default is what that run did: opens
+    noisy = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
+    noisy["data"]["augment"]["feature_noise"] = 0.3
+    assert changed_keys(written, noisy) == ["data.augment.feature_noise"]
+    (tmp_path / "run/config.yaml").write_text(yaml.safe_dump(written))
+    raw = tiny_config(tiny_benchmark, tmp_path / "run")
+    raw["data"]["augment"] = {"feature_noise": 0.3}
+    with pytest.raises(CheckpointError, match="differs in: data.augment.feature_noise"):
+        prepare_run(config_from_dict(raw), progress=False)

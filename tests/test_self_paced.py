@@ -13,7 +13,8 @@ from kc.config import TrainConfig, config_from_dict
 from kc.data.dataset import ImageDataset, collate, dense_targets
 from kc.models.self_paced import SelfPacedScales
 from kc.run import prepare_run
-from kc.train.common import CONTROL, STUDENT, block_norms, start_from_generalist
+from kc.stages import CONTROL, STUDENT
+from kc.train.common import block_norms, start_from_generalist
 from kc.train.generalist import train_generalist
 from kc.train.trainer import Trainer
 

@@ -22,7 +22,7 @@ from kc.run import prepare_run
 from kc.serve.export import ExportError, export_stage
 from kc.serve.labels import LabelPicker
 from kc.serve.runtime import open_model
-from kc.train.common import GENERALIST, STUDENT, load_stage, new_model
+from kc.stages import GENERALIST, STUDENT, load_stage, new_model
 from kc.train.generalist import train_generalist
 
 

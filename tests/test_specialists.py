@@ -71,7 +71,7 @@ def test_specialists_in_parallel_jobs_equal_specialists_in_turn(tmp_path, tiny_b
     from conftest import tiny_config
     from kc.config import config_from_dict
     from kc.run import prepare_run
-    from kc.train.common import specialist_dir
+    from kc.stages import specialist_dir
     from kc.train.generalist import train_generalist
 
     data = tiny_config(tiny_benchmark, tmp_path / "turn")

@@ -18,15 +18,8 @@ from kc.models.heads import DenseHead
 from kc.models.structured import StructuredHead, VerticalBlocks, head_name, head_weight_formula, plan_buckets
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run
-from kc.train.common import (
-    CONTROL,
-    GENERALIST,
-    STUDENT,
-    load_stage,
-    new_generalist_model,
-    new_model,
-    start_from_generalist,
-)
+from kc.stages import CONTROL, GENERALIST, STUDENT, load_stage, new_generalist_model, new_model
+from kc.train.common import start_from_generalist
 
 SIZES = [5, 1, 12, 3, 3, 7]  # verticals of very different sizes
 N, S_B, S1, S2 = sum(SIZES), 10, 16, 8

@@ -20,7 +20,7 @@ from kc.config import load_config, merge
 from kc.evaluate.stage import evaluate_stage
 from kc.io import atomic_write_json, atomic_write_text
 from kc.run import Run, prepare_run
-from kc.train.common import CONTROL, STUDENT
+from kc.stages import CONTROL, STUDENT
 from kc.train.controls import train_control
 from kc.train.student import cache_targets, train_student
 

@@ -34,19 +34,18 @@ from kc.distill.targets import OnlineTeachers
 from kc.models.heads import DenseHead
 from kc.models.structured import StructuredHead
 from kc.run import Run, prepare_run
-from kc.train.common import (
+from kc.stages import (
     CONTROL,
     GENERALIST,
     STUDENT,
     best_weights,
     file_digest,
-    ground_truth_loss,
     load_specialists,
     load_stage,
     new_generalist_model,
     specialist_dir,
-    start_from_generalist,
 )
+from kc.train.common import ground_truth_loss, start_from_generalist
 from kc.train.student import cache_targets, student_loss
 from kc.train.trainer import make_optimizer
 

@@ -217,8 +217,8 @@ def make_shards_cmd(
     data: {shards: OUT}. Re-run to finish an interrupted conversion."""
     from tqdm import tqdm
 
-    from kc.data.samples import load_source
     from kc.data.shards import write_shards
+    from kc.data.sources import load_source
     from kc.data.splits import assign_splits
 
     cfg = _load(config, set_)
@@ -297,7 +297,7 @@ def specialists_cmd(
     no_progress: NoProgress = False,
 ) -> None:
     """Train one specialist per vertical from the generalist. Skips finished ones, resumes an interrupted one."""
-    from kc.train.jobs import run_shard_jobs
+    from kc.jobs import run_shard_jobs
     from kc.train.specialists import train_specialists
 
     run = _open_distributed_run(config, set_, bars(no_progress))
@@ -338,7 +338,8 @@ def cache_targets_cmd(
 ) -> None:
     """Run each specialist once over its vertical's training images and store its top-K logits (RUN/cache)."""
     from kc.distill.cache import cache_bytes, cache_dir, write_index
-    from kc.train.jobs import run_shard_jobs, shard_verticals
+    from kc.jobs import run_shard_jobs
+    from kc.train.specialists import shard_verticals
     from kc.train.student import cache_targets
 
     run = _open_distributed_run(config, set_, bars(no_progress))
@@ -372,7 +373,7 @@ def control_cmd(
     """Train the controls: same compute, self-distillation, ground truth with the student's head, total compute
     (config `controls.kinds`, or --kind)."""
     from kc.config import CONTROL_KINDS
-    from kc.train.common import STAGES, controls_to_train
+    from kc.stages import STAGES, controls_to_train
     from kc.train.controls import TRAIN
 
     if kind is not None and kind not in CONTROL_KINDS:
@@ -482,9 +483,9 @@ def discover_verticals_cmd(
     import numpy as np
 
     from kc.discover import agreement, class_embeddings, grouped_taxonomy, spherical_kmeans
+    from kc.distributed import resolve_device
     from kc.evaluate.predict import predict_batches
-    from kc.train.common import GENERALIST, load_stage, new_model
-    from kc.train.trainer import resolve_device
+    from kc.stages import GENERALIST, load_stage, new_model
 
     run = _open_run(config, set_, bars(no_progress))
     samples = run.splits.get(split) or []
@@ -596,9 +597,13 @@ def serve_cmd(
     stage: Annotated[str, typer.Option(help="for a run directory: which model")] = "student",
     max_batch: Annotated[int, typer.Option(min=1, help="images per model batch")] = 32,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="wait for more images after the first")] = 5.0,
-    max_pending: Annotated[int, typer.Option(min=1, help="requests admitted at once; more get 503")] = 256,
+    max_pending: Annotated[int, typer.Option(min=1, help="requests admitted at once; more get 503")] = 64,
     max_upload_mb: Annotated[float, typer.Option(help="largest request body")] = 10.0,
     max_pixels: Annotated[int, typer.Option(help="largest image (width x height)")] = 40_000_000,
+    max_decode_mb: Annotated[
+        float, typer.Option(help="memory for images being decoded, all requests together; more wait, then 503")
+    ] = 512.0,
+    decode_threads: Annotated[int, typer.Option(min=1, help="threads decoding images")] = 2,
     thresholds: Annotated[Path | None, typer.Option(help="JSON {class_id: threshold}, per class")] = None,
     threads: Annotated[int | None, typer.Option(help="model threads (default: torch's)")] = None,
 ) -> None:
@@ -608,8 +613,17 @@ def serve_cmd(
     from kc.serve.runtime import open_model
 
     loaded = open_model(model, stage, threads)
-    limits = ServerLimits(max_batch, max_wait_ms, max_pending, int(max_upload_mb * 2**20), max_pixels)
+    limits = ServerLimits(
+        max_batch,
+        max_wait_ms,
+        max_pending,
+        int(max_upload_mb * 2**20),
+        max_pixels,
+        max_decode_bytes=int(max_decode_mb * 2**20),
+        decode_threads=decode_threads,
+    )
     typer.echo(f"kc serve: {loaded.description} on http://{host}:{port} (docs at /docs)", err=True)
+    typer.echo(f"kc serve: memory bound by the limits: {limits.memory_bound()}", err=True)
     serve(loaded, host, port, limits, read_json(thresholds) if thresholds else None)
 
 

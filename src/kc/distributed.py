@@ -82,6 +82,13 @@ def device_for(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_device(name: str) -> torch.device:
+    """The configured device; under torchrun on GPUs, this process's GPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KCError("device: 'cuda' was asked for but no GPU is visible; use device: auto or cpu")
+    return device_for(name)
+
+
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -17,12 +17,12 @@ from kc.evaluate import plots
 from kc.evaluate.compare import compare_splits
 from kc.evaluate.report import report_html, run_report
 from kc.io import atomic_write_json, atomic_write_text, read_json
+from kc.jobs import run_shard_jobs
 from kc.models.accounting import accounting_tables, parameter_accounting
 from kc.run import Run
-from kc.train.common import GENERALIST, STAGES, STUDENT, controls_to_train, specialist_dir
+from kc.stages import GENERALIST, STAGES, STUDENT, controls_to_train, specialist_dir
 from kc.train.controls import TRAIN
 from kc.train.generalist import train_generalist
-from kc.train.jobs import run_shard_jobs
 from kc.train.specialists import train_specialists
 from kc.train.student import cache_targets
 from kc.train.trainer import stage_complete

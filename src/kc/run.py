@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from kc.config import RunConfig, dump_yaml
 from kc.data.images import check_images
-from kc.data.samples import SPLITS, Sample, load_source
+from kc.data.samples import SPLITS, Sample
+from kc.data.sources import load_source
 from kc.data.splits import assign_splits
 from kc.errors import CheckpointError, DataError
 from kc.io import atomic_write_json, atomic_write_text, read_json
@@ -56,8 +58,35 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ. A key the old config lacks (added to kc after that run was made) is unchanged
+    when the new config holds the key's default: the run was made with what the default does."""
     a, b = _flat(old), _flat(new)
+    for key in set(b) - set(a):
+        default = _default_of(key)
+        if default is not _NO_DEFAULT:
+            a[key] = default
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(tuple(_FREE_KEYS)))
+
+
+_NO_DEFAULT = object()
+
+
+def _default_of(key: str) -> Any:
+    """The default of a dotted config key ('data.augment.feature_noise' -> 0.0), as the config file writes it."""
+    model: Any = RunConfig
+    *sections, name = key.split(".")
+    for section in [*sections, name]:
+        fields = getattr(model, "model_fields", None)
+        if fields is None or section not in fields:
+            return _NO_DEFAULT
+        field = fields[section]
+        if section == name:
+            value = field.get_default(call_default_factory=True)
+            if isinstance(value, BaseModel):
+                return _NO_DEFAULT
+            return json.loads(json.dumps(value, default=str))  # the YAML/JSON form (tuples as lists, paths as text)
+        model = field.annotation
+    return _NO_DEFAULT
 
 
 def _write_split(path: Path, samples: list[Sample]) -> None:

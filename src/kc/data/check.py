@@ -13,7 +13,8 @@ from typing import Any
 
 from kc.config import RunConfig
 from kc.data.images import check_images
-from kc.data.samples import SPLITS, load_source
+from kc.data.samples import SPLITS
+from kc.data.sources import load_source
 from kc.data.splits import assign_splits
 from kc.errors import KCError
 from kc.taxonomy import Taxonomy

@@ -42,7 +42,7 @@ class ImageDataset(Dataset):
     def load(self, index: int) -> torch.Tensor:
         sample = self.samples[index]
         try:
-            img = decode_rgb(self.image_root / sample.path)
+            img = decode_rgb(self.image_root / sample.path, target=self.size)
         except (OSError, ValueError, SyntaxError) as exc:
             raise DataError(f"{sample.where}: cannot read {self.image_root / sample.path}: {exc}") from None
         return self.preprocess.to_unit(img)

@@ -20,9 +20,15 @@ from kc.data.shards import image_source
 from kc.errors import DataError, format_problems
 
 
-def decode_rgb(source: Path | BinaryIO, max_pixels: int | None = None) -> Image.Image:
+def decode_rgb(source: Path | BinaryIO, max_pixels: int | None = None, target: int | None = None) -> Image.Image:
     """Open an image (a path or a binary file) as RGB, EXIF rotation applied. Raises OSError/ValueError on
-    unreadable data, ImageTooLarge above `max_pixels` (checked from the header, before decoding)."""
+    unreadable data, ImageTooLarge above `max_pixels` (checked from the header, before decoding).
+
+    With `target` (the model's input size), a large image is decoded small where its format allows (JPEG: the
+    decoder scales by 1/2 to 1/8) and box-filtered to a shorter side of about 2 x `target` right after: the
+    antialiased resize to `target` that follows then gives nearly the same pixels as from full size (within a
+    level or two of 255 on smooth images), for a fraction of the memory and time. Training, evaluation and
+    serving decode alike."""
     if isinstance(source, Path):
         source = image_source(source)  # a member of a .tar shard, or the file
     with warnings.catch_warnings():
@@ -30,19 +36,46 @@ def decode_rgb(source: Path | BinaryIO, max_pixels: int | None = None) -> Image.
         with Image.open(source) as img:
             if max_pixels is not None and img.width * img.height > max_pixels:
                 raise ImageTooLarge(f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels:,}")
-            img = ImageOps.exif_transpose(img)
+            if target is not None:
+                img.draft("RGB", (2 * target, 2 * target))  # only JPEG decoders act on it
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
             if img.mode.startswith("I"):  # 16-bit grey (I;16*, or I as Pillow opens some PNGs): Pillow's
                 # own conversion clips everything above 255 to white; scale the 16-bit range to 8 bits instead
                 values = np.asarray(img, dtype=np.uint32)
-                return Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
-            if img.mode == "F":
-                return Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L").convert("RGB")
+                img = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8), "L")
+            elif img.mode == "F":
+                img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 # Composite transparency onto white rather than letting it turn black.
-                img = img.convert("RGBA")
+                img = _reduced(img if img.mode == "RGBA" else img.convert("RGBA"), target)
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-                img = Image.alpha_composite(background, img)
-            return img.convert("RGB")
+                return Image.alpha_composite(background, img).convert("RGB")
+            if img.mode not in REDUCIBLE:
+                img = img.convert("RGB")
+            img = _reduced(img, target)
+            return img if img.mode == "RGB" else img.convert("RGB")
+
+
+# Modes the box filter reduces as they are decoded (others are converted to RGB first).
+REDUCIBLE = ("RGB", "L")
+
+
+def _reduced(img: Image.Image, target: int | None) -> Image.Image:
+    """`img` box-filtered to a shorter side of about 2 x `target` when it is at least twice that: the whole image
+    kept (no edge dropped, unlike a whole-factor reduce), so the resize that follows sees the same field of view."""
+    scale = min(img.size) / (2 * target) if target else 1.0
+    if scale < 2:
+        return img
+    size = (max(1, round(img.width / scale)), max(1, round(img.height / scale)))
+    return img.resize(size, Image.Resampling.BOX)
+
+
+def decode_bytes(width: int, height: int, mode: str) -> int:
+    """The most memory decoding an image of this size and mode holds at once (`decode_rgb`), with a margin: the
+    image as decoded, plus a full-size RGB(A) copy where its mode is converted before it is reduced."""
+    decoded = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "RGB": 3, "RGBA": 4}.get(mode, 4)
+    converted = 0 if mode in REDUCIBLE else 4 + (4 if mode.startswith("I") or mode == "F" else 0)
+    return int(width * height * (decoded + converted) * 1.25)
 
 
 class ImageTooLarge(ValueError):

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kc.config import DataConfig
 from kc.errors import DataError, format_problems
 from kc.taxonomy import ClassInfo, Taxonomy, Vertical
 
@@ -35,21 +34,6 @@ class Sample:
 
     def with_split(self, split: str) -> Sample:
         return Sample(self.path, self.labels, split, self.where, self.negatives)
-
-
-def load_source(d: DataConfig) -> tuple[Taxonomy, list[Sample], Path]:
-    """The configured data source (image folder, shards, or manifest + taxonomy): taxonomy, samples, image root."""
-    if d.image_folder is not None:
-        taxonomy, samples = load_image_folder(d.image_folder)
-        return taxonomy, samples, d.image_folder
-    if d.shards is not None:
-        from kc.data.shards import load_shards
-
-        assert d.taxonomy is not None
-        return (taxonomy := Taxonomy.load(d.taxonomy)), load_shards(d.shards, taxonomy, d.expand_ancestors), d.shards
-    assert d.manifest is not None and d.taxonomy is not None and d.image_root is not None
-    taxonomy = Taxonomy.load(d.taxonomy)
-    return taxonomy, load_manifest(d.manifest, d.image_root, taxonomy, d.expand_ancestors), d.image_root
 
 
 def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ancestors: bool = False) -> list[Sample]:

@@ -8,12 +8,13 @@ Layout (one shard per teacher, so building resumes teacher by teacher)::
     RUN/cache/teacher_NNN.rows.npy     (n_v,) int64: index into the run's training split of each image of shard v
     RUN/cache/teacher_NNN.logits.npy   (n_v, K) float32: the teacher's K largest logits, largest first
     RUN/cache/teacher_NNN.classes.npy  (n_v, K) int32: their class indices within the vertical
-    RUN/cache/teacher_NNN.other.npy    (n_v,) float32: the 'other' logit, for teachers that have that output
 
 Arrays are plain .npy files read memory-mapped: large and contiguous, never one file per image. Each file is
 written under a temporary name and renamed. Shards share no file, so processes (`kc cache-targets --jobs N` or
-`--shard I/N` on several machines) build them side by side. A cache built from other classes, training images,
-preprocessing or teacher weights is refused by training (`kc cache-targets` rebuilds what is stale).
+`--shard I/N` on several machines) build them side by side; a process holds a shard's lock
+(`RUN/cache/.teacher_NNN.lock`, `kc.locks`) while it writes it, so two never write the same one. A cache built
+from other classes, training images, preprocessing or teacher weights is refused by training (`kc cache-targets`
+rebuilds what is stale).
 
 Targets are rebuilt exactly as the online teachers build them (sigmoid(logit / T) on the top K kept, 0 elsewhere),
 but from the un-augmented image, while the student sees augmented views (the cost is measured in
@@ -37,6 +38,7 @@ from kc.data.dataset import ImageDataset, collate
 from kc.distill.targets import BlockTargets, Teachers
 from kc.errors import CheckpointError
 from kc.io import atomic_write, atomic_write_json, read_json
+from kc.locks import DirectoryLock
 from kc.run import Run
 from kc.taxonomy import Taxonomy
 
@@ -121,50 +123,64 @@ def build_cache(
     out.mkdir(parents=True, exist_ok=True)
     base = base_fingerprint(run)
     done_before = read_shards(run)
-    train = run.splits["train"]
     for v in verticals if verticals is not None else range(run.taxonomy.num_verticals):
-        old = done_before.get(v)
         wanted = {"version": VERSION, "top_k": top_k, "base": base, "specialist": specialist_digests[v]}
-        if old is not None and all(old.get(key) == value for key, value in wanted.items()):
+        if _is_current(done_before.get(v), wanted):
             continue
-        (out / f"{_shard_prefix(v)}.json").unlink(missing_ok=True)  # the shard is stale from here on
-        start, end = run.taxonomy.vertical_ranges[v]
-        rows = np.array([i for i, s in enumerate(train) if any(start <= c < end for c in s.labels)], dtype=np.int64)
-        k = min(top_k, end - start)
-        logits = np.zeros((len(rows), k), dtype=np.float32)
-        classes = np.zeros((len(rows), k), dtype=np.int32)
-        other = np.zeros(len(rows), dtype=np.float32)
-        has_other = False
-        dataset = ImageDataset([train[i] for i in rows], run.image_root, run.cfg.data, train=False)
-        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=run.cfg.data.num_workers)
-        teacher = teachers[v]
-        assert teacher is not None, f"no teacher given for vertical {v}"
-        teacher.eval().to(device)
-        done = 0
-        desc = f"caching teacher {run.taxonomy.verticals[v].id}"
-        with torch.no_grad():
-            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
-                z = teacher(batch["images"].to(device)).float().cpu()
-                top = z[:, : end - start].topk(k, dim=1)
-                n = len(z)
-                logits[done : done + n] = top.values.numpy()
-                classes[done : done + n] = top.indices.numpy()
-                if z.shape[1] > end - start:  # the 'other' output
-                    has_other = True
-                    other[done : done + n] = z[:, end - start].numpy()
-                done += n
-        prefix = _shard_prefix(v)
-        _save_npy(out / f"{prefix}.rows.npy", rows)
-        _save_npy(out / f"{prefix}.logits.npy", logits)
-        _save_npy(out / f"{prefix}.classes.npy", classes)
-        if has_other:
-            _save_npy(out / f"{prefix}.other.npy", other)
-        # Written last: the shard counts only once its arrays are all in place.
-        atomic_write_json(out / f"{prefix}.json", {**wanted, "images": len(rows), "k": k, "other": has_other})
+        what = f"the soft-target cache of vertical {run.taxonomy.verticals[v].id}"
+        with DirectoryLock(out, what, name=_shard_prefix(v)):
+            if _is_current(read_shards(run).get(v), wanted):  # finished by another process since the read above
+                continue
+            _write_shard(run, v, teachers[v], wanted, top_k, device, batch_size, progress)
         write_index(run)
         if on_shard is not None:
             on_shard(v)
     return write_index(run)
+
+
+def _is_current(shard: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
+    return shard is not None and all(shard.get(key) == value for key, value in wanted.items())
+
+
+def _write_shard(
+    run: Run,
+    v: int,
+    teacher: torch.nn.Module | None,
+    wanted: dict[str, Any],
+    top_k: int,
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    """Vertical v's shard: its teacher's top-K logits over the vertical's training images."""
+    out = cache_dir(run)
+    train = run.splits["train"]
+    (out / f"{_shard_prefix(v)}.json").unlink(missing_ok=True)  # the shard is stale from here on
+    start, end = run.taxonomy.vertical_ranges[v]
+    rows = np.array([i for i, s in enumerate(train) if any(start <= c < end for c in s.labels)], dtype=np.int64)
+    k = min(top_k, end - start)
+    logits = np.zeros((len(rows), k), dtype=np.float32)
+    classes = np.zeros((len(rows), k), dtype=np.int32)
+    dataset = ImageDataset([train[i] for i in rows], run.image_root, run.cfg.data, train=False)
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=run.cfg.data.num_workers)
+    assert teacher is not None, f"no teacher given for vertical {v}"
+    teacher.eval().to(device)
+    done = 0
+    desc = f"caching teacher {run.taxonomy.verticals[v].id}"
+    with torch.no_grad():
+        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+            z = teacher(batch["images"].to(device)).float().cpu()
+            top = z[:, : end - start].topk(k, dim=1)
+            n = len(z)
+            logits[done : done + n] = top.values.numpy()
+            classes[done : done + n] = top.indices.numpy()
+            done += n
+    prefix = _shard_prefix(v)
+    _save_npy(out / f"{prefix}.rows.npy", rows)
+    _save_npy(out / f"{prefix}.logits.npy", logits)
+    _save_npy(out / f"{prefix}.classes.npy", classes)
+    # Written last: the shard counts only once its arrays are all in place.
+    atomic_write_json(out / f"{prefix}.json", {**wanted, "images": len(rows), "k": k})
 
 
 def cache_bytes(run: Run) -> int:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kc.distributed import resolve_device
 from kc.evaluate.metrics import (
     classification_metrics,
     metrics_from_ap,
@@ -39,7 +40,7 @@ from kc.evaluate.predict import predict
 from kc.models.classifier import count_parameters
 from kc.models.self_paced import SelfPacedScales
 from kc.run import Run
-from kc.train.common import (
+from kc.stages import (
     GENERALIST,
     STAGES,
     STUDENT,
@@ -50,7 +51,6 @@ from kc.train.common import (
     new_generalist_model,
     new_model,
 )
-from kc.train.trainer import resolve_device
 
 ORACLE, ENSEMBLE = "specialists (oracle-routed)", "specialists (ensemble)"
 METRICS = ("mAP", "mean_per_vertical_AP")

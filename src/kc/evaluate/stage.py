@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kc import distributed
+from kc.distributed import resolve_device
 from kc.errors import DataError, KCError
 from kc.evaluate.metrics import (
     classification_metrics,
@@ -16,8 +17,7 @@ from kc.evaluate.predict import predict, predict_batches
 from kc.io import atomic_write_json
 from kc.models.classifier import count_parameters
 from kc.run import Run
-from kc.train.common import FULL_MODEL_STAGES, GENERALIST, activation, load_stage, new_model
-from kc.train.trainer import resolve_device
+from kc.stages import FULL_MODEL_STAGES, GENERALIST, activation, load_stage, new_model
 
 # Above this many bytes of (images x classes) scores, AP is computed streaming (two passes over the model's outputs,
 # memory O(labels + batch)) instead of from the score matrix; both give the same AP.

@@ -10,9 +10,13 @@
 Requests are micro-batched: each decoded image joins a queue; one worker takes up to `max_batch` images, waiting at
 most `max_wait_ms` for more after the first (and only while other admitted requests are still on their way, so a
 lone request never waits), and runs them as one batch in a thread, so throughput under concurrency approaches the
-model's batched throughput. Images up to 16 KiB are decoded on the event loop (faster than a thread hop), larger
-ones in a thread. Admission control: at most `max_pending` requests are admitted
-at once (reading, decoding, queued or running); more get 503 with Retry-After at once instead of waiting. Bodies over
+model's batched throughput. Admission control: at most `max_pending` requests are admitted at once (reading,
+decoding, queued or running); more get 503 with Retry-After at once instead of waiting. Memory is bounded by the
+limits, not by the clients (`ServerLimits.memory_bound`): an image's decode memory is read from its header and
+reserved from a shared budget (`max_decode_bytes`) before it is decoded, waiting up to `decode_wait_s` (then 503)
+while other images hold it; images are decoded small where the format allows and reduced early (`decode_rgb`), in
+`decode_threads` threads of their own (images of up to 256 x 256 pixels on the event loop, faster than a hop), and
+the heap is trimmed after a large one so that memory returns after a burst. Bodies over
 `max_upload_bytes` get 413 (checked from Content-Length and while reading), images over `max_pixels` 413 (checked
 from the image header, before decoding), a wrong content type 415, a body that is not an image or is truncated 400,
 bad parameters 422; every error is JSON {"error": ..., "detail": ...}. The model path comes from the command line
@@ -24,11 +28,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
+import ctypes
+import ctypes.util
 import io
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,29 +48,77 @@ from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from kc.data.images import ImageTooLarge, decode_rgb
+from kc.data.images import ImageTooLarge, decode_bytes, decode_rgb
 from kc.errors import KCError
 from kc.serve.labels import LabelPicker, label_table
 from kc.serve.runtime import LoadedModel
 
-INLINE_DECODE_BYTES = 16 * 1024
+INLINE_DECODE_PIXELS = 256 * 256
+TRIM_AFTER_BYTES = 32 * 2**20
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
 class ServerLimits:
+    """What bounds the server's work and memory. Request bodies hold at most max_pending x max_upload_bytes;
+    images being decoded, max_decode_bytes (`DecodeBudget`); the batches, max_batch model inputs."""
+
     max_batch: int = 32
     max_wait_ms: float = 5.0
-    max_pending: int = 256
+    max_pending: int = 64
     max_upload_bytes: int = 10 * 2**20
     max_pixels: int = 40_000_000
     max_top_k: int = 1000
+    max_decode_bytes: int = 512 * 2**20
+    decode_threads: int = 2
+    decode_wait_s: float = 10.0
+
+    def memory_bound(self) -> str:
+        bodies, decoding = self.max_pending * self.max_upload_bytes / 2**20, self.max_decode_bytes / 2**20
+        return f"request bodies at most {bodies:.0f} MB, images being decoded at most {decoding:.0f} MB"
 
 
 class ApiError(Exception):
     def __init__(self, status: int, error: str, detail: str, headers: dict[str, str] | None = None):
         super().__init__(detail)
         self.status, self.error, self.detail, self.headers = status, error, detail, headers or {}
+
+
+class DecodeBudget:
+    """The image memory that decoding may hold at once (`max_decode_mb`), shared by all requests: a request
+    reserves its image's share (from the header, before decoding) and waits for it, within `wait_s`, while others
+    hold it. So many large images at once queue here, instead of being decoded side by side."""
+
+    def __init__(self, total_bytes: int, wait_s: float):
+        self.total, self.free, self.wait_s = total_bytes, total_bytes, wait_s
+        self.changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        if nbytes > self.total:
+            raise ApiError(
+                413,
+                "too_many_pixels",
+                f"decoding this image needs about {nbytes / 2**20:.0f} MB, more than the server's decode budget "
+                f"of {self.total / 2**20:.0f} MB (kc serve --max-decode-mb)",
+            )
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.free >= nbytes), self.wait_s)
+            except TimeoutError:
+                raise ApiError(
+                    503,
+                    "busy_decoding",
+                    "the server is decoding other large images; retry shortly",
+                    {"Retry-After": "1"},
+                ) from None
+            self.free -= nbytes
+        try:
+            yield
+        finally:
+            async with self.changed:
+                self.free += nbytes
+                self.changed.notify_all()
 
 
 class MicroBatcher:
@@ -264,16 +320,53 @@ def _parameters(query: Any, fields: dict[str, Any], limits: ServerLimits) -> tup
     return top_k, threshold, verticals
 
 
-def _decode(data: bytes, model: LoadedModel, max_pixels: int) -> np.ndarray:
+def _image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(pixels, decode bytes) of an image from its header alone, or the error a request gets for it."""
     try:
-        image = decode_rgb(io.BytesIO(data), max_pixels=max_pixels)
+        with Image.open(io.BytesIO(data)) as img:
+            pixels = img.width * img.height
+            if pixels > max_pixels:
+                raise ApiError(
+                    413, "too_many_pixels", f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels:,}"
+                )
+            return pixels, decode_bytes(img.width, img.height, img.mode)
+    except Image.UnidentifiedImageError:
+        raise ApiError(400, "not_an_image", "the data is not an image in a format Pillow reads") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ApiError(400, "unreadable_image", f"the image is truncated or corrupt: {exc}") from None
+
+
+def _decode(data: bytes, model: LoadedModel, max_pixels: int, return_memory: bool = False) -> np.ndarray:
+    try:
+        image = decode_rgb(io.BytesIO(data), max_pixels=max_pixels, target=model.preprocess.size)
     except (ImageTooLarge, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ApiError(413, "too_many_pixels", str(exc)) from None
     except Image.UnidentifiedImageError:
         raise ApiError(400, "not_an_image", "the data is not an image in a format Pillow reads") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise ApiError(400, "unreadable_image", f"the image is truncated or corrupt: {exc}") from None
+    finally:
+        if return_memory:
+            _trim_heap()
     return model.preprocess(image).numpy()
+
+
+def _trim_heap() -> None:
+    """Give the pages a large decode freed back to the system (glibc keeps them otherwise), so the server's
+    resident memory falls back after a burst of large images."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def create_app(model: LoadedModel, limits: ServerLimits | None = None, class_thresholds: dict | None = None) -> FastAPI:
@@ -283,11 +376,15 @@ def create_app(model: LoadedModel, limits: ServerLimits | None = None, class_thr
     metrics = Metrics()
     state = {"pending": 0}
     batcher = MicroBatcher(model, limits.max_batch, limits.max_wait_ms / 1000, lambda: state["pending"])
+    budget = DecodeBudget(limits.max_decode_bytes, limits.decode_wait_s)
+    # A few decoding threads of their own (not the shared pool of 40): fewer heaps, and decodes beyond them queue.
+    decoders = ThreadPoolExecutor(limits.decode_threads, thread_name_prefix="kc-decode")
 
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         worker = asyncio.create_task(batcher.run())
         yield
         worker.cancel()
+        decoders.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="kc prediction server",
@@ -369,10 +466,14 @@ def create_app(model: LoadedModel, limits: ServerLimits | None = None, class_thr
                 data, fields = _multipart_image(body, content_type)
             top_k, threshold, verticals = _parameters(request.query_params, fields, limits)
             picker.vertical_mask(verticals)  # an unknown vertical: 422 before any work
-            if len(data) <= INLINE_DECODE_BYTES:  # small images decode faster than a hop to a thread
-                image = _decode(data, model, limits.max_pixels)
-            else:
-                image = await run_in_threadpool(_decode, data, model, limits.max_pixels)
+            pixels, nbytes = _image_header(data, limits.max_pixels)
+            async with budget.hold(nbytes):
+                if pixels <= INLINE_DECODE_PIXELS:  # small images decode faster than a hop to a thread
+                    image = _decode(data, model, limits.max_pixels)
+                else:
+                    loop = asyncio.get_running_loop()
+                    big = nbytes >= TRIM_AFTER_BYTES
+                    image = await loop.run_in_executor(decoders, _decode, data, model, limits.max_pixels, big)
             scores = await batcher.submit(image)
             return {"labels": picker.pick(scores, top_k, threshold, verticals)}
         finally:

@@ -13,7 +13,6 @@ at most `tolerance`), so a failed or interrupted export never leaves a half-writ
 from __future__ import annotations
 
 import datetime
-import json
 import shutil
 import tempfile
 import warnings
@@ -29,12 +28,10 @@ from kc.data.dataset import ImageDataset, collate
 from kc.errors import CheckpointError, KCError
 from kc.io import atomic_write_json, read_json
 from kc.run import Run
+from kc.serve.artifact import FORMATS, MANIFEST, MODEL_FILES
 from kc.serve.model_card import model_card
-from kc.train.common import FULL_MODEL_STAGES, STUDENT, activation, best_weights, file_digest, load_stage, new_model
-
-FORMATS = ("onnx", "torchscript")
-MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
-MANIFEST = "kc_model.json"
+from kc.serve.runtime import open_model  # the runtime is how users will load the artifact: checked through it
+from kc.stages import FULL_MODEL_STAGES, STUDENT, activation, best_weights, file_digest, load_stage, new_model
 
 
 class ExportError(KCError):
@@ -82,7 +79,6 @@ def export_stage(
     tolerance: float = 1e-4,
 ) -> dict[str, Any]:
     """Export a trained stage of `run` to `out_dir` (replaced if it exists); returns the artifact's manifest."""
-    from kc.serve.runtime import open_model  # the runtime is how users will load the artifact: check through it
 
     if fmt not in FORMATS:
         raise ExportError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
@@ -155,13 +151,3 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         new.rename(target)
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / MANIFEST}: cannot read the export manifest: {exc}") from None
-    if manifest.get("format") not in FORMATS:
-        raise CheckpointError(f"{path / MANIFEST}: unknown format {manifest.get('format')!r}")
-    return manifest

@@ -61,7 +61,7 @@ def collect_images(inputs: list[Path]) -> list[Path]:
 
 def _load(model: LoadedModel, path: Path) -> np.ndarray | str:
     try:
-        return model.preprocess(decode_rgb(path)).numpy()
+        return model.preprocess(decode_rgb(path, target=model.preprocess.size)).numpy()
     except Exception as exc:  # every unreadable image becomes an error record, not a crash
         return f"{exc.__class__.__name__}: {exc}"
 

@@ -19,6 +19,7 @@ from kc.config import load_config
 from kc.data.images import Preprocess
 from kc.errors import CheckpointError
 from kc.run import Run
+from kc.serve.artifact import MANIFEST, read_manifest
 from kc.taxonomy import Taxonomy
 
 
@@ -79,8 +80,6 @@ def _onnx_runner(path: Path, threads: int) -> Any:
 
 def open_model(path: Path, stage: str = "student", threads: int | None = None) -> LoadedModel:
     """An export directory (kc_model.json) or a run directory (config.yaml; `stage` picks the model)."""
-    from kc.serve.export import MANIFEST, read_manifest
-
     threads = threads or torch.get_num_threads()
     path = Path(path)
     if (path / MANIFEST).is_file():
@@ -110,7 +109,7 @@ def open_model(path: Path, stage: str = "student", threads: int | None = None) -
 
 
 def _open_run_stage(run_dir: Path, stage: str, threads: int) -> LoadedModel:
-    from kc.train.common import FULL_MODEL_STAGES, activation, load_stage, new_model
+    from kc.stages import FULL_MODEL_STAGES, activation, load_stage, new_model
 
     if stage not in FULL_MODEL_STAGES:
         raise CheckpointError(f"--stage: '{stage}' is not one of {', '.join(FULL_MODEL_STAGES)}")

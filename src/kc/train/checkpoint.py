@@ -19,26 +19,7 @@ from torch import nn
 
 from kc.errors import CheckpointError
 from kc.io import atomic_write, atomic_write_json, read_json
-
-
-def save_weights(path: Path, model: nn.Module, metadata: dict[str, str] | None = None) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-
-
-def load_weights(path: Path, model: nn.Module, strict: bool = True) -> None:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights not found; train that stage first (kc pipeline runs every stage)")
-    try:
-        state = load_file(str(path))
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc}); delete it and re-run") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if strict and (missing or unexpected):
-        raise CheckpointError(
-            f"{path}: does not fit this model (missing: {missing[:5]}, unexpected: {unexpected[:5]}); "
-            "was it written by another config?"
-        )
+from kc.models.weights import load_weights, save_weights
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from kc.config import TrainConfig
 from kc.run import Run
+from kc.stages import CONTROL, GROUND_TRUTH, SELF_DISTILLATION, STUDENT, TOTAL_COMPUTE, specialist_dir
 from kc.train.checkpoint import CheckpointDir
-from kc.train.common import CONTROL, GROUND_TRUTH, SELF_DISTILLATION, STUDENT, TOTAL_COMPUTE, specialist_dir
 from kc.train.generalist import train_on_ground_truth
 from kc.train.specialists import specialist_samples, vertical_members
 from kc.train.student import scale_scalars, train_self_distillation, train_student
@@ -97,7 +97,7 @@ def train_total_compute_control(
     return train_on_ground_truth(run, TOTAL_COMPUTE, total_compute_config(run), **kw)
 
 
-# How each full-vocabulary stage after the generalist trains (the stage table is kc.train.common.STAGES).
+# How each full-vocabulary stage after the generalist trains (the stage table is kc.stages.STAGES).
 TRAIN: dict[str, Callable[..., TrainResult]] = {
     STUDENT: train_student,
     CONTROL: train_control,

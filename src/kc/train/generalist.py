@@ -6,19 +6,11 @@ from collections.abc import Callable
 
 from kc.config import ModelConfig, TrainConfig
 from kc.data.dataset import ImageDataset
+from kc.distributed import resolve_device
 from kc.run import Run
-from kc.train.common import (
-    GENERALIST,
-    STAGE,
-    activation,
-    check_single_label,
-    ground_truth_loss,
-    new_generalist_model,
-    start_digests,
-    start_from_generalist,
-    validation_fn,
-)
-from kc.train.trainer import Trainer, TrainResult, fingerprint_data, resolve_device
+from kc.stages import GENERALIST, STAGE, activation, new_generalist_model
+from kc.train.common import check_single_label, ground_truth_loss, start_digests, start_from_generalist, validation_fn
+from kc.train.trainer import Trainer, TrainResult, fingerprint_data
 
 
 def train_on_ground_truth(

@@ -17,21 +17,13 @@ from torch import nn
 
 from kc.data.dataset import ImageDataset, dense_targets
 from kc.data.samples import Sample
+from kc.distributed import resolve_device
 from kc.errors import KCError
 from kc.models.classifier import restrict_outputs
 from kc.run import Run
-from kc.train.common import (
-    GENERALIST,
-    LossFn,
-    best_weights,
-    file_digest,
-    load_stage,
-    new_generalist_model,
-    specialist_dir,
-    validation_fn,
-)
-from kc.train.jobs import shard_verticals
-from kc.train.trainer import Trainer, TrainResult, resolve_device
+from kc.stages import GENERALIST, best_weights, file_digest, load_stage, new_generalist_model, specialist_dir
+from kc.train.common import LossFn, validation_fn
+from kc.train.trainer import Trainer, TrainResult
 
 
 def specialist_samples(
@@ -118,6 +110,17 @@ def train_specialist(
         name=name,
     )
     return trainer.fit()
+
+
+def shard_verticals(run: Run, shard: str) -> list[int]:
+    """'I/N' -> the verticals v with v % N == I."""
+    try:
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise KCError(f"--shard: '{shard}' is not I/N (e.g. 0/4)") from None
+    if not 0 <= index < count:
+        raise KCError(f"--shard: {shard}: I must lie in [0, N)")
+    return [v for v in range(run.taxonomy.num_verticals) if v % count == index]
 
 
 def train_specialists(

@@ -13,12 +13,12 @@ from kc.distill.cache import INDEX, CachedTeachers, build_cache, cache_dir, writ
 from kc.distill.loss import distillation_loss
 from kc.distill.sampled import SampledVerticalsLoss
 from kc.distill.targets import GeneralistTeacher, OnlineTeachers, Teachers
+from kc.distributed import resolve_device
 from kc.run import Run
-from kc.train.common import (
+from kc.stages import (
     GENERALIST,
     SELF_DISTILLATION,
     STUDENT,
-    LossFn,
     best_weights,
     file_digest,
     load_specialists,
@@ -26,10 +26,9 @@ from kc.train.common import (
     new_generalist_model,
     new_specialist_model,
     specialist_dir,
-    start_from_generalist,
-    validation_fn,
 )
-from kc.train.trainer import Trainer, TrainResult, resolve_device
+from kc.train.common import LossFn, start_from_generalist, validation_fn
+from kc.train.trainer import Trainer, TrainResult
 
 
 def student_loss(run: Run, teachers: Teachers, vertical_weights: torch.Tensor, device: torch.device) -> LossFn:

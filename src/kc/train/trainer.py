@@ -17,6 +17,7 @@ the stop request are summed over the ranks every step, so every rank logs the sa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,7 +41,9 @@ from kc.config import TrainConfig
 from kc.data.dataset import collate
 from kc.errors import CheckpointError, KCError
 from kc.io import atomic_write_json
-from kc.train.checkpoint import CheckpointDir, save_weights
+from kc.locks import DirectoryLock
+from kc.models.weights import save_weights
+from kc.train.checkpoint import CheckpointDir
 
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 ValidateFn = Callable[[nn.Module], dict[str, Any]]
@@ -148,13 +151,6 @@ def make_optimizer(
     return torch.optim.AdamW(param_groups, lr=o.lr)
 
 
-def resolve_device(name: str) -> torch.device:
-    """The configured device; under torchrun on GPUs, this process's GPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise KCError("device: 'cuda' was asked for but no GPU is visible; use device: auto or cpu")
-    return distributed.device_for(name)
-
-
 class _NoWriter:
     """TensorBoard on ranks other than 0: nothing written."""
 
@@ -251,6 +247,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ api
     def fit(self) -> TrainResult:
+        """Train to the end (or resume, or return a finished stage's result), holding the stage's lock: a second
+        process on the same stage is refused at once (rank 0 holds it for every rank of a torchrun)."""
+        lock = DirectoryLock(self.stage_dir, f"stage '{self.name}'") if self.main else contextlib.nullcontext()
+        with lock:
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         torch.manual_seed(self.seed + 7919 * self.rank)  # dropout: its own stream per rank
         self.model.to(self.device)
         optimizer = make_optimizer(self.model, self.cfg, self.lr_multipliers)

@@ -1,8 +1,9 @@
-"""Splitting per-vertical work (specialists, the soft-target cache) into shards run as separate processes.
+"""Running per-vertical work (specialists, the soft-target cache) as shards in separate local processes.
 
-`--shard I/N` takes the verticals v with v % N == I, so N jobs (local processes, GPUs, or machines sharing the run
-directory) cover every vertical once; the work of each vertical is seeded on its own, so the result does not depend
-on how it was split. `--jobs N` starts N local shard processes and waits for them.
+`--shard I/N` takes the verticals v with v % N == I (`kc.train.specialists.shard_verticals`), so N jobs (local
+processes, GPUs, or machines sharing the run directory) cover every vertical once; the work of each vertical is
+seeded on its own, so the result does not depend on how it was split. `--jobs N` starts N local shard processes
+(`kc COMMAND RUN --shard I/N`) and waits for them: orchestration, above the training layer.
 """
 
 from __future__ import annotations
@@ -15,17 +16,6 @@ import torch
 
 from kc.errors import KCError
 from kc.run import Run
-
-
-def shard_verticals(run: Run, shard: str) -> list[int]:
-    """'I/N' -> the verticals v with v % N == I."""
-    try:
-        index, count = (int(x) for x in shard.split("/"))
-    except ValueError:
-        raise KCError(f"--shard: '{shard}' is not I/N (e.g. 0/4)") from None
-    if not 0 <= index < count:
-        raise KCError(f"--shard: {shard}: I must lie in [0, N)")
-    return [v for v in range(run.taxonomy.num_verticals) if v % count == index]
 
 
 def run_shard_jobs(

@@ -1,0 +1,179 @@
+"""The stages of a run, defined once: each full-vocabulary stage's name, directory, architecture, activation and
+training targets (`STAGES`), where every stage keeps its weights, and how a stage's model is built and loaded.
+
+The pipeline, `kc report`, `kc evaluate`, export and the serving runtime read this table; a new control is one
+more entry. How each stage trains is `kc.train`'s (`kc.train.controls.TRAIN`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kc.errors import CheckpointError
+from kc.models.classifier import Classifier, build_classifier, restrict_outputs
+from kc.models.self_paced import SelfPacedScales
+from kc.models.structured import StructuredHead
+from kc.models.weights import load_weights
+from kc.run import Run
+
+GENERALIST, STUDENT, CONTROL = "generalist", "student", "control"
+SELF_DISTILLATION, GROUND_TRUTH, TOTAL_COMPUTE = (
+    "control_self_distillation",
+    "control_ground_truth",
+    "control_total_compute",
+)
+
+
+@dataclass(frozen=True)
+class FullModelStage:
+    """A stage whose model covers every class: its directory (RUN/<name>), its row in the comparison, its model
+    (the generalist's architecture, or with the student's head, or with the student's head and self-paced scales)
+    and its training targets (the ground truth, with the generalist's loss, or a teacher's soft targets)."""
+
+    name: str
+    title: str
+    student_head: bool
+    scales: bool
+    ground_truth: bool
+    control: str | None = None  # its name in config `controls.kinds`, for a control
+
+
+# Every full-vocabulary stage, in the order the pipeline trains them and the comparison lists them. The controls
+# are what a student's gain must beat: (a) extra training, (b) distillation from the generalist itself, (c) the
+# student's head and scales trained on labels, (d) the compute of generalist + specialists + student together.
+STAGES = (
+    FullModelStage(GENERALIST, "generalist", student_head=False, scales=False, ground_truth=True),
+    FullModelStage(STUDENT, "student", student_head=True, scales=True, ground_truth=False),
+    FullModelStage(
+        CONTROL, "control: same compute", student_head=True, scales=False, ground_truth=True, control="same_compute"
+    ),
+    FullModelStage(
+        SELF_DISTILLATION,
+        "control: self-distillation",
+        student_head=True,
+        scales=True,
+        ground_truth=False,
+        control="self_distillation",
+    ),
+    FullModelStage(
+        GROUND_TRUTH,
+        "control: ground truth, student's head",
+        student_head=True,
+        scales=True,
+        ground_truth=True,
+        control="ground_truth",
+    ),
+    FullModelStage(
+        TOTAL_COMPUTE,
+        "control: total compute",
+        student_head=True,
+        scales=False,
+        ground_truth=True,
+        control="total_compute",
+    ),
+)
+STAGE = {s.name: s for s in STAGES}
+FULL_MODEL_STAGES = tuple(STAGE)
+
+
+def activation(stage: str, generalist_loss: str) -> str:
+    """How a full-vocabulary stage's logits become scores: softmax for a model trained on the generalist's softmax
+    loss, sigmoid otherwise (soft targets are per-class probabilities)."""
+    return "softmax" if STAGE[stage].ground_truth and generalist_loss == "softmax" else "sigmoid"
+
+
+def controls_to_train(run: Run) -> list[str]:
+    """The controls this run trains, in the table's order. The ground-truth control equals the same-compute control
+    when the student has no self-paced scales (same head, init, loss and epochs), so it is then left out."""
+    if not run.cfg.control:
+        return []
+    kinds = set(run.cfg.controls.kinds)
+    if run.cfg.student.self_paced.variant == "none":
+        kinds.discard("ground_truth")
+    return [s.name for s in STAGES if s.control in kinds]
+
+
+def specialist_dir(run: Run, vertical: int) -> Path:
+    """RUN/specialists/<index>_<vertical id>, the id made safe for a file name (Open Images ids hold '/')."""
+    vid = run.taxonomy.verticals[vertical].id
+    return run.dir / "specialists" / f"{vertical:03d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', vid)}"
+
+
+def best_weights(stage_dir: Path) -> Path:
+    return stage_dir / "checkpoints" / "best.safetensors"
+
+
+def file_digest(path: Path) -> str:
+    """What a later stage records of the weights it started from, to notice when they were retrained."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: weights not found; train that stage first (kc pipeline runs every stage)")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def new_generalist_model(run: Run) -> Classifier:
+    """The generalist architecture (also the student's and the control's), seeded."""
+    torch.manual_seed(run.cfg.seed)
+    return build_classifier(run.cfg.model, run.taxonomy.num_classes)
+
+
+def new_specialist_model(run: Run, vertical: int) -> Classifier:
+    """The specialist architecture for a vertical (weights are overwritten by init or by loading)."""
+    start, end = run.taxonomy.vertical_ranges[vertical]
+    return restrict_outputs(new_generalist_model(run), start, end, run.cfg.specialists.other_output)
+
+
+def load_specialists(run: Run) -> list[Classifier]:
+    return [
+        load_stage(run, specialist_dir(run, v), new_specialist_model(run, v)) for v in range(run.taxonomy.num_verticals)
+    ]
+
+
+def with_student_head(run: Run, model: Classifier) -> Classifier:
+    """`model` (the generalist's architecture) with the student's head structure (student.head). A structured head
+    starts as a copy of the generalist's dense head: loaded with the generalist's weights first, the model keeps
+    computing the generalist's function. The control gets the same head, so that it differs from the student in
+    its training targets only."""
+    h, mh = run.cfg.student.head, run.cfg.model.head
+    if h.structure == "fc-fc":
+        return model
+    sizes = [run.taxonomy.vertical_size(v) for v in range(run.taxonomy.num_verticals)]
+    head = StructuredHead(
+        model.backbone.num_features, mh.hidden, sizes, h.structure, h.shared_units, mh.dropout, h.max_padding
+    )
+    model.head = head.copy_from_dense(model.head)
+    return model
+
+
+def with_self_paced_scales(run: Run, model: Classifier, init: torch.Tensor | None = None) -> Classifier:
+    """The student's output scales on `model`; `init` (per vertical) where they start from measured values
+    (self_paced.init 'generalist'); otherwise a model about to load trained scales needs no measured start."""
+    sp = run.cfg.student.self_paced
+    start = init if init is not None else ("sqrt" if sp.init == "generalist" else sp.init)
+    model.output_scales = SelfPacedScales(
+        run.taxonomy.vertical_of_class, sp.variant, start, sp.init_noise, centred=sp.centred
+    )
+    return model
+
+
+def new_model(run: Run, stage: str) -> Classifier:
+    """The architecture of a full-vocabulary stage (`STAGES`): the generalist's, with the student's head, and with
+    the student's self-paced output scales where the stage has them."""
+    model = new_generalist_model(run)
+    if STAGE[stage].student_head:
+        model = with_student_head(run, model)
+    return with_self_paced_scales(run, model) if STAGE[stage].scales else model
+
+
+def load_stage(run: Run, stage_dir: Path, model: Classifier) -> Classifier:
+    """Load a finished stage's best weights into `model`."""
+    load_weights(best_weights(stage_dir), model)
+    return model
