@@ -107,3 +107,16 @@ def test_pipeline_with_cached_teachers(tmp_path, tiny_benchmark):
     assert "cache" in json.loads((run.dir / "timings.json").read_text())
     student = next(m for m in result["models"] if m["model"] == "student")
     assert 0 <= student["mAP"] <= 100
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero bytes", "bit flipped"])
+def test_a_damaged_cache_array_is_refused_naming_it(run, how):
+    from test_integrity import damage
+
+    models = teachers(run)
+    digests = [f"d{v}" for v in range(len(models))]
+    build_cache(run, models, digests, top_k=3, device=torch.device("cpu"), batch_size=7)
+    CachedTeachers(run, digests, 3, 1.0)  # intact: opens
+    damage(cache_dir(run) / "teacher_001.logits.npy", how)
+    with pytest.raises(CheckpointError, match=r"teacher_001.logits.npy: damaged"):
+        CachedTeachers(run, digests, 3, 1.0)

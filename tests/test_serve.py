@@ -18,6 +18,7 @@ from kc.cli import app
 from kc.config import config_from_dict
 from kc.data.dataset import ImageDataset, collate
 from kc.data.samples import Sample
+from kc.errors import CheckpointError
 from kc.run import prepare_run
 from kc.serve.export import ExportError, export_stage
 from kc.serve.labels import LabelPicker
@@ -259,3 +260,18 @@ def test_server_answers_503_when_overloaded_and_counts_it(trained, server):
     assert 'kc_requests_total{path="/v1/classify",status="503"} 1' in metrics
     assert 'kc_request_seconds_count{path="/v1/classify"}' in metrics and "kc_batches_total" in metrics
     assert httpx.get(server + "/healthz").json()["classes"] == 12
+
+
+@pytest.mark.parametrize("how", ["truncated", "zero bytes", "bit flipped"])
+def test_a_damaged_export_is_refused_naming_the_file(trained, tmp_path, how):
+    import shutil
+
+    from test_integrity import damage
+
+    _, export = trained
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    open_model(copy)  # intact: opens
+    damage(copy / "model.onnx", how)
+    with pytest.raises(CheckpointError, match=r"model.onnx: damaged"):
+        open_model(copy)

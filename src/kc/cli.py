@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -32,6 +33,9 @@ def bars(no_progress: bool) -> bool:
     return not no_progress and sys.stderr.isatty()
 
 
+RESUME_HINT = "free some space (or fix the cause) and run the same command again: it resumes"
+
+
 def user_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -51,6 +55,11 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("kc: interrupted; run the same command again to resume", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # a write outside kc's own (a library's): a full disk needs no traceback either
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            typer.echo(f"kc: error: {exc.filename or 'a file'}: {exc.strerror}; {RESUME_HINT}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 

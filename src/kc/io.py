@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kc.errors import KCError
 
 
 def _file_mode() -> int:
@@ -18,6 +22,11 @@ def _file_mode() -> int:
 
 
 FILE_MODE = _file_mode()
+
+
+class WriteError(KCError, OSError):
+    """A file could not be written (a full disk, a read-only folder): the previous version is left intact. An
+    OSError too, for callers that handle failed writes as such."""
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -33,9 +42,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) or _is_io_failure(exc):
+            raise WriteError(_write_failure(path, exc, written)) from None
         raise
+
+
+def _is_io_failure(exc: BaseException) -> bool:
+    """Writers outside Python's io (safetensors) report a full disk in their own exception types."""
+    text = str(exc)
+    return "No space left" in text or "os error 28" in text or "StorageFull" in text
+
+
+def _write_failure(path: Path, exc: BaseException, written: int) -> str:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MB free there"
+    except OSError:
+        free = "free space unknown"
+    size = f"{written / 2**20:,.1f} MB" if written >= 2**20 // 10 else f"{written:,} bytes"
+    needed = f", {size} of it written when it failed" if written else ""
+    return (
+        f"{path}: could not be written ({reason}; {free}{needed}). The previous version of the file, if any, is "
+        "intact; free some space (or fix the cause) and run the same command again: it resumes"
+    )
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -48,3 +80,12 @@ def atomic_write_json(path: str | Path, data: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file (hex), read in blocks: what a writer records and a reader checks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

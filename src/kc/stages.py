@@ -7,7 +7,6 @@ more entry. How each stage trains is `kc.train`'s (`kc.train.controls.TRAIN`).
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from kc.errors import CheckpointError
+from kc.io import read_json, sha256_file
 from kc.models.classifier import Classifier, build_classifier, restrict_outputs
 from kc.models.self_paced import SelfPacedScales
 from kc.models.structured import StructuredHead
@@ -112,11 +112,7 @@ def file_digest(path: Path) -> str:
     """What a later stage records of the weights it started from, to notice when they were retrained."""
     if not path.is_file():
         raise CheckpointError(f"{path}: weights not found; train that stage first (kc pipeline runs every stage)")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return sha256_file(path)[:16]
 
 
 def new_generalist_model(run: Run) -> Classifier:
@@ -174,6 +170,14 @@ def new_model(run: Run, stage: str) -> Classifier:
 
 
 def load_stage(run: Run, stage_dir: Path, model: Classifier) -> Classifier:
-    """Load a finished stage's best weights into `model`."""
-    load_weights(best_weights(stage_dir), model)
+    """Load a finished stage's best weights into `model`, checked against the SHA-256 its best.json recorded."""
+    path = best_weights(stage_dir)
+    info = path.with_suffix(".json")
+    recorded = read_json(info).get("sha256") if info.is_file() else None  # absent before digests were recorded
+    if recorded is not None and path.is_file() and sha256_file(path) != recorded:
+        raise CheckpointError(
+            f"{path}: damaged (its SHA-256 is not the one {info.name} recorded); delete {stage_dir} and run the "
+            "stage again"
+        )
+    load_weights(path, model)
     return model

@@ -3,7 +3,8 @@
 Layout (one shard per teacher, so building resumes teacher by teacher)::
 
     RUN/cache/teacher_NNN.json         what shard v was built from (K, teacher weights, classes, training images,
-                                       preprocessing) and its sizes; written after its arrays: the shard is done
+                                       preprocessing), its sizes and its arrays' SHA-256 (checked when the cache
+                                       is opened); written after its arrays: the shard is done
     RUN/cache/index.json               a summary of the finished shards
     RUN/cache/teacher_NNN.rows.npy     (n_v,) int64: index into the run's training split of each image of shard v
     RUN/cache/teacher_NNN.logits.npy   (n_v, K) float32: the teacher's K largest logits, largest first
@@ -37,12 +38,13 @@ from tqdm import tqdm
 from kc.data.dataset import ImageDataset, collate
 from kc.distill.targets import BlockTargets, Teachers
 from kc.errors import CheckpointError
-from kc.io import atomic_write, atomic_write_json, read_json
+from kc.io import atomic_write, atomic_write_json, read_json, sha256_file
 from kc.locks import DirectoryLock
 from kc.run import Run
 from kc.taxonomy import Taxonomy
 
 INDEX = "index.json"
+ARRAYS = ("rows", "logits", "classes")  # the arrays of a shard: teacher_NNN.<part>.npy
 PARTS = {
     "taxonomy": "classes",
     "train_split": "training images",
@@ -179,8 +181,9 @@ def _write_shard(
     _save_npy(out / f"{prefix}.rows.npy", rows)
     _save_npy(out / f"{prefix}.logits.npy", logits)
     _save_npy(out / f"{prefix}.classes.npy", classes)
-    # Written last: the shard counts only once its arrays are all in place.
-    atomic_write_json(out / f"{prefix}.json", {**wanted, "images": len(rows), "k": k})
+    # Written last: the shard counts only once its arrays are all in place, each with its SHA-256.
+    digests = {part: sha256_file(out / f"{prefix}.{part}.npy") for part in ARRAYS}
+    atomic_write_json(out / f"{prefix}.json", {**wanted, "images": len(rows), "k": k, "sha256": digests})
 
 
 def cache_bytes(run: Run) -> int:
@@ -233,6 +236,13 @@ class CachedTeachers(Teachers):
         self.rows, self.logits, self.classes = [], [], []
         for v in range(taxonomy.num_verticals):
             prefix = _shard_prefix(v)
+            for part, recorded in shards[v].get("sha256", {}).items():  # absent in caches built before digests
+                path = directory / f"{prefix}.{part}.npy"
+                if not path.is_file() or sha256_file(path) != recorded:
+                    raise CheckpointError(
+                        f"{path}: damaged or missing (its SHA-256 is not the one {prefix}.json recorded); rebuild "
+                        "the cache with `kc cache-targets RUN`"
+                    )
             self.rows.append(np.load(directory / f"{prefix}.rows.npy"))
             self.logits.append(np.load(directory / f"{prefix}.logits.npy", mmap_mode="r"))
             self.classes.append(np.load(directory / f"{prefix}.classes.npy", mmap_mode="r"))

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 import kc
 from kc.data.dataset import ImageDataset, collate
 from kc.errors import CheckpointError, KCError
-from kc.io import atomic_write_json, read_json
+from kc.io import atomic_write_json, read_json, sha256_file
 from kc.run import Run
 from kc.serve.artifact import FORMATS, MANIFEST, MODEL_FILES
 from kc.serve.model_card import model_card
@@ -103,6 +103,7 @@ def export_stage(
         manifest: dict[str, Any] = {
             "format": fmt,
             "file": model_file.name,
+            "sha256": sha256_file(model_file),  # checked by every reader (kc.serve.runtime.open_model)
             "stage": stage,
             "activation": activation(stage, loss),
             "preprocess": {"size": run.cfg.data.image_size, "mean": run.cfg.data.mean, "std": run.cfg.data.std},

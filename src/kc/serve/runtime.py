@@ -18,6 +18,7 @@ import torch
 from kc.config import load_config
 from kc.data.images import Preprocess
 from kc.errors import CheckpointError
+from kc.io import sha256_file
 from kc.run import Run
 from kc.serve.artifact import MANIFEST, read_manifest
 from kc.taxonomy import Taxonomy
@@ -88,6 +89,11 @@ def open_model(path: Path, stage: str = "student", threads: int | None = None) -
         model_file = path / manifest["file"]
         if not model_file.is_file():
             raise CheckpointError(f"{model_file}: missing; the export is incomplete, export again")
+        recorded = manifest.get("sha256")  # absent in exports written before digests were recorded
+        if recorded is not None and sha256_file(model_file) != recorded:
+            raise CheckpointError(
+                f"{model_file}: damaged (its SHA-256 is not the one {MANIFEST} recorded); export the model again"
+            )
         if manifest["format"] == "onnx":
             run_fn = _onnx_runner(model_file, threads)
         else:

@@ -40,7 +40,7 @@ from kc import distributed
 from kc.config import TrainConfig
 from kc.data.dataset import collate
 from kc.errors import CheckpointError, KCError
-from kc.io import atomic_write_json
+from kc.io import atomic_write_json, sha256_file
 from kc.locks import DirectoryLock
 from kc.models.weights import save_weights
 from kc.train.checkpoint import CheckpointDir
@@ -438,10 +438,11 @@ class Trainer:
         best = state["best_metric"]
         better = metric is None or best is None or metric > best
         if better and self.main:
+            # Weights, then their record (with the digest readers check), then the checkpoint: a crash in between
+            # resumes from the checkpoint before, and this epoch writes both again.
             save_weights(self.ckpt.best, self.model)
-            atomic_write_json(
-                self.ckpt.best_info, {"epoch": entry["epoch"], "metric": self.select_metric, "value": metric}
-            )
+            info = {"epoch": entry["epoch"], "metric": self.select_metric, "value": metric}
+            atomic_write_json(self.ckpt.best_info, {**info, "sha256": sha256_file(self.ckpt.best)})
         if better:
             state["best_metric"], state["best_epoch"] = metric, entry["epoch"]
         for key, value in entry.items():
