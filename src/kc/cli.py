@@ -181,6 +181,24 @@ def generate_benchmark_cmd(
     typer.echo(f"wrote {manifest} and {out / 'taxonomy.json'}")
 
 
+@app.command("import-fashion-mnist")
+@user_errors
+def import_fashion_mnist_cmd(
+    out: Annotated[Path, typer.Argument(help="output directory")],
+    source: Annotated[
+        Path | None,
+        typer.Option(help="folder of the IDX files [default: where `apt-get install dataset-fashion-mnist` puts them]"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="the draw that halves the official test set into val and test")] = 0,
+    no_progress: NoProgress = False,
+) -> None:
+    """Fashion-MNIST (real photographs, 10 classes in 3 verticals) -> PNGs, manifest.csv, taxonomy.json in OUT."""
+    from kc.data.fashion_mnist import DEBIAN_DIR, describe, import_fashion_mnist
+
+    manifest = import_fashion_mnist(out, source or DEBIAN_DIR, seed, progress=bars(no_progress))
+    typer.echo(f"wrote {manifest} and {out / 'taxonomy.json'} ({describe(out)} images)")
+
+
 @app.command("import-openimages")
 @user_errors
 def import_openimages_cmd(
