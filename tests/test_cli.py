@@ -131,3 +131,15 @@ def test_fixing_the_data_config_after_a_data_error_is_accepted(tmp_path, tiny_be
     assert fixed.exit_code == 0, fixed.output
     check = json.loads((tmp_path / "run" / "data" / "check.json").read_text())
     assert [s["path"] for s in check["skipped"]] == [str(first.relative_to(bench))]
+
+
+def test_version_names_kc_and_the_libraries_and_checkpoints_record_them(tmp_path, tiny_benchmark):
+    import torch
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("kc ") and f"torch {torch.__version__}" in result.output
+    config = write_config(tmp_path, tiny_benchmark)
+    assert runner.invoke(app, ["generalist", str(config), "--no-progress"]).exit_code == 0
+    state = json.loads((tmp_path / "run/generalist/checkpoints/last.json").read_text())
+    assert state["versions"]["torch"] == torch.__version__ and "timm" in state["versions"]
+    assert state["config"]["epochs"] == 2  # what the stage was trained with, whatever config.yaml says later

@@ -22,6 +22,25 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from kc import versions
+
+        found = versions()
+        typer.echo(f"kc {found.pop('kc')} ({', '.join(f'{k} {v}' for k, v in found.items())})")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the versions and exit")
+    ] = False,
+) -> None:
+    pass
+
+
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: KEY=VALUE (repeatable)")]
 NoProgress = Annotated[
     bool, typer.Option("--no-progress", help="no progress bars (they are shown only on a terminal anyway)")

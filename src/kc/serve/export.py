@@ -111,7 +111,7 @@ def export_stage(
             "verticals": run.taxonomy.num_verticals,
             "source": {"run": str(run.dir), "weights": str(weights), "sha256_16": digest},
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "versions": {"kc": kc.__version__, "torch": torch.__version__},
+            "versions": kc.versions(),
         }
         atomic_write_json(staging / MANIFEST, manifest)
 

@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+import kc
 from kc import distributed
 from kc.config import TrainConfig
 from kc.data.dataset import collate
@@ -328,7 +329,12 @@ class Trainer:
             keep = ("step", "epoch", "step_in_epoch", "best_metric", "best_epoch", "history", "complete")
             # The seed says which draw this stage is; the config, what it was trained with (a run's config.yaml
             # holds the latest config any command ran with, which may have changed a stage section since).
-            extra = {"fingerprint": self.fingerprint, "seed": self.seed, "config": self.cfg.model_dump(mode="json")}
+            extra = {
+                "fingerprint": self.fingerprint,
+                "seed": self.seed,
+                "config": self.cfg.model_dump(mode="json"),
+                "versions": kc.versions(),
+            }
             self.ckpt.save(self.model, optimizer, {**{k: state[k] for k in keep}, **extra})
 
     def _train_epoch(
