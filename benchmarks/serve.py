@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import socket
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from kc.data.images import decode_rgb
 from kc.serve.runtime import open_model
@@ -39,11 +39,15 @@ def free_port() -> int:
 def server_counters(url: str) -> tuple[int, int, float, int]:
     """(batches, images) the server's model has run so far, and (seconds, requests) of /v1/classify as the server
     measured them."""
-    text = httpx.get(url + "/metrics").text
-    pairs = [(int(size), int(n)) for size, n in re.findall(r'kc_batches_total\{size="(\d+)"\} (\d+)', text)]
-    seconds = float(re.search(r'kc_request_seconds_sum\{path="/v1/classify"\} ([\d.]+)', text).group(1))
-    count = int(re.search(r'kc_request_seconds_count\{path="/v1/classify"\} (\d+)', text).group(1))
-    return sum(n for _, n in pairs), sum(size * n for size, n in pairs), seconds, count
+    samples = [
+        sample
+        for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+        for sample in family.samples
+    ]
+    pairs = [(int(s.labels["size"]), int(s.value)) for s in samples if s.name == "kc_batches_total"]
+    (seconds,) = [s.value for s in samples if s.name == "kc_request_seconds_sum" and s.labels["path"] == "/v1/classify"]
+    (count,) = [s.value for s in samples if s.name == "kc_request_seconds_count" and s.labels["path"] == "/v1/classify"]
+    return sum(n for _, n in pairs), sum(size * n for size, n in pairs), seconds, int(count)
 
 
 async def load(url: str, images: list[bytes], clients: int, requests: int, max_seconds: float) -> dict:

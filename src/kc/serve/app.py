@@ -35,7 +35,7 @@ import io
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +44,10 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from PIL import Image
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
@@ -169,42 +173,38 @@ class MicroBatcher:
 
 
 class Metrics:
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.latency: dict[str, list[int]] = {}
-        self.latency_sum: Counter[str] = Counter()
+    """The server's Prometheus metrics, in a registry of its own (an app per registry: tests run several)."""
+
+    def __init__(self, batch_sizes: Counter[int], pending: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = PromCounter(
+            "kc_requests", "HTTP requests by path and status.", ["path", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "kc_request_seconds", "Request latency.", ["path"], buckets=LATENCY_BUCKETS, registry=self.registry
+        )
+        Gauge("kc_pending_requests", "Requests admitted now.", registry=self.registry).set_function(pending)
+        self.registry.register(_BatchSizes(batch_sizes))
 
     def observe(self, path: str, status: int, seconds: float) -> None:
-        self.requests[(path, status)] += 1
-        buckets = self.latency.setdefault(path, [0] * (len(LATENCY_BUCKETS) + 1))
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
-                buckets[i] += 1
-        buckets[-1] += 1  # +Inf: the count
-        self.latency_sum[path] += seconds
+        self.requests.labels(path, str(status)).inc()
+        self.latency.labels(path).observe(seconds)
 
-    def render(self, batch_sizes: Counter[int], pending: int) -> str:
-        lines = [
-            "# HELP kc_requests_total HTTP requests by path and status.",
-            "# TYPE kc_requests_total counter",
-        ]
-        for (path, status), n in sorted(self.requests.items()):
-            lines.append(f'kc_requests_total{{path="{path}",status="{status}"}} {n}')
-        lines += [
-            "# HELP kc_request_seconds Request latency.",
-            "# TYPE kc_request_seconds histogram",
-        ]
-        for path, buckets in sorted(self.latency.items()):
-            for bound, n in zip([*LATENCY_BUCKETS, "+Inf"], buckets, strict=True):
-                lines.append(f'kc_request_seconds_bucket{{path="{path}",le="{bound}"}} {n}')
-            lines.append(f'kc_request_seconds_sum{{path="{path}"}} {self.latency_sum[path]:.6f}')
-            lines.append(f'kc_request_seconds_count{{path="{path}"}} {buckets[-1]}')
-        lines += ["# HELP kc_batches_total Model batches by size.", "# TYPE kc_batches_total counter"]
-        for size, n in sorted(batch_sizes.items()):
-            lines.append(f'kc_batches_total{{size="{size}"}} {n}')
-        lines += ["# HELP kc_pending_requests Requests admitted now.", "# TYPE kc_pending_requests gauge"]
-        lines.append(f"kc_pending_requests {pending}")
-        return "\n".join(lines) + "\n"
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()
+
+
+class _BatchSizes(Collector):
+    """kc_batches_total{size}: the model batches run, by size, read from the batcher's own tally."""
+
+    def __init__(self, sizes: Counter[int]):
+        self.sizes = sizes
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("kc_batches", "Model batches by size.", labels=["size"])
+        for size, n in sorted(self.sizes.items()):
+            family.add_metric([str(size)], n)
+        yield family
 
 
 class MetricsMiddleware:
@@ -373,9 +373,9 @@ def create_app(model: LoadedModel, limits: ServerLimits | None = None, class_thr
     limits = limits or ServerLimits()
     picker = LabelPicker(model.taxonomy, class_thresholds)
     labels = label_table(model.taxonomy)
-    metrics = Metrics()
     state = {"pending": 0}
     batcher = MicroBatcher(model, limits.max_batch, limits.max_wait_ms / 1000, lambda: state["pending"])
+    metrics = Metrics(batcher.batch_sizes, lambda: state["pending"])
     budget = DecodeBudget(limits.max_decode_bytes, limits.decode_wait_s)
     # A few decoding threads of their own (not the shared pool of 40): fewer heaps, and decodes beyond them queue.
     decoders = ThreadPoolExecutor(limits.decode_threads, thread_name_prefix="kc-decode")
@@ -491,7 +491,7 @@ def create_app(model: LoadedModel, limits: ServerLimits | None = None, class_thr
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def get_metrics() -> str:
-        return metrics.render(batcher.batch_sizes, state["pending"])
+        return metrics.render()
 
     return app
 
