@@ -102,3 +102,21 @@ def test_a_large_image_is_reduced_early_and_resizes_to_nearly_the_same_pixels():
     levels = ((preprocess(reduced) - preprocess(full)).abs() * 0.25 * 255).max().item()
     assert levels <= 2  # of 255
     assert decode_rgb(io.BytesIO(png(40, 30)), target=16).size == (40, 30)  # small images are left as they are
+
+
+def png_header_only(width, height):
+    """A PNG that declares width x height pixels and holds none: what a client can send in a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_an_image_declaring_more_pixels_than_anything_allows_is_413_from_its_header(model):
+    with TestClient(create_app(model, ServerLimits(max_pixels=10**12))) as client:
+        answer = client.post("/v1/classify", files={"image": png_header_only(30_000, 30_000)})  # 900M pixels
+    assert answer.status_code == 413 and answer.json()["error"] == "too_many_pixels"

@@ -330,6 +330,8 @@ def _image_header(data: bytes, max_pixels: int) -> tuple[int, int]:
                     413, "too_many_pixels", f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels:,}"
                 )
             return pixels, decode_bytes(img.width, img.height, img.mode)
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked as it opens the header
+        raise ApiError(413, "too_many_pixels", str(exc)) from None
     except Image.UnidentifiedImageError:
         raise ApiError(400, "not_an_image", "the data is not an image in a format Pillow reads") from None
     except (OSError, ValueError, SyntaxError) as exc:
