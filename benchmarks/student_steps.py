@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from kc.config import load_config
 from kc.data.dataset import ImageDataset, collate
 from kc.distill.cache import CachedTeachers
+from kc.distill.loss import sum_terms
 from kc.run import prepare_run
 from kc.stages import CONTROL, STUDENT, best_weights, file_digest, specialist_dir
 from kc.train.common import ground_truth_loss, start_from_generalist
@@ -67,7 +68,7 @@ def main() -> None:
         for name, (model, loss_fn) in setups.items():
             model.train()
             start = time.perf_counter()
-            loss = loss_fn(model, batch)
+            loss = sum_terms(loss_fn(model, batch))
             optimizers[name].zero_grad(set_to_none=True)
             loss.backward()
             optimizers[name].step()

@@ -165,3 +165,14 @@ def test_a_student_on_sampled_verticals_trains_and_resumes_to_the_same_weights(t
     resumed = load_file(str(weights))
     for name, value in reference.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=1e-6, msg=name)  # the same draws after resume
+
+
+@pytest.mark.parametrize("sampled_verticals", [None, 2])
+def test_a_student_keeping_the_truth_logs_its_two_loss_terms_apart(tmp_path, tiny_benchmark, sampled_verticals):
+    run = trained_teachers(tmp_path / "run", tiny_benchmark)
+    run.cfg.student.ground_truth = "weighted"
+    run.cfg.student.sampled_verticals = sampled_verticals
+    run.cfg.student.epochs = 1
+    (entry,) = train_student(run, progress=False, verbose=False).history
+    assert entry["train_loss_distillation"] > 0 and entry["train_loss_ground_truth"] > 0
+    assert entry["train_loss_distillation"] + entry["train_loss_ground_truth"] == pytest.approx(entry["train_loss"])

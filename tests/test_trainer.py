@@ -193,3 +193,26 @@ def test_sampled_negatives_need_the_bce_loss():
 
     with pytest.raises(ValueError, match="bce only"):
         GeneralistConfig(loss="softmax", sampled_negatives=10)
+
+
+def test_a_loss_given_as_named_terms_trains_on_their_sum_and_logs_each(tmp_path):
+    def two_terms(model, batch):
+        logits = model(batch["images"])
+        return {"labels": nn.functional.cross_entropy(logits, batch["labels"][:, 0]), "small": logits.square().mean()}
+
+    def summed(model, batch):
+        terms = two_terms(model, batch)
+        return terms["labels"] + terms["small"]
+
+    runs = {}
+    for name, fn in (("terms", two_terms), ("sum", summed)):
+        model = make_model()
+        trainer = Trainer(model, cfg(), tmp_path / name, Blobs(), fn, seed=1, progress=False, verbose=False)
+        runs[name] = (model, trainer.fit())
+    (terms_model, terms), (sum_model, whole) = runs["terms"], runs["sum"]
+    for a, b in zip(terms_model.parameters(), sum_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b)  # the same training as the summed loss
+    for entry, plain in zip(terms.history, whole.history, strict=True):
+        assert entry["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-6)
+        assert entry["train_loss_labels"] + entry["train_loss_small"] == pytest.approx(entry["train_loss"], rel=1e-6)
+        assert "train_loss_labels" not in plain

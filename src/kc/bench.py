@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from kc.config import load_config
 from kc.data.dataset import ImageDataset, collate
 from kc.distill.cache import CachedTeachers
+from kc.distill.loss import sum_terms
 from kc.distill.targets import OnlineTeachers
 from kc.models.heads import DenseHead
 from kc.models.structured import StructuredHead
@@ -191,7 +192,7 @@ def training(run: Run, rounds: int) -> dict[str, Any]:
             model.train()
             start = time.perf_counter()
             for batch in loader:
-                loss = loss_fn(model, batch)
+                loss = sum_terms(loss_fn(model, batch))
                 optimizers[name].zero_grad(set_to_none=True)
                 loss.backward()
                 optimizers[name].step()

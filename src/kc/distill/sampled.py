@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kc.distill.loss import entry_losses
+from kc.distill.loss import entry_losses, sum_terms
 from kc.distill.targets import Teachers
 from kc.models.classifier import ClassSubset
 
@@ -48,6 +48,10 @@ class SampledVerticalsLoss:
         self.options = {"mode": mode, "truth_weight": truth_weight, "temperature": temperature}
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum_terms(self.terms(model, batch))
+
+    def terms(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The loss by named term (`entry_losses`'), each averaged over images."""
         images, labels = batch["images"], batch["labels"]
         t = self.teachers
         device = labels.device
@@ -71,14 +75,15 @@ class SampledVerticalsLoss:
             self.vertical_weights[targets.verticals].unsqueeze(1) * inside,
             **self.options,
         )
-        loss = (own * inside).sum()
+        terms = {name: (entries * inside).sum() for name, entries in own.items()}
         if len(columns):
             elsewhere = ~targets.selected[:, column_vertical]  # (B, K): the image's own verticals count above
             weight = self.vertical_weights[column_vertical].unsqueeze(0) * elsewhere * self.negative_distill
             zeros = torch.zeros_like(column_logits, dtype=torch.float)
             others = entry_losses(column_logits.float(), zeros, zeros, weight, **self.options)
-            loss = loss + (others * elsewhere).sum() * (self.num_verticals / self.drawn)
-        return loss / labels.shape[0]
+            for name, entries in others.items():
+                terms[name] = terms[name] + (entries * elsewhere).sum() * (self.num_verticals / self.drawn)
+        return {name: value / labels.shape[0] for name, value in terms.items()}
 
     def _block_truth(
         self, labels: torch.Tensor, rows: torch.Tensor, verticals: torch.Tensor, width: int

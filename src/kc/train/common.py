@@ -29,8 +29,7 @@ from kc.stages import (
     with_self_paced_scales,
     with_student_head,
 )
-
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+from kc.train.trainer import LossFn
 
 
 def sampled_bce(num_classes: int, negatives: int) -> LossFn:

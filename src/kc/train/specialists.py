@@ -22,8 +22,8 @@ from kc.errors import KCError
 from kc.models.classifier import restrict_outputs
 from kc.run import Run
 from kc.stages import GENERALIST, best_weights, file_digest, load_stage, new_generalist_model, specialist_dir
-from kc.train.common import LossFn, validation_fn
-from kc.train.trainer import Trainer, TrainResult
+from kc.train.common import validation_fn
+from kc.train.trainer import LossFn, Trainer, TrainResult
 
 
 def specialist_samples(

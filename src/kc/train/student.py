@@ -10,7 +10,7 @@ from torch import nn
 from kc import distributed
 from kc.data.dataset import ImageDataset, dense_targets
 from kc.distill.cache import INDEX, CachedTeachers, build_cache, cache_dir, write_index
-from kc.distill.loss import distillation_loss
+from kc.distill.loss import distillation_terms
 from kc.distill.sampled import SampledVerticalsLoss
 from kc.distill.targets import GeneralistTeacher, OnlineTeachers, Teachers
 from kc.distributed import resolve_device
@@ -27,8 +27,8 @@ from kc.stages import (
     new_specialist_model,
     specialist_dir,
 )
-from kc.train.common import LossFn, start_from_generalist, validation_fn
-from kc.train.trainer import Trainer, TrainResult
+from kc.train.common import start_from_generalist, validation_fn
+from kc.train.trainer import LossFn, Trainer, TrainResult
 
 
 def student_loss(run: Run, teachers: Teachers, vertical_weights: torch.Tensor, device: torch.device) -> LossFn:
@@ -45,13 +45,13 @@ def student_loss(run: Run, teachers: Teachers, vertical_weights: torch.Tensor, d
             truth_weight=s.ground_truth_weight,
             temperature=s.temperature,
             unselected=s.unselected,
-        )
+        ).terms
 
-    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, labels = batch["images"], batch["labels"]
         soft = teachers(images, labels, batch["index"])
         truth = dense_targets(labels, run.taxonomy.num_classes)
-        return distillation_loss(
+        return distillation_terms(
             model(images),
             soft,
             truth,

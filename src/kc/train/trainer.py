@@ -40,13 +40,16 @@ import kc
 from kc import distributed
 from kc.config import TrainConfig
 from kc.data.dataset import collate
+from kc.distill.loss import sum_terms
 from kc.errors import CheckpointError, KCError
 from kc.io import atomic_write_json, sha256_file
 from kc.locks import DirectoryLock
 from kc.models.weights import save_weights
 from kc.train.checkpoint import CheckpointDir
 
-LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# A loss function returns the loss, or its named terms (the loss is their sum): the trainer logs each term apart
+# (history `train_loss_<term>`, TensorBoard `<stage>/loss_<term>`).
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor | dict[str, torch.Tensor]]
 ValidateFn = Callable[[nn.Module], dict[str, Any]]
 StepCallback = Callable[[int], None]
 
@@ -373,20 +376,26 @@ class Trainer:
             dynamic_ncols=True,
         )
         loss_sum, loss_count, images, start = 0.0, 0, 0, time.perf_counter()
+        term_sums: dict[str, float] = {}
         for batch in loader:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             lr = learning_rate(self.cfg, state["step"], self.steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
-                loss = self.loss_fn(forward_model, batch)
+                out = self.loss_fn(forward_model, batch)
+            terms = out if isinstance(out, dict) else {}
+            loss = sum_terms(out)
             # Summed over the ranks (a no-op on one): every rank sees the same loss and stop request, so all of
             # them raise or stop at the same step and none waits forever on another.
             # The request is read once, before the sum: a signal landing after it must not make this rank stop
             # while the others, having summed no request, go on to the next step's collective (a deadlock).
             requested = self._stop.requested
-            loss_total, stops = distributed.sum_values(loss.item(), float(requested is not None))
+            loss_total, stops, *term_totals = distributed.sum_values(
+                loss.item(), float(requested is not None), *(t.item() for t in terms.values())
+            )
             value = loss_total / self.world
+            term_values = {name: total / self.world for name, total in zip(terms, term_totals, strict=True)}
             stop = (requested or signal.SIGTERM) if stops else None
             if not math.isfinite(value):
                 raise TrainingDiverged(
@@ -402,9 +411,13 @@ class Trainer:
             state["step"] += 1
             state["step_in_epoch"] += 1
             loss_sum, loss_count = loss_sum + value, loss_count + 1
+            for name, term in term_values.items():
+                term_sums[name] = term_sums.get(name, 0.0) + term
             images += batch["images"].shape[0] * self.world  # every rank's share of the global batch
             if state["step"] % 10 == 0:
                 writer.add_scalar(f"{self.name}/loss", value, state["step"])
+                for name, term in term_values.items():
+                    writer.add_scalar(f"{self.name}/loss_{name}", term, state["step"])
                 writer.add_scalar(f"{self.name}/lr", lr, state["step"])
                 for key, extra in (self.scalars(self.model) if self.scalars else {}).items():
                     writer.add_scalar(f"{self.name}/{key}", extra, state["step"])
@@ -425,6 +438,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         return {
             "train_loss": loss_sum / max(1, loss_count),
+            **{f"train_loss_{name}": total / max(1, loss_count) for name, total in term_sums.items()},
             "seconds": elapsed,
             "images_per_s": images / elapsed if elapsed > 0 else 0.0,
         }
