@@ -36,6 +36,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, seconds: float = 60.0) -> None:
+    """Poll the server's /healthz until it answers 200."""
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        try:
+            if httpx.get(url + "/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise SystemExit(f"the server at {url} did not answer /healthz within {seconds:.0f} s")
+
+
 def server_counters(url: str) -> tuple[int, int, float, int]:
     """(batches, images) the server's model has run so far, and (seconds, requests) of /v1/classify as the server
     measured them."""
@@ -123,12 +135,7 @@ def main() -> None:
     command += ["--threads", str(args.threads)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_healthy(url)
         asyncio.run(load(url, images, 4, 40, 30))  # warm-up
         rows = []
         for clients in args.concurrency:

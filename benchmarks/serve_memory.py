@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +22,7 @@ from pathlib import Path
 
 import httpx
 from PIL import Image
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve import free_port, wait_until_healthy  # benchmarks/serve.py, beside this script
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -57,12 +51,7 @@ def main() -> None:
     server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_healthy(url)
         idle = memory_mb(server.pid)["VmRSS"]
         statuses: Counter[int] = Counter()
         start = time.perf_counter()
