@@ -159,15 +159,23 @@ class CheckpointDir:
         }
         if old is not None and old["model_file"] != model_file:
             atomic_write_json(self.previous, {**old, "state_sha256": _state_digest(old)})
+            kept: dict[str, Any] | None = old
+        else:  # the same step saved again (a stage's end): the checkpoint before it stays the previous one
+            try:
+                kept = read_json(self.previous)
+            except (OSError, ValueError):  # none, or unreadable: nothing to keep for it
+                kept = None
         atomic_write_json(self.last, {**new, "state_sha256": _state_digest(new)})
-        kept, _ = self._problem(self.previous)
         keep = {model_file, train_file} | ({kept["model_file"], kept["train_file"]} if kept else set())
         for path in [*self.root.glob("model-s*.safetensors"), *self.root.glob("train-s*.safetensors")]:
             if path.name not in keep:
                 path.unlink(missing_ok=True)
 
-    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        state = self.read_state()
+    def restore(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Load a checkpoint: `state` as `read_state` gave it (checked already), or the newest intact one."""
+        state = state if state is not None else self.read_state()
         load_weights(self.root / state["model_file"], model)
         train_path = self.root / state["train_file"]
         try:

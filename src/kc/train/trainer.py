@@ -283,7 +283,7 @@ class Trainer:
                 )
             if saved.get("complete"):
                 return self._result(saved, 0)
-            state = self.ckpt.restore(self.model, optimizer)
+            state = self.ckpt.restore(self.model, optimizer, saved)
             if not self.main:  # the checkpoint holds rank 0's RNG
                 torch.manual_seed(self.seed + 7919 * self.rank + 104_729 * state["step"])
             resumed_from = state["step"]
