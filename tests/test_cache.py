@@ -68,15 +68,20 @@ def test_building_resumes_per_shard_and_rebuilds_only_stale_teachers(run, tmp_pa
             raise Crash
 
     with pytest.raises(Crash):
-        build_cache(run, models, digests, 3, torch.device("cpu"), on_shard=crash_after_first)
+        build_cache(run, models, digests, top_k=3, device=torch.device("cpu"), on_shard=crash_after_first)
     assert list(json.loads((cache_dir(run) / "index.json").read_text())["shards"]) == ["0"]
-    build_cache(run, models, digests, 3, torch.device("cpu"), on_shard=built.append)
+    build_cache(run, models, digests, top_k=3, device=torch.device("cpu"), on_shard=built.append)
     assert built == [0, 1, 2]  # the finished shard was not rebuilt
     files = {p.name: p.read_bytes() for p in cache_dir(run).glob("*.npy")}
 
     retrained = teachers(run, seed=1)
     build_cache(
-        run, [models[0], retrained[1], models[2]], ["a", "b2", "c"], 3, torch.device("cpu"), on_shard=built.append
+        run,
+        [models[0], retrained[1], models[2]],
+        ["a", "b2", "c"],
+        top_k=3,
+        device=torch.device("cpu"),
+        on_shard=built.append,
     )
     assert built[3:] == [1]  # only the teacher whose weights changed
     after = {p.name: p.read_bytes() for p in cache_dir(run).glob("*.npy")}
@@ -85,7 +90,7 @@ def test_building_resumes_per_shard_and_rebuilds_only_stale_teachers(run, tmp_pa
 
 
 def test_a_stale_or_short_cache_is_refused_with_the_fix(run):
-    build_cache(run, teachers(run), ["a", "b", "c"], 2, torch.device("cpu"))
+    build_cache(run, teachers(run), ["a", "b", "c"], top_k=2, device=torch.device("cpu"))
     with pytest.raises(CheckpointError, match="built from other specialist weights .*`kc cache-targets RUN`"):
         CachedTeachers(run, ["a", "B", "c"], 2, 1.0)
     with pytest.raises(CheckpointError, match="fewer than student.top_k=3 .* --top-k 3"):

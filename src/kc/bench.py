@@ -39,12 +39,10 @@ from kc.stages import (
     CONTROL,
     GENERALIST,
     STUDENT,
-    best_weights,
-    file_digest,
     load_specialists,
     load_stage,
     new_generalist_model,
-    specialist_dir,
+    specialist_digest,
 )
 from kc.train.common import ground_truth_loss, start_from_generalist
 from kc.train.student import cache_targets, student_loss
@@ -171,7 +169,7 @@ def training(run: Run, rounds: int) -> dict[str, Any]:
     cache_targets(run, progress=False)
     scfg = run.cfg.student
     device = torch.device("cpu")
-    digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(run.taxonomy.num_verticals)]
+    digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
     weights = torch.ones(run.taxonomy.num_verticals)
     cached = CachedTeachers(run, digests, scfg.top_k, scfg.temperature, scfg.unselected)
     online = OnlineTeachers(load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected)

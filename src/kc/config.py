@@ -166,6 +166,13 @@ class SpecialistConfig(TrainConfig):
         "(Hinton et al. 2015: 1.0, half and half)",
     )
     other_output: bool = Field(False, description="add an 'other' output, 1 on images of no class of the vertical")
+    folds: int = Field(
+        1,
+        ge=1,
+        description="cross-fitted teachers: with K > 1 the training images are split into K seeded folds and each "
+        "vertical gets K specialists, the f-th trained without fold f; every image is then taught by the one that "
+        "never saw it (out-of-fold targets, not a memorised copy of its label). Needs the soft-target cache",
+    )
 
 
 class SelfPacedConfig(_Strict):
@@ -297,6 +304,13 @@ class RunConfig(_Strict):
                 f"student.head.structure {head.structure} needs at least {needed} widths in model.head.hidden, "
                 f"which has {hidden}"
             )
+        if self.specialists.folds > 1 and self.student.teachers == "online":
+            raise ValueError(
+                "specialists.folds > 1 teaches each image by the specialist that never saw it, which the soft-target "
+                "cache does; set student.teachers to cache or auto"
+            )
+        if self.specialists.folds > 1 and head.init == "specialists":
+            raise ValueError("student.head.init 'specialists' needs one specialist per vertical (specialists.folds: 1)")
         if head.init == "specialists" and head.structure == "fc-fc":
             raise ValueError("student.head.init 'specialists' needs a structured head (fc-sc or sc-sc)")
         if head.shared_units and head.structure != "fc-sc":

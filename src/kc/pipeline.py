@@ -20,7 +20,7 @@ from kc.io import atomic_write_json, atomic_write_text, read_json
 from kc.jobs import run_shard_jobs
 from kc.models.accounting import accounting_tables, parameter_accounting
 from kc.run import Run
-from kc.stages import GENERALIST, STAGES, STUDENT, controls_to_train, specialist_dir
+from kc.stages import GENERALIST, STAGES, STUDENT, controls_to_train, specialist_dirs
 from kc.train.controls import TRAIN
 from kc.train.generalist import train_generalist
 from kc.train.specialists import train_specialists
@@ -30,7 +30,7 @@ from kc.train.trainer import stage_complete
 
 def _stage_dirs(run: Run, stage: str) -> list[Path]:
     if stage == "specialists":
-        return [specialist_dir(run, v) for v in range(run.taxonomy.num_verticals)]
+        return [d for v in range(run.taxonomy.num_verticals) for d in specialist_dirs(run, v)]
     if stage == "cache":
         return []
     return [run.stage_dir(stage)]
@@ -61,7 +61,8 @@ def run_pipeline(
         (GENERALIST, lambda: train_generalist(run, **kw)),
         ("specialists", specialists),
     ]
-    if run.cfg.student.teachers == "cache":  # resumes shard by shard; a complete cache costs a glance
+    # The cache resumes shard by shard; a complete one costs a glance. Cross-fitted teachers are read from it only.
+    if run.cfg.student.teachers == "cache" or run.cfg.specialists.folds > 1:
         stages.append(("cache", lambda: cache_targets(run, progress=progress)))
     for name in [STUDENT, *controls_to_train(run)]:
         stages.append((name, lambda name=name: TRAIN[name](run, **kw)))
@@ -99,7 +100,7 @@ def draw_plots(run: Run, result: dict[str, Any]) -> list[tuple[str, str]]:
     """RUN/plots/*.png; returns (title, path relative to the run) for each picture drawn."""
     out = run.dir / "plots"
     stages = {s.name: run.stage_dir(s.name) for s in STAGES}
-    stages.update({f"specialist #{v}": specialist_dir(run, v) for v in range(run.taxonomy.num_verticals)})
+    stages.update({f"specialist #{v}": specialist_dirs(run, v)[0] for v in range(run.taxonomy.num_verticals)})
     drawn = [
         ("Mean AP per vertical", plots.per_vertical_bars(result, run.taxonomy, out / "per_vertical_ap.png")),
         ("mAP against model size and speed", plots.map_vs_cost(result, out / "map_vs_cost.png")),

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from kc.data.splits import training_folds
 from kc.errors import CheckpointError
 from kc.io import read_json, sha256_file
-from kc.models.classifier import Classifier, build_classifier, restrict_outputs
+from kc.models.classifier import Classifier, LogitMean, build_classifier, restrict_outputs
 from kc.models.self_paced import SelfPacedScales
 from kc.models.structured import StructuredHead
 from kc.models.weights import load_weights
@@ -98,10 +100,30 @@ def controls_to_train(run: Run) -> list[str]:
     return [s.name for s in STAGES if s.control in kinds]
 
 
-def specialist_dir(run: Run, vertical: int) -> Path:
-    """RUN/specialists/<index>_<vertical id>, the id made safe for a file name (Open Images ids hold '/')."""
+def specialist_dir(run: Run, vertical: int, fold: int | None = None) -> Path:
+    """RUN/specialists/<index>_<vertical id>, the id made safe for a file name (Open Images ids hold '/'); a
+    cross-fitted specialist (specialists.folds > 1) in its fold_<f> below it."""
     vid = run.taxonomy.verticals[vertical].id
-    return run.dir / "specialists" / f"{vertical:03d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', vid)}"
+    base = run.dir / "specialists" / f"{vertical:03d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', vid)}"
+    return base if fold is None else base / f"fold_{fold}"
+
+
+def specialist_dirs(run: Run, vertical: int) -> list[Path]:
+    """The directories of a vertical's specialists: one, or one per fold."""
+    folds = run.cfg.specialists.folds
+    return [specialist_dir(run, vertical)] if folds == 1 else [specialist_dir(run, vertical, f) for f in range(folds)]
+
+
+def training_fold_of(run: Run) -> list[int]:
+    """The fold of each training image (`kc.data.splits.training_folds`): cross-fitted specialist f trains without
+    fold f, and teaches the images of fold f. All 0 without folds."""
+    train, scfg = run.splits["train"], run.cfg.specialists
+    return training_folds(train, scfg.folds, scfg.stage_seed(run.cfg.seed)) if scfg.folds > 1 else [0] * len(train)
+
+
+def specialist_digest(run: Run, vertical: int) -> str:
+    """What the student and the cache record of a vertical's specialists' weights (every fold's)."""
+    return "".join(file_digest(best_weights(d)) for d in specialist_dirs(run, vertical))
 
 
 def best_weights(stage_dir: Path) -> Path:
@@ -127,10 +149,15 @@ def new_specialist_model(run: Run, vertical: int) -> Classifier:
     return restrict_outputs(new_generalist_model(run), start, end, run.cfg.specialists.other_output)
 
 
-def load_specialists(run: Run) -> list[Classifier]:
-    return [
-        load_stage(run, specialist_dir(run, v), new_specialist_model(run, v)) for v in range(run.taxonomy.num_verticals)
-    ]
+def load_fold_specialists(run: Run, vertical: int) -> list[Classifier]:
+    """A vertical's trained specialists, one per fold (one, without folds)."""
+    return [load_stage(run, d, new_specialist_model(run, vertical)) for d in specialist_dirs(run, vertical)]
+
+
+def load_specialists(run: Run) -> list[nn.Module]:
+    """Each vertical's specialist; cross-fitted ones as the mean of their folds' logits (`LogitMean`)."""
+    models = [load_fold_specialists(run, v) for v in range(run.taxonomy.num_verticals)]
+    return [folds[0] if len(folds) == 1 else LogitMean(folds) for folds in models]
 
 
 def with_student_head(run: Run, model: Classifier) -> Classifier:

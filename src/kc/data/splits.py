@@ -26,3 +26,9 @@ def assign_splits(samples: list[Sample], val: float, test: float, seed: int) -> 
         u = split_unit(seed, s.path)
         out.append(s.with_split("test" if u < test else "val" if u < test + val else "train"))
     return out
+
+
+def training_folds(samples: list[Sample], folds: int, seed: int) -> list[int]:
+    """The fold (0 .. folds-1) of each training sample, for cross-fitted specialists. Like the split, decided by a
+    hash of (seed, path), so that adding images never moves an existing one to another fold."""
+    return [min(folds - 1, int(split_unit(seed, f"fold:{s.path}") * folds)) for s in samples]

@@ -110,17 +110,21 @@ def write_index(run: Run) -> dict[str, Any]:
 
 def build_cache(
     run: Run,
-    teachers: list[torch.nn.Module | None],
+    teachers: list[torch.nn.Module | list[torch.nn.Module] | None],
     specialist_digests: list[str],
+    *,
     top_k: int,
     device: torch.device,
+    fold_of: list[int] | None = None,
     batch_size: int = 256,
     progress: bool = False,
     on_shard: Callable[[int], None] | None = None,
     verticals: list[int] | None = None,
 ) -> dict[str, Any]:
     """Write (or complete) the cache's shards for `verticals` (default: all); a shard already built from the same
-    teacher, K, classes, images and preprocessing is kept. `teachers[v]` is vertical v's specialist."""
+    teacher, K, classes, images and preprocessing is kept. `teachers[v]` is vertical v's specialist, or its
+    cross-fitted specialists, one per fold: then training image i is taught by `teachers[v][fold_of[i]]`, the
+    one that was trained without it."""
     out = cache_dir(run)
     out.mkdir(parents=True, exist_ok=True)
     base = base_fingerprint(run)
@@ -133,7 +137,8 @@ def build_cache(
         with DirectoryLock(out, what, name=_shard_prefix(v)):
             if _is_current(read_shards(run).get(v), wanted):  # finished by another process since the read above
                 continue
-            _write_shard(run, v, teachers[v], wanted, top_k, device, batch_size, progress)
+            members = teachers[v] if isinstance(teachers[v], list) else [teachers[v]]
+            _write_shard(run, v, members, fold_of, wanted, top_k, device, batch_size, progress)
         write_index(run)
         if on_shard is not None:
             on_shard(v)
@@ -147,36 +152,43 @@ def _is_current(shard: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
 def _write_shard(
     run: Run,
     v: int,
-    teacher: torch.nn.Module | None,
+    members: list[torch.nn.Module | None],
+    fold_of: list[int] | None,
     wanted: dict[str, Any],
     top_k: int,
     device: torch.device,
     batch_size: int,
     progress: bool,
 ) -> None:
-    """Vertical v's shard: its teacher's top-K logits over the vertical's training images."""
+    """Vertical v's shard: its teacher's top-K logits over the vertical's training images (each image's from the
+    member of its fold, when the teachers are cross-fitted)."""
     out = cache_dir(run)
     train = run.splits["train"]
     (out / f"{_shard_prefix(v)}.json").unlink(missing_ok=True)  # the shard is stale from here on
     start, end = run.taxonomy.vertical_ranges[v]
     rows = np.array([i for i, s in enumerate(train) if any(start <= c < end for c in s.labels)], dtype=np.int64)
+    if len(members) > 1 and fold_of is None:
+        raise ValueError(f"vertical {v}: {len(members)} cross-fitted teachers need the training images' folds")
+    row_folds = np.zeros(len(rows), dtype=np.int64) if len(members) == 1 else np.asarray(fold_of)[rows]
     k = min(top_k, end - start)
     logits = np.zeros((len(rows), k), dtype=np.float32)
     classes = np.zeros((len(rows), k), dtype=np.int32)
-    dataset = ImageDataset([train[i] for i in rows], run.image_root, run.cfg.data, train=False)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=run.cfg.data.num_workers)
-    assert teacher is not None, f"no teacher given for vertical {v}"
-    teacher.eval().to(device)
-    done = 0
-    desc = f"caching teacher {run.taxonomy.verticals[v].id}"
-    with torch.no_grad():
-        for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
-            z = teacher(batch["images"].to(device)).float().cpu()
-            top = z[:, : end - start].topk(k, dim=1)
-            n = len(z)
-            logits[done : done + n] = top.values.numpy()
-            classes[done : done + n] = top.indices.numpy()
-            done += n
+    for fold, teacher in enumerate(members):
+        assert teacher is not None, f"no teacher given for vertical {v}"
+        picked = np.flatnonzero(row_folds == fold)
+        dataset = ImageDataset([train[i] for i in rows[picked]], run.image_root, run.cfg.data, train=False)
+        loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=run.cfg.data.num_workers)
+        teacher.eval().to(device)
+        done = 0
+        desc = f"caching teacher {run.taxonomy.verticals[v].id}" + (f" fold {fold}" if len(members) > 1 else "")
+        with torch.no_grad():
+            for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
+                z = teacher(batch["images"].to(device)).float().cpu()
+                top = z[:, : end - start].topk(k, dim=1)
+                where = picked[done : done + len(z)]
+                logits[where] = top.values.numpy()
+                classes[where] = top.indices.numpy()
+                done += len(z)
     prefix = _shard_prefix(v)
     _save_npy(out / f"{prefix}.rows.npy", rows)
     _save_npy(out / f"{prefix}.logits.npy", logits)

@@ -139,7 +139,7 @@ def compare(run: Run, split: str = "test", progress: bool = False) -> dict[str, 
         oracle[:, start:end] = scores[:, : end - start]
         spec_seconds += seconds
         spec_params += count_parameters(model)
-    K = len(specialists)
+    K = len(specialists) * run.cfg.specialists.folds  # networks: cross-fitted verticals run every fold's
     add("specialists_oracle", ORACLE, oracle, spec_params, K, spec_seconds)
     for start, end in run.taxonomy.vertical_ranges:  # the ensemble, in place: gated by the generalist
         oracle[:, start:end] *= gen_scores[:, start:end].max(axis=1, keepdims=True)

@@ -45,6 +45,7 @@ def head_structures(hidden: list[int], configured: tuple[str, int]) -> list[tupl
 def parameter_accounting(cfg: RunConfig, taxonomy: Taxonomy) -> dict[str, Any]:
     """The parameters of the generalist, student, control and specialists, and of each head structure."""
     hidden, N, M = cfg.model.head.hidden, taxonomy.num_classes, taxonomy.num_verticals
+    K = cfg.specialists.folds  # cross-fitted: K specialists per vertical
     sizes = [taxonomy.vertical_size(v) for v in range(M)]
     with torch.device("meta"):
         backbone = create_backbone(cfg.model.model_copy(update={"pretrained": None}))
@@ -78,12 +79,12 @@ def parameter_accounting(cfg: RunConfig, taxonomy: Taxonomy) -> dict[str, Any]:
         ("student", student_head["head"], backbone_params, student_head_params, scale_params, 1),
         ("control", student_head["head"], backbone_params, student_head_params, 0, 1),
         (
-            f"specialists ({M}, together)",
+            f"specialists ({M * K}, together)",
             f"{structures[0]['head']} each",
-            M * backbone_params,
-            sum(w + b for w, b in specialist_heads),
+            M * K * backbone_params,
+            K * sum(w + b for w, b in specialist_heads),
             0,
-            M,
+            M * K,
         ),
     ]
     generalist_total = backbone_params + dense

@@ -149,3 +149,15 @@ def restrict_outputs(model: Classifier, start: int, end: int, other_output: bool
         new.bias[: end - start].copy_(old.bias[start:end])
     specialist.head.out = new
     return specialist
+
+
+class LogitMean(nn.Module):
+    """Several models of the same outputs as one: the mean of their logits. A vertical's cross-fitted specialists
+    (specialists.folds > 1), each trained without one fold of the images, score val and test images together."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)

@@ -23,7 +23,12 @@ from kc.run import Run
 from kc.stages import CONTROL, GROUND_TRUTH, SELF_DISTILLATION, STUDENT, TOTAL_COMPUTE, specialist_dir
 from kc.train.checkpoint import CheckpointDir
 from kc.train.generalist import train_on_ground_truth
-from kc.train.specialists import specialist_samples, vertical_members
+from kc.train.specialists import (
+    fold_training_samples,
+    specialist_folds,
+    specialist_training_samples,
+    vertical_members,
+)
 from kc.train.student import scale_scalars, train_self_distillation, train_student
 from kc.train.trainer import EpochBatches, TrainResult, stage_complete
 
@@ -48,16 +53,12 @@ def total_compute_epochs(run: Run) -> int:
     """Epochs of the control's batch that hold as many image-steps as every specialist and the student together
     took (the generalist's own are shared by every model, so they cancel)."""
     train, tax, scfg = run.splits["train"], run.taxonomy, run.cfg.specialists
-    members = vertical_members(train, tax.vertical_of_class, tax.num_verticals)
-    seed = scfg.stage_seed(run.cfg.seed)
-    specialists = sum(
-        image_steps(
-            specialist_dir(run, v),
-            len(specialist_samples(train, a, b, scfg.negatives_per_image, seed, members[v])),
-            scfg,
-        )
-        for v, (a, b) in enumerate(tax.vertical_ranges)
-    )
+    specialists = 0
+    for fold in specialist_folds(run):  # cross-fitted: every fold's specialists count
+        members = vertical_members(fold_training_samples(run, fold), tax.vertical_of_class, tax.num_verticals)
+        for v in range(tax.num_verticals):
+            samples = len(specialist_training_samples(run, v, fold, members[v]))
+            specialists += image_steps(specialist_dir(run, v, fold), samples, scfg)
     spent = specialists + image_steps(run.stage_dir(STUDENT), len(train), run.cfg.student)
     control = control_config(run)
     per_epoch = EpochBatches.per_epoch(len(train), control.batch_size) * min(control.batch_size, len(train))

@@ -4,6 +4,10 @@ Each specialist keeps the generalist's backbone and hidden layers and the rows o
 vertical's classes (optionally plus an 'other' output). Its training set is every training image with a label in
 the vertical plus, as all-negative examples, `negatives_per_image` times as many images of other verticals, drawn
 once with the run's seed (Hinton et al. 2015 used half and half).
+
+Cross-fitted (specialists.folds K > 1): each vertical gets K specialists, the f-th trained on the training images
+outside fold f (`kc.stages.training_fold_of`), so that the soft-target cache can teach every image by one that
+never saw it.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from kc.distributed import resolve_device
 from kc.errors import KCError
 from kc.models.classifier import restrict_outputs
 from kc.run import Run
-from kc.stages import GENERALIST, best_weights, file_digest, load_stage, new_generalist_model, specialist_dir
+from kc.stages import (
+    GENERALIST,
+    best_weights,
+    file_digest,
+    load_stage,
+    new_generalist_model,
+    specialist_dir,
+    training_fold_of,
+)
 from kc.train.common import validation_fn
 from kc.train.trainer import LossFn, Trainer, TrainResult
 
@@ -74,35 +86,62 @@ def vertical_number(run: Run, vertical: str) -> int:
     return run.taxonomy.vertical_index[vertical]
 
 
+def fold_training_samples(run: Run, fold: int | None) -> list[Sample]:
+    """What a specialist of fold `fold` trains on: the training split without that fold's images (the whole split
+    for fold None, without folds)."""
+    train = run.splits["train"]
+    if fold is None:
+        return train
+    return [s for s, f in zip(train, training_fold_of(run), strict=True) if f != fold]
+
+
+def specialist_folds(run: Run) -> list[int | None]:
+    """The folds each vertical has a specialist for: [None] without folds, else 0 .. folds-1."""
+    folds = run.cfg.specialists.folds
+    return [None] if folds == 1 else list(range(folds))
+
+
+def specialist_training_samples(run: Run, vertical: int, fold: int | None, own: np.ndarray | None = None):
+    """The images one specialist trains on (`specialist_samples` of its fold's training images)."""
+    scfg = run.cfg.specialists
+    start, end = run.taxonomy.vertical_ranges[vertical]
+    train = fold_training_samples(run, fold)
+    return specialist_samples(train, start, end, scfg.negatives_per_image, scfg.stage_seed(run.cfg.seed), own)
+
+
 def train_specialist(
     run: Run,
     vertical: int,
+    fold: int | None = None,
     *,
     progress: bool = True,
     verbose: bool = True,
     on_step: Callable[[int], None] | None = None,
     own: np.ndarray | None = None,
 ) -> TrainResult:
-    """One vertical's specialist; `own` as in `specialist_samples`."""
+    """One vertical's specialist (of fold `fold`, when cross-fitted); `own` as in `specialist_samples`, indices
+    into the fold's training images."""
     cfg, scfg = run.cfg, run.cfg.specialists
     start, end = run.taxonomy.vertical_ranges[vertical]
     device = resolve_device(cfg.device)
     generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
     model = restrict_outputs(generalist, start, end, scfg.other_output)
     seed = scfg.stage_seed(cfg.seed)
-    samples = specialist_samples(run.splits["train"], start, end, scfg.negatives_per_image, seed, own)
-    name = f"specialist {run.taxonomy.verticals[vertical].id}"
+    samples = specialist_training_samples(run, vertical, fold, own)
+    name = f"specialist {run.taxonomy.verticals[vertical].id}" + ("" if fold is None else f" fold {fold}")
     train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed + vertical)
     trainer = Trainer(
         model,
         scfg,
-        specialist_dir(run, vertical),
+        specialist_dir(run, vertical, fold),
         train_set,
         specialist_loss(start, end, run.taxonomy.num_classes, scfg.other_output),
         validation_fn(run, device, scfg.eval_batch_size, classes=(start, end)),
         seed=seed + vertical,
         device=device,
-        fingerprint=f"{run.taxonomy.fingerprint()}:{vertical}:" + file_digest(best_weights(run.stage_dir(GENERALIST))),
+        fingerprint=f"{run.taxonomy.fingerprint()}:{vertical}:"
+        + ("" if fold is None else f"fold {fold}/{scfg.folds}:")
+        + file_digest(best_weights(run.stage_dir(GENERALIST))),
         num_workers=cfg.data.num_workers,
         progress=progress,
         verbose=verbose,
@@ -141,10 +180,11 @@ def train_specialists(
     else:
         verticals = list(range(run.taxonomy.num_verticals))
     tax = run.taxonomy
-    members = vertical_members(run.splits["train"], tax.vertical_of_class, tax.num_verticals)
-    return {
-        tax.verticals[v].id: train_specialist(
-            run, v, progress=progress, verbose=verbose, on_step=on_step, own=members[v]
-        )
-        for v in verticals
-    }
+    results = {}
+    for fold in specialist_folds(run):
+        members = vertical_members(fold_training_samples(run, fold), tax.vertical_of_class, tax.num_verticals)
+        for v in verticals:
+            key = tax.verticals[v].id + ("" if fold is None else f"/fold_{fold}")
+            kw = {"progress": progress, "verbose": verbose, "on_step": on_step, "own": members[v]}
+            results[key] = train_specialist(run, v, fold, **kw)
+    return results

@@ -21,11 +21,12 @@ from kc.stages import (
     STUDENT,
     best_weights,
     file_digest,
+    load_fold_specialists,
     load_specialists,
     load_stage,
     new_generalist_model,
-    new_specialist_model,
-    specialist_dir,
+    specialist_digest,
+    training_fold_of,
 )
 from kc.train.common import start_from_generalist, validation_fn
 from kc.train.trainer import LossFn, Trainer, TrainResult
@@ -84,15 +85,23 @@ def cache_targets(
     """`kc cache-targets`: run every specialist (or those of `verticals`) once over its vertical's training images;
     keep its top-K logits. Under torchrun each rank builds every world_size-th of them."""
     device = resolve_device(run.cfg.device)
-    digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(run.taxonomy.num_verticals)]
+    digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
     chosen = list(range(run.taxonomy.num_verticals) if verticals is None else verticals)
     chosen = chosen[distributed.rank() :: distributed.world_size()]
-    teachers = [None] * run.taxonomy.num_verticals
+    teachers: list[list[nn.Module] | None] = [None] * run.taxonomy.num_verticals
     for v in chosen:
-        teachers[v] = load_stage(run, specialist_dir(run, v), new_specialist_model(run, v))
-    k = top_k or run.cfg.student.top_k
-    progress = progress and distributed.is_main()
-    build_cache(run, teachers, digests, k, device, run.cfg.student.eval_batch_size, progress, None, chosen)
+        teachers[v] = load_fold_specialists(run, v)
+    build_cache(
+        run,
+        teachers,
+        digests,
+        top_k=top_k or run.cfg.student.top_k,
+        device=device,
+        fold_of=training_fold_of(run),
+        batch_size=run.cfg.student.eval_batch_size,
+        progress=progress and distributed.is_main(),
+        verticals=chosen,
+    )
     distributed.barrier()  # every rank's shards are written
     return distributed.on_main(lambda: write_index(run))
 
@@ -100,8 +109,9 @@ def cache_targets(
 def teacher_mode(run: Run) -> str:
     """online or cache: student.teachers, with auto resolved by whether RUN/cache holds a cache."""
     mode = run.cfg.student.teachers
-    if mode == "auto":
-        return "cache" if (cache_dir(run) / INDEX).is_file() else "online"
+    if mode == "auto":  # cross-fitted teachers (specialists.folds > 1) are read from the cache only
+        has_cache = (cache_dir(run) / INDEX).is_file() or run.cfg.specialists.folds > 1
+        return "cache" if has_cache else "online"
     return mode
 
 
@@ -112,7 +122,7 @@ def train_student(
     scfg = run.cfg.student
     device = resolve_device(run.cfg.device)
     mode = teacher_mode(run)
-    digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(run.taxonomy.num_verticals)]
+    digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
     if mode == "cache":
         teachers: Teachers = CachedTeachers(run, digests, scfg.top_k, scfg.temperature, scfg.unselected).to(device)
     else:
