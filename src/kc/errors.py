@@ -5,6 +5,9 @@ Messages name the file, line, key or class at fault and say how to fix it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class KCError(Exception):
     """Base of all user-facing errors."""
@@ -32,3 +35,12 @@ def format_problems(header: str, problems: list[str], limit: int = 20) -> str:
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more")
     return "\n".join(lines)
+
+
+@contextmanager
+def utf8_required(path: object, error: type[KCError]) -> Iterator[None]:
+    """Reading `path` inside this block: a byte sequence that is not UTF-8 becomes `error`, naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a read); save it as UTF-8") from None

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from kc.errors import TaxonomyError, format_problems
+from kc.errors import TaxonomyError, format_problems, utf8_required
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,8 @@ class Taxonomy:
         path = Path(path)
         if not path.is_file():
             raise TaxonomyError(f"{path}: taxonomy file not found; check the path in your config")
-        text = path.read_text(encoding="utf-8")
+        with utf8_required(path, TaxonomyError):
+            text = path.read_text(encoding="utf-8")
         try:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (json.JSONDecodeError, yaml.YAMLError) as exc:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kc.errors import DataError
+from kc.errors import DataError, format_problems, utf8_required
 from kc.io import atomic_write_text
 from kc.taxonomy import ClassInfo, Taxonomy, Vertical
 
@@ -39,7 +39,7 @@ class ImportReport:
 
 def read_descriptions(path: Path) -> dict[str, str]:
     names: dict[str, str] = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8") as f, utf8_required(path, DataError):
         for number, row in enumerate(csv.reader(f), 1):
             if not row:
                 continue
@@ -58,7 +58,24 @@ def _nodes(path: Path) -> dict[str, Any]:
         raise DataError(f"{path}: cannot read the hierarchy JSON: {exc}") from None
     if not isinstance(root, dict) or "LabelName" not in root:
         raise DataError(f"{path}: the hierarchy must be an object with 'LabelName' (and 'Subcategory')")
+    problems: list[str] = []
+    _check_node(root, "the root", problems)
+    if problems:
+        raise DataError(format_problems(f"{path}: {len(problems)} problem(s) in the hierarchy:", problems))
     return root
+
+
+def _check_node(node: Any, where: str, problems: list[str]) -> None:
+    """Every node an object with a non-empty string 'LabelName' and, optionally, a 'Subcategory' list of nodes."""
+    if not isinstance(node, dict) or not isinstance(node.get("LabelName"), str) or not node["LabelName"]:
+        problems.append(f"{where}: needs an object with a non-empty string 'LabelName'")
+        return
+    children = node.get("Subcategory", [])
+    if not isinstance(children, list):
+        problems.append(f"{where} ({node['LabelName']}): 'Subcategory' must be a list of nodes")
+        return
+    for i, child in enumerate(children):
+        _check_node(child, f"{node['LabelName']}.Subcategory[{i}]", problems)
 
 
 def hierarchy_taxonomy(
@@ -118,7 +135,7 @@ def import_openimages(
     report = ImportReport()
     per_image: dict[str, dict[str, Any]] = {}
     for path, split in label_files:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8") as f, utf8_required(path, DataError):
             reader = csv.DictReader(f)
             needed = {"ImageID", "LabelName", "Confidence"}
             if not needed <= set(reader.fieldnames or []):

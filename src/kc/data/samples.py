@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kc.errors import DataError, format_problems
+from kc.errors import DataError, format_problems, utf8_required
 from kc.taxonomy import ClassInfo, Taxonomy, Vertical
 
 SPLITS = ("train", "val", "test")
@@ -39,7 +39,8 @@ class Sample:
 def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ancestors: bool = False) -> list[Sample]:
     if not path.is_file():
         raise DataError(f"{path}: manifest not found; check 'data.manifest' in your config")
-    rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
+    with utf8_required(path, DataError):
+        rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_csv(path)
     problems: list[str] = []
     samples: list[Sample] = []
     seen: dict[str, str] = {}

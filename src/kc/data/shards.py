@@ -159,8 +159,8 @@ def _shard_samples(tar_path: Path, taxonomy: Taxonomy, problems: list[str], expa
                 f = tar.extractfile(m)
                 try:
                     labels[key] = json.loads(f.read()) if f is not None else {}
-                except json.JSONDecodeError as exc:
-                    problems.append(f"{tar_path}:{m.name}: not valid JSON ({exc.msg})")
+                except ValueError as exc:  # not JSON, or not UTF-8 text
+                    problems.append(f"{tar_path}:{m.name}: not valid JSON ({exc})")
             elif f".{ext.rsplit('.', 1)[-1]}" in IMAGE_SUFFIXES:
                 images[key] = m.name
     ancestors = expand_ancestors and taxonomy.ancestors
