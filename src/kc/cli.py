@@ -218,6 +218,55 @@ def import_fashion_mnist_cmd(
     typer.echo(f"wrote {manifest} and {out / 'taxonomy.json'} ({describe(out)} images)")
 
 
+Triple = tuple[float, float, float]
+
+
+@app.command("convert-weights")
+@user_errors
+def convert_weights_cmd(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="a checkpoint (.pth/.pt read with weights_only=True, or .safetensors)")
+    ],
+    out: Annotated[Path, typer.Argument(help="the model folder to write (config.json + model.safetensors)")],
+    architecture: Annotated[str, typer.Option(help="the timm architecture the checkpoint is a port of")],
+    num_classes: Annotated[
+        int | None, typer.Option(help="its classifier's outputs [default: the architecture's]")
+    ] = None,
+    mean: Annotated[
+        tuple[float, float, float] | None, typer.Option(help="input mean it was trained with (0-1 scale)")
+    ] = None,
+    std: Annotated[
+        tuple[float, float, float] | None, typer.Option(help="input std it was trained with (0-1 scale)")
+    ] = None,
+    input_size: Annotated[int | None, typer.Option(help="input side it was trained at")] = None,
+    interpolation: Annotated[str | None, typer.Option(help="bilinear or bicubic")] = None,
+    license: Annotated[str | None, typer.Option(help="the weights' licence, recorded in config.json")] = None,
+) -> None:
+    """A foreign checkpoint -> a model folder in timm's layout, for model.backbone: local-dir:OUT. Every tensor's
+    name is mapped and its shape checked; the preprocessing defaults to the architecture's."""
+    from kc.models.convert import convert_checkpoint
+
+    if interpolation not in (None, "bilinear", "bicubic"):
+        raise KCError(f"--interpolation: '{interpolation}' is not bilinear or bicubic")
+    config = convert_checkpoint(
+        checkpoint,
+        out,
+        architecture,
+        num_classes=num_classes,
+        mean=mean,
+        std=std,
+        input_size=input_size,
+        interpolation=interpolation,
+        license=license,
+    )
+    cfg = config["pretrained_cfg"]
+    typer.echo(
+        f"wrote {out}: {config['architecture']}, {config['num_classes']} classes, tensors paired by "
+        f"{config['converted_from']['paired_by']}; input {cfg.get('input_size')}, mean {cfg.get('mean')}, "
+        f"std {cfg.get('std')}\nuse it with model: {{backbone: 'local-dir:{out}'}}"
+    )
+
+
 @app.command("import-openimages")
 @user_errors
 def import_openimages_cmd(

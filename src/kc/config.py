@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kc.errors import ConfigError, utf8_required
+from kc.hub_layout import LOCAL_DIR, local_dir_config
 
 
 class _Strict(BaseModel):
@@ -58,6 +59,9 @@ class DataConfig(_Strict):
     image_size: int = Field(32, ge=8)
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    interpolation: Literal["bilinear", "bicubic"] = Field(
+        "bilinear", description="how images are resized to image_size (a local-dir backbone's pretrained_cfg sets it)"
+    )
     augment: AugmentConfig = AugmentConfig()
     bad_images: Literal["fail", "skip"] = Field(
         "fail", description="unreadable images: fail before training, or skip them and count them"
@@ -88,7 +92,12 @@ class HeadConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    backbone: str = Field("kc_convnet", description="any timm model name; kc_convnet is a small CPU-friendly CNN")
+    backbone: str = Field(
+        "kc_convnet",
+        description="any timm model name (kc_convnet is a small CPU-friendly CNN), or local-dir:PATH, a folder with "
+        "config.json and model.safetensors in timm's layout (kc convert-weights writes one): its pretrained weights, "
+        "and its preprocessing for every data.mean, std, image_size and interpolation not set",
+    )
     backbone_args: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the backbone")
     pretrained: Path | None = Field(None, description="local backbone weights (.safetensors, or .pt/.pth)")
     head: HeadConfig = HeadConfig()
@@ -339,7 +348,41 @@ def _absolutise(cfg: RunConfig, base: Path) -> RunConfig:
         d.image_root, d.taxonomy = d.shards, d.taxonomy or d.shards / "taxonomy.json"
     d.image_root = fix(d.image_root) if d.image_root else (d.manifest.parent if d.manifest else None)
     cfg.model.pretrained = fix(cfg.model.pretrained)
+    if cfg.model.backbone.startswith(LOCAL_DIR):
+        cfg.model.backbone = LOCAL_DIR + str(fix(Path(cfg.model.backbone[len(LOCAL_DIR) :])))
     return cfg
+
+
+def _follow_pretrained_cfg(cfg: RunConfig) -> RunConfig:
+    """A local-dir backbone's preprocessing (its config.json's pretrained_cfg) for each of data.mean, std,
+    image_size and interpolation the config does not set, as timm's resolve_data_config does."""
+    folder = local_dir_config(cfg.model.backbone)
+    if folder is None:
+        return cfg
+    if cfg.model.pretrained is not None:
+        raise ConfigError("model.pretrained: a local-dir backbone brings its own weights; remove model.pretrained")
+    pretrained, d = folder.get("pretrained_cfg", {}), cfg.data
+    given = d.model_fields_set
+    try:
+        if "mean" not in given and "mean" in pretrained:
+            d.mean = _triple(pretrained["mean"])
+        if "std" not in given and "std" in pretrained:
+            d.std = _triple(pretrained["std"])
+        if "image_size" not in given and "input_size" in pretrained:
+            d.image_size = int(pretrained["input_size"][-1])
+    except (TypeError, ValueError, IndexError, KeyError):
+        where = cfg.model.backbone[len(LOCAL_DIR) :]
+        raise ConfigError(
+            f"{where}/config.json: pretrained_cfg mean and std must be 3 numbers, input_size [3, H, W]"
+        ) from None
+    if "interpolation" not in given and pretrained.get("interpolation") in ("bilinear", "bicubic"):
+        d.interpolation = pretrained["interpolation"]
+    return cfg
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    a, b, c = (float(x) for x in values)
+    return (a, b, c)
 
 
 def _describe(errors: list[dict[str, Any]], source: str) -> str:
@@ -362,7 +405,7 @@ def config_from_dict(data: Any, source: str = "<config>", base: Path | None = No
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc.errors(), source)) from None
-    return _absolutise(cfg, base or Path.cwd())
+    return _follow_pretrained_cfg(_absolutise(cfg, base or Path.cwd()))
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:

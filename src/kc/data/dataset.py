@@ -23,7 +23,7 @@ class ImageDataset(Dataset):
     def __init__(self, samples: list[Sample], image_root: Path, cfg: DataConfig, train: bool, seed: int = 0):
         self.samples = samples
         self.image_root = image_root
-        self.preprocess = Preprocess(cfg.image_size, cfg.mean, cfg.std)
+        self.preprocess = Preprocess(cfg.image_size, cfg.mean, cfg.std, cfg.interpolation)
         self.size = cfg.image_size
         self.augment = cfg.augment if train else None
         self.seed = seed

@@ -11,6 +11,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -90,12 +91,14 @@ class Preprocess:
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # or bicubic
 
     def to_unit(self, img: Image.Image) -> torch.Tensor:
         """(3, size, size) floats in [0, 1], before normalisation (training augments here)."""
         x = TF.pil_to_tensor(img)
         if x.shape[-2:] != (self.size, self.size):
-            x = TF.center_crop(TF.resize(x, self.size, antialias=True), [self.size, self.size])
+            how = InterpolationMode(self.interpolation)
+            x = TF.center_crop(TF.resize(x, self.size, interpolation=how, antialias=True), [self.size, self.size])
         return x.float().div_(255.0)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:

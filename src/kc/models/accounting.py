@@ -48,7 +48,7 @@ def parameter_accounting(cfg: RunConfig, taxonomy: Taxonomy) -> dict[str, Any]:
     K = cfg.specialists.folds  # cross-fitted: K specialists per vertical
     sizes = [taxonomy.vertical_size(v) for v in range(M)]
     with torch.device("meta"):
-        backbone = create_backbone(cfg.model.model_copy(update={"pretrained": None}))
+        backbone = create_backbone(cfg.model, with_weights=False)
         s_b = backbone.num_features
         backbone_params = sum(p.numel() for p in backbone.parameters())
 

@@ -17,6 +17,7 @@ import kc.data.features  # noqa: F401  (registers kc_features with timm)
 import kc.models.convnet  # noqa: F401  (registers kc_convnet with timm)
 from kc.config import ModelConfig
 from kc.errors import CheckpointError, ConfigError
+from kc.hub_layout import local_dir_config
 from kc.models.heads import DenseHead
 
 
@@ -78,8 +79,14 @@ class Classifier(nn.Module):
         return columns, per_block
 
 
-def create_backbone(cfg: ModelConfig) -> nn.Module:
-    """A timm model by name with its classifier removed (num_classes=0): it returns pooled features."""
+def create_backbone(cfg: ModelConfig, with_weights: bool = True) -> nn.Module:
+    """A timm model by name, or a local-dir:PATH folder (with its weights), with its classifier removed
+    (num_classes=0): it returns pooled features. `with_weights` False: the architecture only."""
+    if local_dir_config(cfg.backbone) is not None:
+        try:
+            return timm.create_model(cfg.backbone, pretrained=with_weights, num_classes=0, **cfg.backbone_args)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"model.backbone {cfg.backbone}: cannot be loaded by timm: {exc}") from None
     if not timm.is_model(cfg.backbone):
         close = timm.list_models(f"*{cfg.backbone.split('_')[0]}*")[:8]
         raise ConfigError(
@@ -90,7 +97,7 @@ def create_backbone(cfg: ModelConfig) -> nn.Module:
         backbone = timm.create_model(cfg.backbone, pretrained=False, num_classes=0, **cfg.backbone_args)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"model.backbone_args: not accepted by '{cfg.backbone}': {exc}") from None
-    if cfg.pretrained is not None:
+    if cfg.pretrained is not None and with_weights:
         load_backbone_weights(backbone, cfg.pretrained)
     return backbone
 

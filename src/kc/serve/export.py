@@ -106,7 +106,12 @@ def export_stage(
             "sha256": sha256_file(model_file),  # checked by every reader (kc.serve.runtime.open_model)
             "stage": stage,
             "activation": activation(stage, loss),
-            "preprocess": {"size": run.cfg.data.image_size, "mean": run.cfg.data.mean, "std": run.cfg.data.std},
+            "preprocess": {
+                "size": run.cfg.data.image_size,
+                "mean": run.cfg.data.mean,
+                "std": run.cfg.data.std,
+                "interpolation": run.cfg.data.interpolation,
+            },
             "classes": run.taxonomy.num_classes,
             "verticals": run.taxonomy.num_verticals,
             "source": {"run": str(run.dir), "weights": str(weights), "sha256_16": digest},

@@ -38,6 +38,7 @@ def model_card(run: Run, manifest: dict[str, Any], metrics: dict[str, Any] | Non
     )
     parity = manifest.get("parity", {})
     p = manifest["preprocess"]
+    resize = p.get("interpolation", "bilinear")
     parts = [
         f"# Model card: kc {manifest['stage']} ({manifest['format']})",
         "## What it is",
@@ -53,8 +54,9 @@ def model_card(run: Run, manifest: dict[str, Any], metrics: dict[str, Any] | Non
         "## Evaluation",
         "\n".join(_metrics_section(manifest["stage"], metrics)),
         "## Use",
-        f"Input: RGB images, shorter side resized to {p['size']} and centre-cropped to {p['size']}x{p['size']}, "
-        f"scaled to [0, 1], normalised with mean {list(p['mean'])} and std {list(p['std'])}; tensor (B, 3, "
+        f"Input: RGB images, shorter side resized ({resize}) to {p['size']} and centre-cropped to "
+        f"{p['size']}x{p['size']}, scaled to [0, 1], normalised with mean {list(p['mean'])} and std "
+        f"{list(p['std'])}; tensor (B, 3, "
         f"{p['size']}, {p['size']}) named `images`; output `logits` (B, {taxonomy.num_classes}). "
         "`kc predict` and `kc serve` do all of this given this directory.",
         f"Export check: the {manifest['format']} network matched the PyTorch model on "

@@ -102,7 +102,7 @@ def open_model(path: Path, stage: str = "student", threads: int | None = None) -
                 module = torch.jit.load(str(model_file), map_location="cpu").eval()
             run_fn = _torch_runner(module, threads)
         p = manifest["preprocess"]
-        preprocess = Preprocess(int(p["size"]), tuple(p["mean"]), tuple(p["std"]))
+        preprocess = Preprocess(int(p["size"]), tuple(p["mean"]), tuple(p["std"]), p.get("interpolation", "bilinear"))
         return LoadedModel(
             run_fn, taxonomy, preprocess, manifest["activation"], f"{manifest['format']} export {path}", threads
         )
@@ -124,5 +124,5 @@ def _open_run_stage(run_dir: Path, stage: str, threads: int) -> LoadedModel:
     run = Run(cfg, run_dir.resolve(), taxonomy, Path("."), {})
     model = load_stage(run, run.stage_dir(stage), new_model(run, stage)).eval()
     how = activation(stage, cfg.generalist.loss)
-    preprocess = Preprocess(cfg.data.image_size, cfg.data.mean, cfg.data.std)
+    preprocess = Preprocess(cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.data.interpolation)
     return LoadedModel(_torch_runner(model, threads), taxonomy, preprocess, how, f"{stage} of run {run_dir}", threads)
