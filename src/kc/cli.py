@@ -618,18 +618,23 @@ def discover_verticals_cmd(
 @user_errors
 def export_cmd(
     run_dir: Annotated[Path, typer.Argument(help="run directory (or its config)")],
-    format_: Annotated[str, typer.Option("--format", help="onnx | torchscript")] = "onnx",
+    format_: Annotated[
+        str, typer.Option("--format", help="onnx | torchscript | hub (timm's layout: config.json, model.safetensors)")
+    ] = "onnx",
     stage: Annotated[str, typer.Option(help="student | generalist | control")] = "student",
     out: Annotated[Path | None, typer.Option(help="artifact directory (default: RUN/export/<stage>-<format>)")] = None,
     parity_images: Annotated[int, typer.Option(help="test images the export is checked on")] = 1024,
     tolerance: Annotated[float, typer.Option(help="largest allowed abs logit difference from PyTorch")] = 1e-4,
+    license: Annotated[
+        str, typer.Option(help="the model card's licence (hub format; the Hub's identifiers)")
+    ] = "other",
 ) -> None:
     """Export a trained model with its label table, preprocessing and model card, checked against PyTorch."""
     from kc.serve.export import export_stage
 
     run = _open_run(run_dir, None, progress=False)
     target = out or run.dir / "export" / f"{stage}-{format_}"
-    manifest = export_stage(run, target, format_, stage, parity_images, tolerance)
+    manifest = export_stage(run, target, format_, stage, parity_images, tolerance, license)
     parity = manifest["parity"]
     typer.echo(
         f"exported {stage} as {format_} to {target} (max abs logit difference from PyTorch "

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kc.config import ModelConfig, SelfPacedConfig, StudentConfig, StudentHeadConfig
 from kc.data.splits import training_folds
 from kc.errors import CheckpointError
 from kc.io import read_json, sha256_file
@@ -160,40 +161,57 @@ def load_specialists(run: Run) -> list[nn.Module]:
     return [folds[0] if len(folds) == 1 else LogitMean(folds) for folds in models]
 
 
-def with_student_head(run: Run, model: Classifier) -> Classifier:
-    """`model` (the generalist's architecture) with the student's head structure (student.head). A structured head
-    starts as a copy of the generalist's dense head: loaded with the generalist's weights first, the model keeps
-    computing the generalist's function. The control gets the same head, so that it differs from the student in
-    its training targets only."""
-    h, mh = run.cfg.student.head, run.cfg.model.head
-    if h.structure == "fc-fc":
+def with_student_head(
+    head: StudentHeadConfig, model_cfg: ModelConfig, sizes: list[int], model: Classifier
+) -> Classifier:
+    """`model` (the generalist's architecture) with the student's head structure (`head`, over verticals of
+    `sizes` classes). A structured head starts as a copy of the generalist's dense head: loaded with the
+    generalist's weights first, the model keeps computing the generalist's function. The control gets the same
+    head, so that it differs from the student in its training targets only."""
+    if head.structure == "fc-fc":
         return model
-    sizes = [run.taxonomy.vertical_size(v) for v in range(run.taxonomy.num_verticals)]
-    head = StructuredHead(
-        model.backbone.num_features, mh.hidden, sizes, h.structure, h.shared_units, mh.dropout, h.max_padding
+    mh = model_cfg.head
+    structured = StructuredHead(
+        model.backbone.num_features, mh.hidden, sizes, head.structure, head.shared_units, mh.dropout, head.max_padding
     )
-    model.head = head.copy_from_dense(model.head)
+    model.head = structured.copy_from_dense(model.head)
     return model
 
 
-def with_self_paced_scales(run: Run, model: Classifier, init: torch.Tensor | None = None) -> Classifier:
-    """The student's output scales on `model`; `init` (per vertical) where they start from measured values
+def with_self_paced_scales(
+    sp: SelfPacedConfig, vertical_of_class: list[int], model: Classifier, init: torch.Tensor | None = None
+) -> Classifier:
+    """The student's output scales (`sp`) on `model`; `init` (per vertical) where they start from measured values
     (self_paced.init 'generalist'); otherwise a model about to load trained scales needs no measured start."""
-    sp = run.cfg.student.self_paced
     start = init if init is not None else ("sqrt" if sp.init == "generalist" else sp.init)
-    model.output_scales = SelfPacedScales(
-        run.taxonomy.vertical_of_class, sp.variant, start, sp.init_noise, centred=sp.centred
-    )
+    model.output_scales = SelfPacedScales(vertical_of_class, sp.variant, start, sp.init_noise, centred=sp.centred)
     return model
+
+
+def build_stage_model(
+    stage: str, model_cfg: ModelConfig, student: StudentConfig, vertical_sizes: list[int], *, with_weights: bool = True
+) -> Classifier:
+    """The architecture of a full-vocabulary stage (`STAGES`) over verticals of `vertical_sizes` classes, in
+    order: the generalist's, with the student's head, and with the student's self-paced output scales where the
+    stage has them. `with_weights` False: a local-dir backbone's weights are not read (they are about to be
+    replaced)."""
+    model = build_classifier(model_cfg, sum(vertical_sizes), with_weights=with_weights)
+    if STAGE[stage].student_head:
+        model = with_student_head(student.head, model_cfg, vertical_sizes, model)
+    if not STAGE[stage].scales:
+        return model
+    vertical_of_class = [v for v, size in enumerate(vertical_sizes) for _ in range(size)]
+    return with_self_paced_scales(student.self_paced, vertical_of_class, model)
+
+
+def vertical_sizes(run: Run) -> list[int]:
+    return [run.taxonomy.vertical_size(v) for v in range(run.taxonomy.num_verticals)]
 
 
 def new_model(run: Run, stage: str) -> Classifier:
-    """The architecture of a full-vocabulary stage (`STAGES`): the generalist's, with the student's head, and with
-    the student's self-paced output scales where the stage has them."""
-    model = new_generalist_model(run)
-    if STAGE[stage].student_head:
-        model = with_student_head(run, model)
-    return with_self_paced_scales(run, model) if STAGE[stage].scales else model
+    """`build_stage_model` for this run's config and taxonomy, seeded."""
+    torch.manual_seed(run.cfg.seed)
+    return build_stage_model(stage, run.cfg.model, run.cfg.student, vertical_sizes(run))
 
 
 def load_stage(run: Run, stage_dir: Path, model: Classifier) -> Classifier:

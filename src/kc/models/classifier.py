@@ -125,8 +125,8 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
     backbone.load_state_dict(usable, strict=False)
 
 
-def build_classifier(cfg: ModelConfig, num_classes: int) -> Classifier:
-    backbone = create_backbone(cfg)
+def build_classifier(cfg: ModelConfig, num_classes: int, with_weights: bool = True) -> Classifier:
+    backbone = create_backbone(cfg, with_weights)
     head = DenseHead(backbone.num_features, cfg.head.hidden, num_classes, cfg.head.dropout)
     if cfg.head.output_bias == "prior":
         # At 100K classes a zero-biased sigmoid head starts at a loss of 69,000 per image, and its gradients flatten

@@ -9,8 +9,8 @@ from typing import Any
 
 from kc.errors import CheckpointError
 
-FORMATS = ("onnx", "torchscript")
-MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
+FORMATS = ("onnx", "torchscript", "hub")  # hub: timm's layout (config.json + model.safetensors, kc.serve.hub)
+MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt", "hub": "model.safetensors"}
 MANIFEST = "kc_model.json"
 
 

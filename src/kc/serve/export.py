@@ -5,6 +5,9 @@
     EXPORT/taxonomy.json           the label table: class ids, names, verticals, hierarchy (output order)
     EXPORT/MODEL_CARD.md           classes, verticals, training data, metrics, intended use
 
+`--format hub` writes timm's layout instead (config.json, model.safetensors, README.md with the Hub's front
+matter; `kc.serve.hub`), with the same taxonomy.json and kc_model.json.
+
 The artifact is written into a temporary directory next to the target and renamed into place only after the
 exported network has been run and matched the PyTorch model on the run's test images (max abs difference of logits
 at most `tolerance`), so a failed or interrupted export never leaves a half-written or unchecked artifact.
@@ -29,6 +32,7 @@ from kc.errors import CheckpointError, KCError
 from kc.io import atomic_write_json, read_json, sha256_file
 from kc.run import Run
 from kc.serve.artifact import FORMATS, MANIFEST, MODEL_FILES
+from kc.serve.hub import write_hub_files, write_readme
 from kc.serve.model_card import model_card
 from kc.serve.runtime import open_model  # the runtime is how users will load the artifact: checked through it
 from kc.stages import FULL_MODEL_STAGES, STUDENT, activation, best_weights, file_digest, load_stage, new_model
@@ -77,6 +81,7 @@ def export_stage(
     stage: str = STUDENT,
     parity_images: int = 1024,
     tolerance: float = 1e-4,
+    license: str = "other",
 ) -> dict[str, Any]:
     """Export a trained stage of `run` to `out_dir` (replaced if it exists); returns the artifact's manifest."""
 
@@ -96,8 +101,11 @@ def export_stage(
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         model_file = staging / MODEL_FILES[fmt]
-        with torch.no_grad():
-            (_write_onnx if fmt == "onnx" else _write_torchscript)(model, batches[0], model_file)
+        if fmt == "hub":
+            write_hub_files(run, stage, model, staging)
+        else:
+            with torch.no_grad():
+                (_write_onnx if fmt == "onnx" else _write_torchscript)(model, batches[0], model_file)
         shutil.copy(run.dir / "taxonomy.json", staging / "taxonomy.json")
         loss = run.cfg.generalist.loss
         manifest: dict[str, Any] = {
@@ -137,7 +145,11 @@ def export_stage(
         atomic_write_json(staging / MANIFEST, manifest)
         metrics_path = run.dir / "metrics.json"
         metrics = read_json(metrics_path) if metrics_path.is_file() else None
-        (staging / "MODEL_CARD.md").write_text(model_card(run, manifest, metrics), encoding="utf-8")
+        card = model_card(run, manifest, metrics)
+        if fmt == "hub":  # the Hub's (and timm's) name for the model card, with its metadata on top
+            write_readme(staging, out_dir.name, run, card, license)
+        else:
+            (staging / "MODEL_CARD.md").write_text(card, encoding="utf-8")
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -96,6 +96,10 @@ def open_model(path: Path, stage: str = "student", threads: int | None = None) -
             )
         if manifest["format"] == "onnx":
             run_fn = _onnx_runner(model_file, threads)
+        elif manifest["format"] == "hub":
+            from kc.serve.hub import load_hub_model  # builds the stage's model: torch and timm, not the server's
+
+            run_fn = _torch_runner(load_hub_model(path), threads)
         else:
             with warnings.catch_warnings():  # TorchScript is deprecated upstream, but still what LibTorch loads
                 warnings.simplefilter("ignore", FutureWarning)

@@ -26,6 +26,7 @@ from kc.stages import (
     load_stage,
     new_generalist_model,
     specialist_dir,
+    vertical_sizes,
     with_self_paced_scales,
     with_student_head,
 )
@@ -149,14 +150,15 @@ def block_norms(
 def start_from_generalist(run: Run, stage: str) -> Classifier:
     """The student or a control before training: the trained generalist, given the stage's architecture; with
     student.head.init 'specialists', each vertical's blocks then start from its specialist's top layers."""
-    model = with_student_head(run, load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run)))
+    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    model = with_student_head(run.cfg.student.head, run.cfg.model, vertical_sizes(run), generalist)
     if run.cfg.student.head.init == "specialists":
         model.head.copy_from_specialists([s.head for s in load_specialists(run)])
     if not STAGE[stage].scales:
         return model
     sp = run.cfg.student.self_paced
     init = block_norms(run, model, centred=sp.centred) if sp.init == "generalist" else None
-    return with_self_paced_scales(run, model, init)
+    return with_self_paced_scales(sp, run.taxonomy.vertical_of_class, model, init)
 
 
 def start_digests(run: Run) -> str:
