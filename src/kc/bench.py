@@ -129,7 +129,7 @@ def bench_workspace(run: Run) -> Run:
 
 def _test_batches(run: Run, batch: int, limit: int) -> list[torch.Tensor]:
     samples = (run.splits["test"] or run.splits["val"] or run.splits["train"])[:limit]
-    dataset = ImageDataset(samples, run.image_root, run.cfg.data, train=False)
+    dataset = ImageDataset(samples, run.image_root, run.cfg.data, train=False, decoded=run.decoded)
     return [b["images"] for b in DataLoader(dataset, batch_size=batch, collate_fn=collate)]
 
 
@@ -181,7 +181,7 @@ def training(run: Run, rounds: int) -> dict[str, Any]:
         "student (cache)": (start_from_generalist(run, STUDENT), student_loss(run, cached, weights, device)),
         "student (online)": (start_from_generalist(run, STUDENT), student_loss(run, online, weights, device)),
     }
-    dataset = ImageDataset(run.splits["train"], run.image_root, run.cfg.data, train=True, seed=0)
+    dataset = ImageDataset(run.splits["train"], run.image_root, run.cfg.data, train=True, seed=0, decoded=run.decoded)
     loader = DataLoader(dataset, batch_size=scfg.batch_size, shuffle=True, collate_fn=collate)
     optimizers = {name: make_optimizer(model, scfg) for name, (model, _) in setups.items()}
     times: dict[str, list[float]] = {name: [] for name in setups}

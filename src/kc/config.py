@@ -67,7 +67,12 @@ class DataConfig(_Strict):
         "fail", description="unreadable images: fail before training, or skip them and count them"
     )
     expand_ancestors: bool = Field(False, description="also label every ancestor class of each label")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (results do not depend on it)")
+    decoded_cache: bool = Field(
+        False,
+        description="decode and resize every image once per run (RUN/data/decoded_*.npy, uint8, memory-mapped) "
+        "instead of every epoch: for photos much larger than image_size; same tensors either way",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:

@@ -21,7 +21,10 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from kc import distributed
 from kc.config import RunConfig, dump_yaml
+from kc.data.decoded import DecodedImages, decoded_path, ensure_decoded
+from kc.data.features import is_feature_path
 from kc.data.images import check_images
 from kc.data.samples import SPLITS, Sample
 from kc.data.sources import load_source
@@ -34,6 +37,7 @@ from kc.taxonomy import Taxonomy
 _FREE_KEYS = {"run_dir", "device", "data.num_workers"}
 # Training sections: each stage's checkpoint fingerprint guards its own section, so they are not checked here.
 _STAGE_SECTIONS = ("generalist.", "specialists.", "student.", "control")
+_SAME_RESULTS = ("data.num_workers", "data.decoded_cache")  # how the data is read, not what it is
 
 
 @dataclass
@@ -43,6 +47,7 @@ class Run:
     taxonomy: Taxonomy
     image_root: Path
     splits: dict[str, list[Sample]]
+    decoded: DecodedImages | None = None  # data.decoded_cache: every image decoded once
 
     def stage_dir(self, stage: str) -> Path:
         return self.dir / stage
@@ -117,7 +122,7 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
     # Once the data is prepared, the run is bound to it; before that (e.g. after a data error), any config goes.
     if check_file.is_file() and config_path.is_file():
         old = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-        diff = [k for k in changed_keys(old, resolved) if not k.startswith(_STAGE_SECTIONS)]
+        diff = [k for k in changed_keys(old, resolved) if not k.startswith(_STAGE_SECTIONS + _SAME_RESULTS)]
         if diff:
             raise CheckpointError(
                 f"{run_dir}: this run directory was made with another config (differs in: {', '.join(diff[:8])}); "
@@ -128,7 +133,8 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
     if check_file.is_file():
         taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
         splits = {s: _read_split(data_dir / f"{s}.jsonl", s) for s in SPLITS}
-        return Run(cfg, run_dir, taxonomy, Path(read_json(check_file)["image_root"]), splits)
+        image_root = Path(read_json(check_file)["image_root"])
+        return Run(cfg, run_dir, taxonomy, image_root, splits, _decoded(cfg, data_dir, splits, image_root, progress))
 
     d = cfg.data
     taxonomy, samples, image_root = load_source(d)
@@ -153,4 +159,15 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
             "split_sizes": {s: len(v) for s, v in splits.items()},
         },
     )
-    return Run(cfg, run_dir, taxonomy, image_root, splits)
+    return Run(cfg, run_dir, taxonomy, image_root, splits, _decoded(cfg, data_dir, splits, image_root, progress))
+
+
+def _decoded(
+    cfg: RunConfig, data_dir: Path, splits: dict[str, list[Sample]], image_root: Path, progress: bool
+) -> DecodedImages | None:
+    """The run's decoded images when data.decoded_cache asks for them (never for rows of features)."""
+    samples = [s for split in SPLITS for s in splits[split]]
+    if not cfg.data.decoded_cache or not samples or is_feature_path(samples[0].path):
+        return None
+    distributed.on_main(lambda: ensure_decoded(data_dir, cfg.data, samples, image_root, progress))  # rank 0 builds
+    return DecodedImages(decoded_path(data_dir, cfg.data))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from kc.config import DataConfig
+from kc.data.decoded import DecodedImages
 from kc.data.features import is_feature_path, read_feature
 from kc.data.images import Preprocess, decode_rgb
 from kc.data.samples import Sample
@@ -20,8 +21,17 @@ from kc.errors import DataError
 
 
 class ImageDataset(Dataset):
-    def __init__(self, samples: list[Sample], image_root: Path, cfg: DataConfig, train: bool, seed: int = 0):
+    def __init__(
+        self,
+        samples: list[Sample],
+        image_root: Path,
+        cfg: DataConfig,
+        train: bool,
+        seed: int = 0,
+        decoded: DecodedImages | None = None,
+    ):
         self.samples = samples
+        self.decoded = decoded  # the run's decoded images (data.decoded_cache), read instead of decoding
         self.image_root = image_root
         self.preprocess = Preprocess(cfg.image_size, cfg.mean, cfg.std, cfg.interpolation)
         self.size = cfg.image_size
@@ -41,6 +51,8 @@ class ImageDataset(Dataset):
 
     def load(self, index: int) -> torch.Tensor:
         sample = self.samples[index]
+        if self.decoded is not None and (x := self.decoded.get(sample.path)) is not None:
+            return x
         try:
             img = decode_rgb(self.image_root / sample.path, target=self.size)
         except (OSError, ValueError, SyntaxError) as exc:

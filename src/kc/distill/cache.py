@@ -176,7 +176,9 @@ def _write_shard(
     for fold, teacher in enumerate(members):
         assert teacher is not None, f"no teacher given for vertical {v}"
         picked = np.flatnonzero(row_folds == fold)
-        dataset = ImageDataset([train[i] for i in rows[picked]], run.image_root, run.cfg.data, train=False)
+        dataset = ImageDataset(
+            [train[i] for i in rows[picked]], run.image_root, run.cfg.data, train=False, decoded=run.decoded
+        )
         loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=run.cfg.data.num_workers)
         teacher.eval().to(device)
         done = 0

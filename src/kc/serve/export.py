@@ -45,7 +45,7 @@ class ExportError(KCError):
 def _parity_batches(run: Run, images: int, batch_size: int) -> list[torch.Tensor]:
     """Preprocessed test images (or val, or train when the run has no test split), in batches."""
     samples = next((run.splits[s] for s in ("test", "val", "train") if run.splits[s]), [])[:images]
-    dataset = ImageDataset(samples, run.image_root, run.cfg.data, train=False)
+    dataset = ImageDataset(samples, run.image_root, run.cfg.data, train=False, decoded=run.decoded)
     return [b["images"] for b in DataLoader(dataset, batch_size=batch_size, collate_fn=collate)]
 
 

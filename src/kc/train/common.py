@@ -129,7 +129,7 @@ def block_norms(
     (not their ranking across images, which normalising each image's block changes: docs/BENCHMARKS.md, 100K)."""
     samples = run.splits["train"]
     chosen = samples[:: max(1, len(samples) // images)][:images]
-    dataset = ImageDataset(chosen, run.image_root, run.cfg.data, train=False)
+    dataset = ImageDataset(chosen, run.image_root, run.cfg.data, train=False, decoded=run.decoded)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     vertical_of_class = torch.tensor(run.taxonomy.vertical_of_class)
     was_training = model.training

@@ -39,7 +39,7 @@ def train_on_ground_truth(
             fingerprint += str(cfg.student.self_paced.model_dump())
         model = start_from_generalist(run, stage)
     seed = tcfg.stage_seed(cfg.seed)
-    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed)
+    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed, decoded=run.decoded)
     trainer = Trainer(
         model,
         tcfg,

@@ -129,7 +129,7 @@ def train_specialist(
     seed = scfg.stage_seed(cfg.seed)
     samples = specialist_training_samples(run, vertical, fold, own)
     name = f"specialist {run.taxonomy.verticals[vertical].id}" + ("" if fold is None else f" fold {fold}")
-    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed + vertical)
+    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed + vertical, decoded=run.decoded)
     trainer = Trainer(
         model,
         scfg,

@@ -167,7 +167,7 @@ def train_distilled(
     # Equal, fixed weights per vertical: the interface through which pacing strategies plug in.
     vertical_weights = torch.ones(run.taxonomy.num_verticals)
     seed = scfg.stage_seed(cfg.seed)
-    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed)
+    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed, decoded=run.decoded)
     trainer = Trainer(
         model,
         scfg,
