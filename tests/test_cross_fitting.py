@@ -99,7 +99,7 @@ def test_the_report_and_the_total_compute_control_count_every_fold(cross_fitted_
     spent = steps(run.stage_dir("student")) * 16
     for v in range(run.taxonomy.num_verticals):
         for fold in (0, 1):
-            samples = len(specialist_training_samples(run, v, fold))
+            samples = len(specialist_training_samples(run, v, fold_training_samples(run, fold)))
             spent += steps(specialist_dir(run, v, fold)) * min(16, samples)
     per_epoch = (len(run.splits["train"]) // 16) * 16
     assert total_compute_epochs(run) == math.ceil(spent / per_epoch)

@@ -55,9 +55,10 @@ def total_compute_epochs(run: Run) -> int:
     train, tax, scfg = run.splits["train"], run.taxonomy, run.cfg.specialists
     specialists = 0
     for fold in specialist_folds(run):  # cross-fitted: every fold's specialists count
-        members = vertical_members(fold_training_samples(run, fold), tax.vertical_of_class, tax.num_verticals)
+        fold_samples = fold_training_samples(run, fold)
+        members = vertical_members(fold_samples, tax.vertical_of_class, tax.num_verticals)
         for v in range(tax.num_verticals):
-            samples = len(specialist_training_samples(run, v, fold, members[v]))
+            samples = len(specialist_training_samples(run, v, fold_samples, members[v]))
             specialists += image_steps(specialist_dir(run, v, fold), samples, scfg)
     spent = specialists + image_steps(run.stage_dir(STUDENT), len(train), run.cfg.student)
     control = control_config(run)

@@ -101,12 +101,15 @@ def specialist_folds(run: Run) -> list[int | None]:
     return [None] if folds == 1 else list(range(folds))
 
 
-def specialist_training_samples(run: Run, vertical: int, fold: int | None, own: np.ndarray | None = None):
-    """The images one specialist trains on (`specialist_samples` of its fold's training images)."""
+def specialist_training_samples(
+    run: Run, vertical: int, fold_samples: list[Sample], own: np.ndarray | None = None
+) -> list[Sample]:
+    """The images one specialist trains on: `specialist_samples` of its fold's training images (`fold_samples`,
+    from `fold_training_samples`, computed once per fold: at 1,000 verticals a pass per specialist costs more
+    than training it)."""
     scfg = run.cfg.specialists
     start, end = run.taxonomy.vertical_ranges[vertical]
-    train = fold_training_samples(run, fold)
-    return specialist_samples(train, start, end, scfg.negatives_per_image, scfg.stage_seed(run.cfg.seed), own)
+    return specialist_samples(fold_samples, start, end, scfg.negatives_per_image, scfg.stage_seed(run.cfg.seed), own)
 
 
 def train_specialist(
@@ -118,16 +121,18 @@ def train_specialist(
     verbose: bool = True,
     on_step: Callable[[int], None] | None = None,
     own: np.ndarray | None = None,
+    fold_samples: list[Sample] | None = None,
 ) -> TrainResult:
-    """One vertical's specialist (of fold `fold`, when cross-fitted); `own` as in `specialist_samples`, indices
-    into the fold's training images."""
+    """One vertical's specialist (of fold `fold`, when cross-fitted); `fold_samples`: the fold's training images
+    if already known (`fold_training_samples`), `own` as in `specialist_samples`, indices into them."""
     cfg, scfg = run.cfg, run.cfg.specialists
     start, end = run.taxonomy.vertical_ranges[vertical]
     device = resolve_device(cfg.device)
     generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
     model = restrict_outputs(generalist, start, end, scfg.other_output)
     seed = scfg.stage_seed(cfg.seed)
-    samples = specialist_training_samples(run, vertical, fold, own)
+    fold_samples = fold_samples if fold_samples is not None else fold_training_samples(run, fold)
+    samples = specialist_training_samples(run, vertical, fold_samples, own)
     name = f"specialist {run.taxonomy.verticals[vertical].id}" + ("" if fold is None else f" fold {fold}")
     train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed + vertical, decoded=run.decoded)
     trainer = Trainer(
@@ -182,9 +187,11 @@ def train_specialists(
     tax = run.taxonomy
     results = {}
     for fold in specialist_folds(run):
-        members = vertical_members(fold_training_samples(run, fold), tax.vertical_of_class, tax.num_verticals)
+        fold_samples = fold_training_samples(run, fold)
+        members = vertical_members(fold_samples, tax.vertical_of_class, tax.num_verticals)
         for v in verticals:
             key = tax.verticals[v].id + ("" if fold is None else f"/fold_{fold}")
             kw = {"progress": progress, "verbose": verbose, "on_step": on_step, "own": members[v]}
+            kw["fold_samples"] = fold_samples
             results[key] = train_specialist(run, v, fold, **kw)
     return results
