@@ -77,7 +77,7 @@ def main() -> None:
     tax, C = run.taxonomy, run.taxonomy.num_classes
     start = time.perf_counter()
     train_generalist(run, progress=False)
-    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run))
     test = run.splits["test"]
     scores, targets, _ = predict(generalist, test, run.image_root, cfg.data, C)
     gen_ap = average_precision(scores, targets)

@@ -50,7 +50,7 @@ def test_timm_loads_the_export_and_computes_the_stages_logits(run, tmp_path, sta
     assert config["pretrained_cfg"]["mean"] == list(run.cfg.data.mean)
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert tuple(timm.data.resolve_data_config(model=model)["input_size"]) == (3, 16, 16)
-    reference = load_stage(run, run.stage_dir(stage), new_model(run, stage)).eval()
+    reference = load_stage(run.stage_dir(stage), new_model(run, stage)).eval()
     images = torch.randn(4, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(model(images), reference(images), rtol=0, atol=0)

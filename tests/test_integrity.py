@@ -94,10 +94,10 @@ def test_damaged_best_weights_are_refused_naming_the_file(tiny_benchmark, tmp_pa
     train_generalist(run, progress=False, verbose=False)
     copy = tmp_path / "copy"
     shutil.copytree(run.stage_dir(GENERALIST), copy)
-    load_stage(run, copy, new_generalist_model(run))  # intact: loads
+    load_stage(copy, new_generalist_model(run))  # intact: loads
     damage(copy / "checkpoints/best.safetensors", how)
     with pytest.raises(CheckpointError, match=r"best.safetensors: damaged"):
-        load_stage(run, copy, new_generalist_model(run))
+        load_stage(copy, new_generalist_model(run))
 
 
 def test_a_state_file_changed_into_other_valid_json_is_found(tmp_path):

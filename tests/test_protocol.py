@@ -181,7 +181,7 @@ def test_no_selection_reads_the_test_split(bench, tmp_path, finished):
 
 def test_each_control_starts_from_the_generalist_with_its_claimed_model(finished):
     run, _ = finished
-    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run)).eval()
+    generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run)).eval()
     x = torch.randn(16, SPEC.dim)
     for stage in (CONTROL, TOTAL_COMPUTE, GROUND_TRUTH, SELF_DISTILLATION):
         model = start_from_generalist(run, stage).eval()
@@ -209,9 +209,9 @@ def test_each_control_starts_from_the_generalist_with_its_claimed_model(finished
 
 def test_the_self_distillation_teacher_is_the_generalist(finished):
     run, _ = finished
-    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run))
     as_specialists = [
-        restrict_outputs(load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run)), a, b, False)
+        restrict_outputs(load_stage(run.stage_dir(GENERALIST), new_generalist_model(run)), a, b, False)
         for a, b in run.taxonomy.vertical_ranges
     ]
     images = torch.randn(12, SPEC.dim)

@@ -43,7 +43,7 @@ def trained(tmp_path_factory, tiny_benchmark):
 
 def pytorch_scores(run, stage, paths):
     """{path: sigmoid scores} of the stage's PyTorch model, through the training code's own preprocessing."""
-    model = load_stage(run, run.stage_dir(stage), new_model(run, stage)).eval()
+    model = load_stage(run.stage_dir(stage), new_model(run, stage)).eval()
     samples = [Sample(str(p.relative_to(run.image_root)), (), "test", str(p)) for p in paths]
     dataset = ImageDataset(samples, run.image_root, run.cfg.data, train=False)
     batch = collate([dataset[i] for i in range(len(samples))])
@@ -60,7 +60,7 @@ def test_onnx_export_matches_pytorch_and_carries_labels_and_card(trained):
     card = (export / "MODEL_CARD.md").read_text()
     assert "12 classes in 3 verticals" in card and "Intended use" in card
     loaded = open_model(export)
-    model = load_stage(run, run.stage_dir(GENERALIST), new_model(run, GENERALIST)).eval()
+    model = load_stage(run.stage_dir(GENERALIST), new_model(run, GENERALIST)).eval()
     images = torch.randn(5, 3, 16, 16)  # another batch size than the export's example
     with torch.no_grad():
         np.testing.assert_allclose(loaded.logits(images.numpy()), model(images).numpy(), atol=1e-4, rtol=0)
@@ -78,7 +78,7 @@ def test_structured_self_paced_student_exports_exactly_to_both_formats(trained, 
     for centred in (False, True):  # the paper's scales and the centred ones
         run.cfg.student.self_paced.centred = centred
         save_file(new_model(run, STUDENT).state_dict(), str(student_dir / "best.safetensors"))
-        model = load_stage(run, run.stage_dir(STUDENT), new_model(run, STUDENT)).eval()
+        model = load_stage(run.stage_dir(STUDENT), new_model(run, STUDENT)).eval()
         assert model.output_scales.centred is centred
         for fmt in ("onnx", "torchscript"):
             out = tmp_path / f"{fmt}-{centred}"

@@ -170,7 +170,7 @@ def test_structured_student_and_control_start_as_the_generalist_and_train(tmp_pa
     run = prepare_run(config_from_dict(data), progress=False)
     result = run_pipeline(run, progress=False, verbose=False)
 
-    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run)).eval()
+    generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run)).eval()
     images = torch.randn(4, 3, 16, 16)
     for stage in (STUDENT, CONTROL):
         start = start_from_generalist(run, stage).eval()

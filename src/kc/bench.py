@@ -137,7 +137,7 @@ def _test_batches(run: Run, batch: int, limit: int) -> list[torch.Tensor]:
 def inference(run: Run, repeats: int) -> dict[str, Any]:
     batches = _test_batches(run, run.cfg.generalist.eval_batch_size, 1024)
     images = sum(len(b) for b in batches)
-    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run)).eval()
+    generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run)).eval()
     student = start_from_generalist(run, STUDENT).eval()  # speed does not depend on the weights
     specialists = [m.eval() for m in load_specialists(run)]
     models = {

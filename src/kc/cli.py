@@ -588,7 +588,7 @@ def discover_verticals_cmd(
         raise KCError(f"--split: the run's '{split}' split is empty; use val or test")
     if out.suffix != ".json":
         raise KCError(f"--out {out}: write a .json taxonomy file")
-    model = load_stage(run, run.stage_dir(GENERALIST), new_model(run, GENERALIST))
+    model = load_stage(run.stage_dir(GENERALIST), new_model(run, GENERALIST))
     C = run.taxonomy.num_classes
     probs = (
         scores

@@ -50,7 +50,12 @@ class Run:
     decoded: DecodedImages | None = None  # data.decoded_cache: every image decoded once
 
     def stage_dir(self, stage: str) -> Path:
-        return self.dir / stage
+        return stage_path(self.dir, stage)
+
+
+def stage_path(run_dir: Path, stage: str) -> Path:
+    """Where a stage of the run in `run_dir` keeps its checkpoints: RUN/<stage>."""
+    return run_dir / stage
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -152,7 +152,7 @@ def new_specialist_model(run: Run, vertical: int) -> Classifier:
 
 def load_fold_specialists(run: Run, vertical: int) -> list[Classifier]:
     """A vertical's trained specialists, one per fold (one, without folds)."""
-    return [load_stage(run, d, new_specialist_model(run, vertical)) for d in specialist_dirs(run, vertical)]
+    return [load_stage(d, new_specialist_model(run, vertical)) for d in specialist_dirs(run, vertical)]
 
 
 def load_specialists(run: Run) -> list[nn.Module]:
@@ -214,7 +214,7 @@ def new_model(run: Run, stage: str) -> Classifier:
     return build_stage_model(stage, run.cfg.model, run.cfg.student, vertical_sizes(run))
 
 
-def load_stage(run: Run, stage_dir: Path, model: Classifier) -> Classifier:
+def load_stage(stage_dir: Path, model: nn.Module) -> nn.Module:
     """Load a finished stage's best weights into `model`, checked against the SHA-256 its best.json recorded."""
     path = best_weights(stage_dir)
     info = path.with_suffix(".json")

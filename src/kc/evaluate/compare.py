@@ -124,7 +124,7 @@ def compare(run: Run, split: str = "test", progress: bool = False) -> dict[str, 
             }
         )
 
-    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run))
     gen_scores, targets, gen_seconds = run_model(generalist, GENERALIST, targets=True, how=activation(GENERALIST, loss))
     targets = verified_targets(targets, samples)
     gen_params = count_parameters(generalist)
@@ -148,7 +148,7 @@ def compare(run: Run, split: str = "test", progress: bool = False) -> dict[str, 
 
     for stage in STAGES[1:]:
         if best_weights(run.stage_dir(stage.name)).is_file():
-            model = load_stage(run, run.stage_dir(stage.name), new_model(run, stage.name))
+            model = load_stage(run.stage_dir(stage.name), new_model(run, stage.name))
             scores, _, seconds = run_model(model, stage.name, how=activation(stage.name, loss))
             add(stage.name, stage.title, scores, count_parameters(model), 1, seconds, output_scales(model, run))
             del scores

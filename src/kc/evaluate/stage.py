@@ -41,7 +41,7 @@ def evaluate_stage(
     if not samples:
         raise DataError(f"{run.dir}: the '{split}' split is empty; nothing to evaluate")
     device = resolve_device(run.cfg.device)
-    model = load_stage(run, run.stage_dir(stage), new_model(run, stage))
+    model = load_stage(run.stage_dir(stage), new_model(run, stage))
     tcfg = run.cfg.generalist
     C = run.taxonomy.num_classes
     how = activation(stage, tcfg.loss)

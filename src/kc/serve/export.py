@@ -91,7 +91,7 @@ def export_stage(
         raise ExportError(f"--stage: '{stage}' is not one of {', '.join(FULL_MODEL_STAGES)}")
     weights = best_weights(run.stage_dir(stage))
     digest = file_digest(weights)  # raises a clear error when the stage is not trained
-    model = load_stage(run, run.stage_dir(stage), new_model(run, stage)).eval()
+    model = load_stage(run.stage_dir(stage), new_model(run, stage)).eval()
     batches = _parity_batches(run, parity_images, 64)
     if not batches:
         raise ExportError(f"{run.dir}: no images to check the export on")

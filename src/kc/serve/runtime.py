@@ -19,7 +19,7 @@ from kc.config import load_config
 from kc.data.images import Preprocess
 from kc.errors import CheckpointError
 from kc.io import sha256_file
-from kc.run import Run
+from kc.run import stage_path
 from kc.serve.artifact import MANIFEST, read_manifest
 from kc.taxonomy import Taxonomy
 
@@ -119,14 +119,15 @@ def open_model(path: Path, stage: str = "student", threads: int | None = None) -
 
 
 def _open_run_stage(run_dir: Path, stage: str, threads: int) -> LoadedModel:
-    from kc.stages import FULL_MODEL_STAGES, activation, load_stage, new_model
+    from kc.stages import FULL_MODEL_STAGES, activation, build_stage_model, load_stage
 
     if stage not in FULL_MODEL_STAGES:
         raise CheckpointError(f"--stage: '{stage}' is not one of {', '.join(FULL_MODEL_STAGES)}")
     cfg = load_config(run_dir / "config.yaml", {"run_dir": str(run_dir.resolve())})
     taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
-    run = Run(cfg, run_dir.resolve(), taxonomy, Path("."), {})
-    model = load_stage(run, run.stage_dir(stage), new_model(run, stage)).eval()
+    sizes = [taxonomy.vertical_size(v) for v in range(taxonomy.num_verticals)]
+    architecture = build_stage_model(stage, cfg.model, cfg.student, sizes, with_weights=False)
+    model = load_stage(stage_path(run_dir.resolve(), stage), architecture).eval()
     how = activation(stage, cfg.generalist.loss)
     preprocess = Preprocess(cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.data.interpolation)
     return LoadedModel(_torch_runner(model, threads), taxonomy, preprocess, how, f"{stage} of run {run_dir}", threads)

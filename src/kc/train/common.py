@@ -150,7 +150,7 @@ def block_norms(
 def start_from_generalist(run: Run, stage: str) -> Classifier:
     """The student or a control before training: the trained generalist, given the stage's architecture; with
     student.head.init 'specialists', each vertical's blocks then start from its specialist's top layers."""
-    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run))
     model = with_student_head(run.cfg.student.head, run.cfg.model, vertical_sizes(run), generalist)
     if run.cfg.student.head.init == "specialists":
         model.head.copy_from_specialists([s.head for s in load_specialists(run)])

@@ -128,7 +128,7 @@ def train_specialist(
     cfg, scfg = run.cfg, run.cfg.specialists
     start, end = run.taxonomy.vertical_ranges[vertical]
     device = resolve_device(cfg.device)
-    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run))
     model = restrict_outputs(generalist, start, end, scfg.other_output)
     seed = scfg.stage_seed(cfg.seed)
     fold_samples = fold_samples if fold_samples is not None else fold_training_samples(run, fold)

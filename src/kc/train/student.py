@@ -141,7 +141,7 @@ def train_self_distillation(
     the student gains over it is what the specialists teach."""
     scfg = run.cfg.student
     device = resolve_device(run.cfg.device)
-    generalist = load_stage(run, run.stage_dir(GENERALIST), new_generalist_model(run))
+    generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run))
     teachers = GeneralistTeacher(generalist, run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected).to(device)
     inputs = file_digest(best_weights(run.stage_dir(GENERALIST))) + "generalist-teacher"
     return train_distilled(
