@@ -204,14 +204,10 @@ def build_stage_model(
     return with_self_paced_scales(student.self_paced, vertical_of_class, model)
 
 
-def vertical_sizes(run: Run) -> list[int]:
-    return [run.taxonomy.vertical_size(v) for v in range(run.taxonomy.num_verticals)]
-
-
 def new_model(run: Run, stage: str) -> Classifier:
     """`build_stage_model` for this run's config and taxonomy, seeded."""
     torch.manual_seed(run.cfg.seed)
-    return build_stage_model(stage, run.cfg.model, run.cfg.student, vertical_sizes(run))
+    return build_stage_model(stage, run.cfg.model, run.cfg.student, run.taxonomy.vertical_sizes())
 
 
 def load_stage(stage_dir: Path, model: nn.Module) -> nn.Module:

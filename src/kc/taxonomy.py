@@ -76,6 +76,10 @@ class Taxonomy:
         start, end = self.vertical_ranges[v]
         return end - start
 
+    def vertical_sizes(self) -> list[int]:
+        """The classes of each vertical, in vertical order (their blocks of outputs follow one another)."""
+        return [end - start for start, end in self.vertical_ranges]
+
     # ------------------------------------------------------------------------------------------- hierarchy
     def ancestors(self, class_idx: int) -> list[int]:
         """Indices of the class's ancestor classes, nearest first (verticals are not classes)."""

@@ -57,7 +57,7 @@ class Teachers:
     def __init__(self, taxonomy: Taxonomy, top_k: int, temperature: float, unselected: str = "zero"):
         self.num_classes, self.num_verticals = taxonomy.num_classes, taxonomy.num_verticals
         self.starts = torch.tensor([a for a, _ in taxonomy.vertical_ranges], dtype=torch.long)
-        self.vertical_sizes = [b - a for a, b in taxonomy.vertical_ranges]
+        self.vertical_sizes = taxonomy.vertical_sizes()
         self.sizes = torch.tensor(self.vertical_sizes, dtype=torch.long)
         self.vertical_of_class = torch.tensor(taxonomy.vertical_of_class, dtype=torch.long)
         self.top_k, self.temperature, self.unselected = top_k, temperature, unselected

@@ -46,7 +46,7 @@ def parameter_accounting(cfg: RunConfig, taxonomy: Taxonomy) -> dict[str, Any]:
     """The parameters of the generalist, student, control and specialists, and of each head structure."""
     hidden, N, M = cfg.model.head.hidden, taxonomy.num_classes, taxonomy.num_verticals
     K = cfg.specialists.folds  # cross-fitted: K specialists per vertical
-    sizes = [taxonomy.vertical_size(v) for v in range(M)]
+    sizes = taxonomy.vertical_sizes()
     with torch.device("meta"):
         backbone = create_backbone(cfg.model, with_weights=False)
         s_b = backbone.num_features

@@ -17,7 +17,7 @@ import kc.data.features  # noqa: F401  (registers kc_features with timm)
 import kc.models.convnet  # noqa: F401  (registers kc_convnet with timm)
 from kc.config import ModelConfig
 from kc.errors import CheckpointError, ConfigError
-from kc.hub_layout import local_dir_config
+from kc.hub_layout import LOCAL_DIR
 from kc.models.heads import DenseHead
 
 
@@ -82,7 +82,7 @@ class Classifier(nn.Module):
 def create_backbone(cfg: ModelConfig, with_weights: bool = True) -> nn.Module:
     """A timm model by name, or a local-dir:PATH folder (with its weights), with its classifier removed
     (num_classes=0): it returns pooled features. `with_weights` False: the architecture only."""
-    if local_dir_config(cfg.backbone) is not None:
+    if cfg.backbone.startswith(LOCAL_DIR):  # checked when the config was read (kc.hub_layout.local_dir_config)
         try:
             return timm.create_model(cfg.backbone, pretrained=with_weights, num_classes=0, **cfg.backbone_args)
         except (TypeError, ValueError, RuntimeError) as exc:

@@ -30,7 +30,7 @@ from kc.hub_layout import CONFIG, LOCAL_DIR, WEIGHTS, local_dir_config
 from kc.io import atomic_write_json, atomic_write_text, read_json
 from kc.models.weights import load_weights, save_weights
 from kc.run import Run
-from kc.stages import build_stage_model, vertical_sizes
+from kc.stages import build_stage_model
 
 ARCHITECTURE = "kc_classifier"
 
@@ -82,7 +82,7 @@ def hub_config(run: Run, stage: str) -> dict[str, Any]:
             "stage": stage,
             "model": portable_model_config(run.cfg.model).model_dump(mode="json"),
             "student": run.cfg.student.model_dump(mode="json"),
-            "vertical_sizes": vertical_sizes(run),
+            "vertical_sizes": run.taxonomy.vertical_sizes(),
         },
         "pretrained_cfg": {
             "input_size": [3, d.image_size, d.image_size],

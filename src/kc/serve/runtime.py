@@ -125,8 +125,7 @@ def _open_run_stage(run_dir: Path, stage: str, threads: int) -> LoadedModel:
         raise CheckpointError(f"--stage: '{stage}' is not one of {', '.join(FULL_MODEL_STAGES)}")
     cfg = load_config(run_dir / "config.yaml", {"run_dir": str(run_dir.resolve())})
     taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
-    sizes = [taxonomy.vertical_size(v) for v in range(taxonomy.num_verticals)]
-    architecture = build_stage_model(stage, cfg.model, cfg.student, sizes, with_weights=False)
+    architecture = build_stage_model(stage, cfg.model, cfg.student, taxonomy.vertical_sizes(), with_weights=False)
     model = load_stage(stage_path(run_dir.resolve(), stage), architecture).eval()
     how = activation(stage, cfg.generalist.loss)
     preprocess = Preprocess(cfg.data.image_size, cfg.data.mean, cfg.data.std, cfg.data.interpolation)

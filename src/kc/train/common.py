@@ -26,7 +26,6 @@ from kc.stages import (
     load_stage,
     new_generalist_model,
     specialist_dir,
-    vertical_sizes,
     with_self_paced_scales,
     with_student_head,
 )
@@ -151,7 +150,7 @@ def start_from_generalist(run: Run, stage: str) -> Classifier:
     """The student or a control before training: the trained generalist, given the stage's architecture; with
     student.head.init 'specialists', each vertical's blocks then start from its specialist's top layers."""
     generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run))
-    model = with_student_head(run.cfg.student.head, run.cfg.model, vertical_sizes(run), generalist)
+    model = with_student_head(run.cfg.student.head, run.cfg.model, run.taxonomy.vertical_sizes(), generalist)
     if run.cfg.student.head.init == "specialists":
         model.head.copy_from_specialists([s.head for s in load_specialists(run)])
     if not STAGE[stage].scales:
