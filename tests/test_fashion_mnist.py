@@ -49,6 +49,24 @@ def test_the_idx_files_become_pngs_a_manifest_and_a_taxonomy_of_three_verticals(
     assert other.read_text() != manifest.read_text()  # another draw of the val/test halves
 
 
+def test_train_per_class_keeps_a_seeded_draw_of_each_class_and_every_val_and_test_image(tmp_path):
+    arrays = tiny_source(tmp_path / "src", train=60)  # 6 training images of each class
+    whole = list(csv.DictReader(import_fashion_mnist(tmp_path / "whole", tmp_path / "src", progress=False).open()))
+    few = import_fashion_mnist(tmp_path / "few", tmp_path / "src", progress=False, train_per_class=2)
+    rows = list(csv.DictReader(few.open()))
+    train = [r for r in rows if r["split"] == "train"]
+    assert sorted({r["labels"] for r in train}) == sorted({r["labels"] for r in whole}) and len(train) == 20
+    assert all(sum(r["labels"] == c for r in train) == 2 for c in {r["labels"] for r in train})
+    # val and test are the same halves as without the option
+    assert [r for r in rows if r["split"] != "train"] == [r for r in whole if r["split"] != "train"]
+    kept = {tuple(np.asarray(Image.open(tmp_path / "few" / r["path"])).ravel()[:16]) for r in train}
+    assert kept <= {tuple(image.ravel()[:16]) for image in arrays["train"][0]}  # real training images
+    again = import_fashion_mnist(tmp_path / "again", tmp_path / "src", progress=False, train_per_class=2)
+    assert again.read_text() == few.read_text()
+    with pytest.raises(DataError, match="--train-per-class: 0 must be at least 1"):
+        import_fashion_mnist(tmp_path / "none", tmp_path / "src", progress=False, train_per_class=0)
+
+
 def test_absent_or_damaged_files_are_refused_naming_the_file_and_the_fix(tmp_path):
     with pytest.raises(DataError, match="train-images-idx3-ubyte.*give --source"):
         import_fashion_mnist(tmp_path / "out", tmp_path / "nowhere", progress=False)

@@ -208,13 +208,20 @@ def import_fashion_mnist_cmd(
         Path | None,
         typer.Option(help="folder of the IDX files [default: where `apt-get install dataset-fashion-mnist` puts them]"),
     ] = None,
-    seed: Annotated[int, typer.Option(help="the draw that halves the official test set into val and test")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="the draw that halves the official test set into val and test (and --train-per-class)")
+    ] = 0,
+    train_per_class: Annotated[
+        int | None, typer.Option(help="keep only this many training images of each class (a seeded draw)")
+    ] = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Fashion-MNIST (real photographs, 10 classes in 3 verticals) -> PNGs, manifest.csv, taxonomy.json in OUT."""
     from kc.data.fashion_mnist import DEBIAN_DIR, describe, import_fashion_mnist
 
-    manifest = import_fashion_mnist(out, source or DEBIAN_DIR, seed, progress=bars(no_progress))
+    manifest = import_fashion_mnist(
+        out, source or DEBIAN_DIR, seed, progress=bars(no_progress), train_per_class=train_per_class
+    )
     typer.echo(f"wrote {manifest} and {out / 'taxonomy.json'} ({describe(out)} images)")
 
 

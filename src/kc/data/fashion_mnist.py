@@ -82,8 +82,12 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def import_fashion_mnist(out: Path, source: Path = DEBIAN_DIR, seed: int = 0, progress: bool = True) -> Path:
-    """Write the dataset under `out`; returns the manifest path. Same files and seed, same bytes."""
+def import_fashion_mnist(
+    out: Path, source: Path = DEBIAN_DIR, seed: int = 0, progress: bool = True, train_per_class: int | None = None
+) -> Path:
+    """Write the dataset under `out`; returns the manifest path. Same files and seed, same bytes.
+    `train_per_class`: keep only that many training images of each class (a seeded draw; val and test stay whole),
+    for the low-data regime in which pretrained weights matter most."""
     arrays = {}
     for split, (images_file, labels_file) in FILES.items():
         images = read_idx(_find(source, images_file), IMAGES_MAGIC)
@@ -93,11 +97,20 @@ def import_fashion_mnist(out: Path, source: Path = DEBIAN_DIR, seed: int = 0, pr
         if labels.size and labels.max() >= len(CLASSES):
             raise DataError(f"{source / labels_file}: label {labels.max()} outside the 10 Fashion-MNIST classes")
         arrays[split] = (images, labels)
+    rng = np.random.default_rng(seed)
     test_images, test_labels = arrays.pop("test")
-    order = np.random.default_rng(seed).permutation(len(test_images))
+    order = rng.permutation(len(test_images))
     half = len(order) // 2
     arrays["val"] = (test_images[order[:half]], test_labels[order[:half]])
     arrays["test"] = (test_images[order[half:]], test_labels[order[half:]])
+    if train_per_class is not None:
+        if train_per_class < 1:
+            raise DataError(f"--train-per-class: {train_per_class} must be at least 1")
+        images, labels = arrays["train"]
+        kept = np.sort(
+            np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:train_per_class] for c in range(len(CLASSES))])
+        )
+        arrays["train"] = (images[kept], labels[kept])
 
     rows = ["path,labels,split"]
     total = sum(len(labels) for _, labels in arrays.values())
@@ -113,7 +126,8 @@ def import_fashion_mnist(out: Path, source: Path = DEBIAN_DIR, seed: int = 0, pr
     fashion_taxonomy().save(out / "taxonomy.json")
     atomic_write_text(out / "manifest.csv", "\n".join(rows) + "\n")
     counts = {split: len(labels) for split, (_, labels) in arrays.items()}
-    atomic_write_json(out / "fashion_mnist.json", {"source": str(source), "seed": seed, "images": counts})
+    info = {"source": str(source), "seed": seed, "train_per_class": train_per_class, "images": counts}
+    atomic_write_json(out / "fashion_mnist.json", info)
     return out / "manifest.csv"
 
 

@@ -375,6 +375,8 @@ class Trainer:
             leave=False,
             dynamic_ncols=True,
         )
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         loss_sum, loss_count, images, start = 0.0, 0, 0, time.perf_counter()
         term_sums: dict[str, float] = {}
         for batch in loader:
@@ -441,6 +443,12 @@ class Trainer:
             **{f"train_loss_{name}": total / max(1, loss_count) for name, total in term_sums.items()},
             "seconds": elapsed,
             "images_per_s": images / elapsed if elapsed > 0 else 0.0,
+            # this process's peak GPU memory over the epoch (what sizes the batch on a GPU)
+            **(
+                {"peak_device_mib": torch.cuda.max_memory_allocated(self.device) / 2**20}
+                if self.device.type == "cuda"
+                else {}
+            ),
         }
 
     def _end_epoch(
