@@ -19,6 +19,7 @@ from kc.distill.targets import GeneralistTeacher, OnlineTeachers
 from kc.errors import CheckpointError
 from kc.evaluate.compare import gaps
 from kc.evaluate.metrics import vertical_floor_ap
+from kc.evaluate.report import comparison_table
 from kc.models.classifier import restrict_outputs
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run
@@ -142,6 +143,34 @@ def test_strongest_baseline_is_chosen_on_val_not_test():
     assert chosen["gap_closed"]["from_strongest_baseline"]["mAP"] == pytest.approx((62 - 58) / (80 - 58))
     assert chosen["gap_closed"]["from_generalist"]["mAP"] == pytest.approx((62 - 50) / (80 - 50))
     assert chosen["gap_closed_per_vertical"]["a"] == pytest.approx((62 - 58) / (80 - 58))
+    # the specialists' lead, on test, over the baseline chosen on val and over the generalist
+    assert chosen["headroom"]["over_strongest_baseline"]["mAP"] == pytest.approx(80 - 58)
+    assert chosen["headroom"]["over_generalist"]["mAP"] == pytest.approx(80 - 50)
+
+
+def test_the_report_says_when_the_strongest_baseline_leaves_the_teachers_little_headroom():
+    def table(specialists):
+        models = [
+            {
+                "stage": n,
+                "model": n,
+                "mAP": v,
+                "mean_per_vertical_AP": v,
+                "parameters": 1,
+                "networks_per_image": 1,
+                "images_per_s": 1.0,
+                "per_vertical_AP": {"a": v},
+            }
+            for n, v in ((GENERALIST, 20.0), (CONTROL, 30.0), (STUDENT, 30.0), ("specialists_oracle", specialists))
+        ]
+        split = {"models": models}
+        return comparison_table({**split, "val": split, **gaps(split, split)})
+
+    small = table(33.0)  # the control takes 10 of the specialists' 13 points over the generalist
+    assert "stand +3.00 above the strongest baseline and +13.00 above the generalist" in small
+    assert "not in the regime" in small
+    large = table(60.0)
+    assert "stand +30.00 above the strongest baseline" in large and "not in the regime" not in large
 
 
 def test_no_selection_reads_the_test_split(bench, tmp_path, finished):
@@ -255,9 +284,19 @@ def test_seed_summary_pairs_differences_by_seed():
             {"stage": "student", "model": "s", "mAP": student, "mean_per_vertical_AP": student, **speed},
             {"stage": "control", "model": "c", "mAP": control, "mean_per_vertical_AP": control, **speed},
         ]
-        return {"models": models, "floor": {"mAP": 5.0}, "gap_closed_per_vertical": {"a": gap, "b": None}}
+        headroom = {
+            w: {"mAP": 70.0 - control, "mean_per_vertical_AP": 0.0}
+            for w in ("over_strongest_baseline", "over_generalist")
+        }
+        return {
+            "models": models,
+            "floor": {"mAP": 5.0},
+            "gap_closed_per_vertical": {"a": gap, "b": None},
+            "headroom": headroom,
+        }
 
     summary = summarise({0: result(50, 48, 0.1), 1: result(60, 61, -0.2), 2: result(55, 52, 0.4)})
+    assert summary["specialists_headroom"]["over_strongest_baseline_mAP"]["mean"] == pytest.approx(70 - 161 / 3)
     diff = next(p for p in summary["paired_differences"] if p["baseline"] == "control" and p["metric"] == "mAP")
     assert diff["mean"] == pytest.approx(4 / 3) and diff["wins"] == 2
     assert diff["std"] == pytest.approx(np.std([2, -1, 3], ddof=1))

@@ -134,6 +134,12 @@ def summarise(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             values = [results[s].get("gap_closed", {}).get(which, {}).get(k) for s in seeds]
             if all(v is not None for v in values):
                 gaps[f"{which}_{k}"] = _mean_std([100 * v for v in values])
+    headroom = {
+        f"{which}_{k}": _mean_std([results[s]["headroom"][which][k] for s in seeds])
+        for which in ("over_strongest_baseline", "over_generalist")
+        for k in METRICS
+        if all("headroom" in results[s] for s in seeds)
+    }
     per_vertical = [
         100 * v for s in seeds for v in (results[s].get("gap_closed_per_vertical") or {}).values() if v is not None
     ]
@@ -152,6 +158,7 @@ def summarise(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "models": models,
         "paired_differences": paired,
         "gap_closed_percent": gaps,
+        "specialists_headroom": headroom,
         "strongest_baseline": {s: results[s].get("strongest_baseline", {}).get("stage") for s in seeds},
         "floor_test_mAP": _mean_std([results[s]["floor"]["mAP"] for s in seeds]),
     }
@@ -195,6 +202,15 @@ def seeds_table(summary: dict[str, Any]) -> str:
                 f"Per vertical, from the strongest baseline (test, {spread['count']} vertical-seeds with a gap): "
                 f"min {spread['min']:.0f}%, quartiles {spread['q1']:.0f}% / {spread['median']:.0f}% / "
                 f"{spread['q3']:.0f}%, max {spread['max']:.0f}% (the paper, from its generalist: 10-40%).",
+            ]
+        headroom = summary.get("specialists_headroom")
+        if headroom:
+            lines += [
+                "",
+                "Specialists (oracle-routed) minus the strongest baseline, test mAP: "
+                f"{_pm(headroom['over_strongest_baseline_mAP'])}; minus the generalist: "
+                f"{_pm(headroom['over_generalist_mAP'])} (what the teachers can add to the student at most, and the "
+                "paper's gap).",
             ]
         chosen = ", ".join(f"seed {s}: {b}" for s, b in summary["strongest_baseline"].items())
         lines += ["", f"Strongest baseline, chosen on val mAP: {chosen}."]

@@ -108,7 +108,9 @@ def import_fashion_mnist(
             raise DataError(f"--train-per-class: {train_per_class} must be at least 1")
         images, labels = arrays["train"]
         kept = np.sort(
-            np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:train_per_class] for c in range(len(CLASSES))])
+            np.concatenate(
+                [rng.permutation(np.flatnonzero(labels == c))[:train_per_class] for c in range(len(CLASSES))]
+            )
         )
         arrays["train"] = (images[kept], labels[kept])
 
