@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -125,3 +126,38 @@ def test_a_damaged_cache_array_is_refused_naming_it(run, how):
     damage(cache_dir(run) / "teacher_001.logits.npy", how)
     with pytest.raises(CheckpointError, match=r"teacher_001.logits.npy: damaged"):
         CachedTeachers(run, digests, 3, 1.0)
+
+
+def test_cached_targets_of_multi_label_images_are_each_selected_teachers_top_k():
+    """Every (image, selected vertical) pair gets sigmoid(logit / T) of its teacher's top k at those classes, 0
+    elsewhere, whatever the mix of verticals in the batch (images of one, two or three verticals)."""
+    from kc.taxonomy import ClassInfo, Taxonomy, Vertical
+
+    sizes = [4, 2, 5]
+    verticals = [Vertical(f"v{v}", f"v{v}") for v in range(3)]
+    taxonomy = Taxonomy(verticals, [ClassInfo(f"c{v}{i}", "", f"v{v}") for v, n in enumerate(sizes) for i in range(n)])
+    starts = [0, 4, 6]
+    rng = np.random.default_rng(0)
+    images = [[0], [4, 7], [1, 2, 5, 10], [6], [3, 8], [5]]  # class indices per training image
+    rows, logits, classes = [], [], []
+    for v, n in enumerate(sizes):
+        mine = np.array([i for i, labels in enumerate(images) if any(starts[v] <= c < starts[v] + n for c in labels)])
+        k = min(3, n)
+        rows.append(mine)
+        logits.append(np.sort(rng.normal(size=(len(mine), k)).astype(np.float32), axis=1)[:, ::-1].copy())
+        classes.append(np.stack([rng.permutation(n)[:k] for _ in mine]).astype(np.int32))
+    teachers = CachedTeachers.from_arrays(taxonomy, rows, logits, classes, top_k=2, temperature=2.0)
+    order = [2, 0, 5, 1, 4, 3]  # a batch in another order than the training split
+    labels = torch.full((len(order), 4), -1, dtype=torch.long)
+    for b, i in enumerate(order):
+        labels[b, : len(images[i])] = torch.tensor(images[i])
+    targets = teachers(torch.zeros(len(order), 1), labels, torch.tensor(order))
+    expected = torch.zeros(len(order), sum(sizes))
+    for b, i in enumerate(order):
+        for v, n in enumerate(sizes):
+            if any(starts[v] <= c < starts[v] + n for c in images[i]):
+                at = int(np.searchsorted(rows[v], i))
+                for j in range(2):
+                    expected[b, starts[v] + classes[v][at, j]] = torch.sigmoid(torch.tensor(logits[v][at, j] / 2.0))
+    torch.testing.assert_close(targets.values, expected, rtol=0, atol=1e-6)
+    assert targets.selected.sum().item() == sum(len(r) for r in rows)

@@ -245,9 +245,7 @@ class CachedTeachers(Teachers):
                 f"{directory}: the cache keeps the top {kept} logits, fewer than student.top_k={top_k} "
                 f"(verticals {', '.join(short[:10])}); rebuild it with `kc cache-targets RUN --top-k {top_k}`"
             )
-        super().__init__(taxonomy, top_k, temperature, unselected)
-        # Per shard: the sorted training indices of its images (searched per batch), and the memory-mapped arrays.
-        self.rows, self.logits, self.classes = [], [], []
+        rows, logits, classes = [], [], []
         for v in range(taxonomy.num_verticals):
             prefix = _shard_prefix(v)
             for part, recorded in shards[v].get("sha256", {}).items():  # absent in caches built before digests
@@ -257,22 +255,66 @@ class CachedTeachers(Teachers):
                         f"{path}: damaged or missing (its SHA-256 is not the one {prefix}.json recorded); rebuild "
                         "the cache with `kc cache-targets RUN`"
                     )
-            self.rows.append(np.load(directory / f"{prefix}.rows.npy"))
-            self.logits.append(np.load(directory / f"{prefix}.logits.npy", mmap_mode="r"))
-            self.classes.append(np.load(directory / f"{prefix}.classes.npy", mmap_mode="r"))
+            rows.append(np.load(directory / f"{prefix}.rows.npy"))
+            logits.append(np.load(directory / f"{prefix}.logits.npy", mmap_mode="r"))
+            classes.append(np.load(directory / f"{prefix}.classes.npy", mmap_mode="r"))
+        super().__init__(taxonomy, top_k, temperature, unselected)
+        self._hold(rows, logits, classes)
+
+    @classmethod
+    def from_arrays(
+        cls,
+        taxonomy: Taxonomy,
+        rows: list[np.ndarray],
+        logits: list[np.ndarray],
+        classes: list[np.ndarray],
+        top_k: int,
+        temperature: float,
+        unselected: str = "zero",
+    ) -> CachedTeachers:
+        """Teachers over the cache's arrays as given (the constructor opens and checks a run's): per vertical v,
+        `rows[v]` the ascending training indices of its images, `logits[v]` and `classes[v]` (n_v, k) their
+        teacher's largest logits and the class indices within v."""
+        teachers = cls.__new__(cls)
+        Teachers.__init__(teachers, taxonomy, top_k, temperature, unselected)
+        teachers._hold(rows, logits, classes)
+        return teachers
+
+    def _hold(self, rows: list[np.ndarray], logits: list[np.ndarray], classes: list[np.ndarray]) -> None:
+        # Per shard: the sorted training indices of its images (searched per batch), and the memory-mapped arrays.
+        # Plain ndarray views of the memory maps (same pages): np.memmap's indexing costs more per call than the read.
+        self.rows, self.logits, self.classes = rows, [np.asarray(z) for z in logits], [np.asarray(c) for c in classes]
+        self.width = max((min(self.top_k, z.shape[1]) for z in logits), default=0)  # most targets kept per pair
 
     @torch.no_grad()
     def blocks(self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor) -> BlockTargets:
+        # One read per selected vertical into shared buffers, then one scatter for every pair: at 100K classes a
+        # batch selects about 400 verticals, and torch calls per vertical cost more than the reads.
         selected, rows, verticals, values = self.pairs(labels)
+        pairs, width = len(rows), values.shape[1]
         indices = sample_index.cpu().numpy()[rows.cpu().numpy()]
         pair_verticals = verticals.cpu().numpy()
-        for v in np.unique(pair_verticals).tolist():
-            pairs = np.flatnonzero(pair_verticals == v)
-            where = np.searchsorted(self.rows[v], indices[pairs])
-            k = min(self.top_k, self.logits[v].shape[1])
-            z = torch.from_numpy(np.ascontiguousarray(self.logits[v][where, :k])).to(values.device)
-            cls = torch.from_numpy(np.ascontiguousarray(self.classes[v][where, :k])).long().to(values.device)
-            block = torch.zeros(len(pairs), self.vertical_sizes[v], device=values.device)
-            block.scatter_(1, cls, torch.sigmoid(z / self.temperature))
-            values[torch.from_numpy(pairs).to(values.device), : block.shape[1]] = block
-        return BlockTargets(rows, verticals, values, selected)
+        # Pairs grouped by vertical (a stable sort), each group's rows read into one contiguous slice of the buffers.
+        order = np.argsort(pair_verticals, kind="stable")
+        z = np.full((pairs, self.width), -np.inf, dtype=np.float32)  # sigmoid(-inf) = 0: padding adds nothing
+        where_class = np.full((pairs, self.width), width, dtype=np.int32)  # padding lands in a dropped column
+        ends = [*np.flatnonzero(np.diff(pair_verticals[order])) + 1, pairs] if pairs else []
+        begin = 0
+        for end in ends:
+            v = int(pair_verticals[order[begin]])
+            where = np.searchsorted(self.rows[v], indices[order[begin:end]])
+            if self.logits[v].shape[1] == self.width:  # the usual case: whole rows, straight into the buffers
+                np.take(self.logits[v], where, axis=0, out=z[begin:end])
+                np.take(self.classes[v], where, axis=0, out=where_class[begin:end])
+            else:  # a vertical smaller than the rest, or a cache that keeps more than top_k
+                k = min(self.top_k, self.logits[v].shape[1])
+                z[begin:end, :k] = self.logits[v][where, :k]
+                where_class[begin:end, :k] = self.classes[v][where, :k]
+            begin = end
+        device = values.device
+        padded = torch.zeros(pairs, width + 1, device=device)
+        probs = torch.sigmoid(torch.from_numpy(z).to(device) / self.temperature)
+        columns = torch.from_numpy(where_class).to(device).long()
+        unsorted = torch.from_numpy(np.argsort(order)).to(device)  # buffer row of each pair
+        padded.scatter_(1, columns[unsorted], probs[unsorted])
+        return BlockTargets(rows, verticals, padded[:, :width], selected)
