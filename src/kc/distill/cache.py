@@ -285,6 +285,12 @@ class CachedTeachers(Teachers):
         # Plain ndarray views of the memory maps (same pages): np.memmap's indexing costs more per call than the read.
         self.rows, self.logits, self.classes = rows, [np.asarray(z) for z in logits], [np.asarray(c) for c in classes]
         self.width = max((min(self.top_k, z.shape[1]) for z in logits), default=0)  # most targets kept per pair
+        # Every (training index, vertical) pair of the cache, by key index * V + v, sorted, with its row in the
+        # vertical's shard: a batch's pairs are found by one search, not one per vertical.
+        keys = np.concatenate([r.astype(np.int64) * self.num_verticals + v for v, r in enumerate(rows)] or [[]])
+        local = np.concatenate([np.arange(len(r)) for r in rows] or [[]]).astype(np.int64)
+        order = np.argsort(keys, kind="stable")
+        self.pair_keys, self.pair_row = keys[order], local[order]
 
     @torch.no_grad()
     def blocks(self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor) -> BlockTargets:
@@ -296,16 +302,17 @@ class CachedTeachers(Teachers):
         pair_verticals = verticals.cpu().numpy()
         # Pairs grouped by vertical (a stable sort), each group's rows read into one contiguous slice of the buffers.
         order = np.argsort(pair_verticals, kind="stable")
+        found = np.searchsorted(self.pair_keys, indices[order] * self.num_verticals + pair_verticals[order])
+        shard_rows = self.pair_row[found]  # each pair's row in its vertical's shard, in `order`
         z = np.full((pairs, self.width), -np.inf, dtype=np.float32)  # sigmoid(-inf) = 0: padding adds nothing
         where_class = np.full((pairs, self.width), width, dtype=np.int32)  # padding lands in a dropped column
         ends = [*np.flatnonzero(np.diff(pair_verticals[order])) + 1, pairs] if pairs else []
         begin = 0
         for end in ends:
-            v = int(pair_verticals[order[begin]])
-            where = np.searchsorted(self.rows[v], indices[order[begin:end]])
+            v, where = int(pair_verticals[order[begin]]), shard_rows[begin:end]
             if self.logits[v].shape[1] == self.width:  # the usual case: whole rows, straight into the buffers
-                np.take(self.logits[v], where, axis=0, out=z[begin:end])
-                np.take(self.classes[v], where, axis=0, out=where_class[begin:end])
+                self.logits[v].take(where, axis=0, out=z[begin:end])
+                self.classes[v].take(where, axis=0, out=where_class[begin:end])
             else:  # a vertical smaller than the rest, or a cache that keeps more than top_k
                 k = min(self.top_k, self.logits[v].shape[1])
                 z[begin:end, :k] = self.logits[v][where, :k]
