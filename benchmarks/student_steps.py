@@ -2,7 +2,11 @@
 
     python benchmarks/student_steps.py RUN_DIR [--sampled-verticals 40] [--steps 8] [--json out.json]
 
-RUN_DIR is a run whose generalist and soft-target cache are built (e.g. the 100K feature run of docs/BENCHMARKS.md).
+RUN_DIR is a run whose generalist and soft-target cache are built (e.g. the 100K feature run of docs/BENCHMARKS.md),
+or, with `--synthetic`, a run directory (or config) of which only the data is needed: the models start from random
+weights and the cache holds random top-K logits for each training image's verticals, written and memory-mapped
+as `kc cache-targets` writes them (a step's cost does not depend on the values), and the sampled student is timed
+a second time with its targets read by the previous cache reader (benchmarks/cache_lookup.py).
 On the same batches of the run's training data (batch = student.batch_size), the script times optimizer steps of:
 the generalist's loss as configured (e.g. `generalist.sampled_negatives`), the student's loss over every class (the
 paper), and the student's loss over each image's verticals plus N drawn ones (`student.sampled_verticals`), all
@@ -15,21 +19,58 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from cache_lookup import Shards, previous_blocks  # benchmarks/cache_lookup.py, beside this script
 from torch.utils.data import DataLoader
 
 from kc.config import load_config
 from kc.data.dataset import ImageDataset, collate
 from kc.distill.cache import CachedTeachers
 from kc.distill.loss import sum_terms
+from kc.distill.targets import BlockTargets
 from kc.run import prepare_run
-from kc.stages import CONTROL, STUDENT, best_weights, file_digest, specialist_dir
+from kc.stages import CONTROL, STUDENT, best_weights, file_digest, new_model, specialist_dir
 from kc.train.common import ground_truth_loss, start_from_generalist
+from kc.train.specialists import vertical_members
 from kc.train.student import student_loss
 from kc.train.trainer import make_optimizer
+
+
+def synthetic_teachers(run, folder: Path) -> tuple[CachedTeachers, CachedTeachers]:
+    """Random top-K logits (descending) and distinct classes for every (training image, vertical) pair of the run,
+    in the cache's layout, memory-mapped; read by the current reader and by the previous one."""
+    tax, scfg = run.taxonomy, run.cfg.student
+    rng = np.random.default_rng(0)
+    members = vertical_members(run.splits["train"], tax.vertical_of_class, tax.num_verticals)
+    rows, logits, classes = [], [], []
+    for v, mine in enumerate(members):
+        size = tax.vertical_size(v)
+        k = min(scfg.top_k, size)
+        z = -np.sort(-rng.normal(size=(len(mine), k)).astype(np.float32), axis=1)
+        c = np.argsort(rng.random((len(mine), size)), axis=1)[:, :k].astype(np.int32)
+        for part, array in (("rows", mine), ("logits", z), ("classes", c)):
+            np.save(folder / f"teacher_{v:04d}.{part}.npy", np.ascontiguousarray(array))
+        rows.append(np.load(folder / f"teacher_{v:04d}.rows.npy"))
+        logits.append(np.load(folder / f"teacher_{v:04d}.logits.npy", mmap_mode="r"))
+        classes.append(np.load(folder / f"teacher_{v:04d}.classes.npy", mmap_mode="r"))
+    teachers = CachedTeachers.from_arrays(tax, rows, logits, classes, scfg.top_k, scfg.temperature, scfg.unselected)
+    previous = PreviousReader.from_arrays(tax, rows, logits, classes, scfg.top_k, scfg.temperature, scfg.unselected)
+    previous.shards = (rows, logits, classes)
+    return teachers, previous
+
+
+class PreviousReader(CachedTeachers):
+    """The cache reader before 2026-12-02 (benchmarks/cache_lookup.py), to measure the current one against."""
+
+    shards: Shards
+
+    def blocks(self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor) -> BlockTargets:
+        return previous_blocks(self, self.shards, labels, sample_index)
 
 
 def main() -> None:
@@ -38,26 +79,42 @@ def main() -> None:
     parser.add_argument("--sampled-verticals", type=int, default=40)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per model (after one warm-up step)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--synthetic", action="store_true", help="random weights and a random cache (see above)")
+    parser.add_argument("--skip-full", action="store_true", help="leave out the student's loss over every class")
     args = parser.parse_args()
 
-    run = prepare_run(load_config(args.run_dir / "config.yaml"), progress=False)
+    config = args.run_dir / "config.yaml" if args.run_dir.is_dir() else args.run_dir
+    run = prepare_run(load_config(config), progress=False)
     scfg, tax = run.cfg.student, run.taxonomy
-    digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(tax.num_verticals)]
-    teachers = CachedTeachers(run, digests, scfg.top_k, scfg.temperature, scfg.unselected)
+    work = tempfile.TemporaryDirectory()
+    if args.synthetic:
+        teachers, previous = synthetic_teachers(run, Path(work.name))
+
+        def start(stage: str) -> torch.nn.Module:
+            return new_model(run, stage)
+    else:
+        digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(tax.num_verticals)]
+        teachers = CachedTeachers(run, digests, scfg.top_k, scfg.temperature, scfg.unselected)
+
+        def start(stage: str) -> torch.nn.Module:
+            return start_from_generalist(run, stage)
+
     weights, cpu = torch.ones(tax.num_verticals), torch.device("cpu")
     gcfg = run.cfg.generalist
-    setups = {
-        "generalist": (
-            start_from_generalist(run, CONTROL),
-            ground_truth_loss(gcfg.loss, tax.num_classes, gcfg.sampled_negatives),
-        )
-    }
+    setups = {"generalist": (start(CONTROL), ground_truth_loss(gcfg.loss, tax.num_classes, gcfg.sampled_negatives))}
     for name, drawn in (
         ("student, every class", None),
         (f"student, {args.sampled_verticals} drawn verticals", args.sampled_verticals),
     ):
+        if name == "student, every class" and args.skip_full:
+            continue
         scfg.sampled_verticals = drawn
-        setups[name] = (start_from_generalist(run, STUDENT), student_loss(run, teachers, weights, cpu))
+        setups[name] = (start(STUDENT), student_loss(run, teachers, weights, cpu))
+    if args.synthetic:  # the same sampled student, its targets read as before
+        setups[f"student, {drawn} drawn verticals, previous reader"] = (
+            start(STUDENT),
+            student_loss(run, previous, weights, cpu),
+        )
     optimizers = {name: make_optimizer(model, scfg) for name, (model, _) in setups.items()}
 
     dataset = ImageDataset(run.splits["train"], run.image_root, run.cfg.data, train=True, seed=0)
@@ -91,7 +148,7 @@ def main() -> None:
     )
     for name in setups:
         print(
-            f"  {name:40s} {median[name]:8.3f} s/step  {result['vs_generalist'][name]:6.2f}x generalist  "
+            f"  {name:55s} {median[name]:8.3f} s/step  {result['vs_generalist'][name]:6.2f}x generalist  "
             f"{result['epoch_minutes'][name]:7.1f} min/epoch"
         )
     if args.json:
