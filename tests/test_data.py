@@ -189,6 +189,35 @@ def test_decompression_bombs_and_oversized_images_are_refused_before_decoding(tm
     assert "too large to decode safely" in image_problem(tmp_path / "big.png")
 
 
+# decode_rgb checks the limit itself; Pillow's own warning, ignored inside it, can still surface from the check's
+# threads (warning filters are process-wide)
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_data_max_image_pixels_admits_large_images_deliberately(tmp_path, tiny_benchmark, monkeypatch):
+    """Above Pillow's bomb limit an image is refused, naming the key that admits it; with data.max_image_pixels
+    raised, the run's check, training decode and decoded cache read it; a limit below its size refuses it."""
+    import shutil
+
+    from conftest import tiny_config
+    from kc.config import config_from_dict
+    from kc.data.dataset import ImageDataset
+    from kc.data.images import image_problem
+    from kc.run import prepare_run
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # for Pillow's 89 million: the images are 16 x 16
+    assert "raise data.max_image_pixels" in image_problem(next(tiny_benchmark.rglob("*.png")))
+    bench = tmp_path / "bench"
+    shutil.copytree(tiny_benchmark, bench)
+    config = tiny_config(bench, tmp_path / "run")
+    with pytest.raises(DataError, match="raise data.max_image_pixels"):
+        prepare_run(config_from_dict(config), progress=False)
+    config["data"] = {**config["data"], "max_image_pixels": 1_000, "decoded_cache": True}
+    run = prepare_run(config_from_dict(config), progress=False)
+    assert len(run.splits["train"]) == 144 and run.decoded is not None
+    dataset = ImageDataset(run.splits["train"], run.image_root, run.cfg.data, train=False)
+    assert dataset[0][0].shape == (3, 16, 16)  # decoded from the file, past the lowered bomb limit
+    assert "exceeds the limit of 200" in image_problem(next(tiny_benchmark.rglob("*.png")), max_pixels=200)
+
+
 def test_check_data_reports_every_problem_at_once(tmp_path, tiny_benchmark):
     import shutil
 

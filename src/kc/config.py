@@ -68,6 +68,12 @@ class DataConfig(_Strict):
     )
     expand_ancestors: bool = Field(False, description="also label every ancestor class of each label")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes (results do not depend on it)")
+    max_image_pixels: int | None = Field(
+        None,
+        gt=0,
+        description="images of more pixels are refused (null: Pillow's decompression-bomb limit, about 89 million); "
+        "raise it to admit legitimately large photos deliberately",
+    )
     decoded_cache: bool = Field(
         False,
         description="decode and resize every image once per run (RUN/data/decoded_*.npy, uint8, memory-mapped) "

@@ -144,7 +144,7 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
     d = cfg.data
     taxonomy, samples, image_root = load_source(d)
     samples = assign_splits(samples, d.split.val, d.split.test, cfg.seed)
-    kept, skipped = check_images(samples, image_root, d.bad_images, progress=progress)
+    kept, skipped = check_images(samples, image_root, d.bad_images, progress=progress, max_pixels=d.max_image_pixels)
     splits = {s: [x for x in kept if x.split == s] for s in SPLITS}
     if not splits["train"]:
         raise DataError(

@@ -35,6 +35,7 @@ class ImageDataset(Dataset):
         self.image_root = image_root
         self.preprocess = Preprocess(cfg.image_size, cfg.mean, cfg.std, cfg.interpolation)
         self.size = cfg.image_size
+        self.max_pixels = cfg.max_image_pixels
         self.augment = cfg.augment if train else None
         self.seed = seed
         self.epoch = 0
@@ -54,7 +55,7 @@ class ImageDataset(Dataset):
         if self.decoded is not None and (x := self.decoded.get(sample.path)) is not None:
             return x
         try:
-            img = decode_rgb(self.image_root / sample.path, target=self.size)
+            img = decode_rgb(self.image_root / sample.path, max_pixels=self.max_pixels, target=self.size)
         except (OSError, ValueError, SyntaxError) as exc:
             raise DataError(f"{sample.where}: cannot read {self.image_root / sample.path}: {exc}") from None
         return self.preprocess.to_unit(img)

@@ -66,7 +66,7 @@ def _build(path: Path, cfg: DataConfig, paths: list[str], image_root: Path, prog
         pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
         for row, rel in enumerate(tqdm(paths, desc="decoding images once", disable=not progress, unit="img")):
             try:
-                img = decode_rgb(image_root / rel, target=size)
+                img = decode_rgb(image_root / rel, max_pixels=cfg.max_image_pixels, target=size)
             except (OSError, ValueError, SyntaxError) as exc:
                 raise DataError(f"{image_root / rel}: cannot read: {exc}") from None
             pixels[row] = preprocess.to_unit(img).mul_(255.0).round_().to(torch.uint8).numpy()

@@ -29,14 +29,22 @@ def decode_rgb(source: Path | BinaryIO, max_pixels: int | None = None, target: i
     decoder scales by 1/2 to 1/8) and box-filtered to a shorter side of about 2 x `target` right after: the
     antialiased resize to `target` that follows then gives nearly the same pixels as from full size (within a
     level or two of 255 on smooth images), for a fraction of the memory and time. Training, evaluation and
-    serving decode alike."""
+    serving decode alike.
+
+    A `max_pixels` above Pillow's own decompression-bomb limit raises that limit to it (Pillow reads one
+    process-wide value; it is raised, never lowered): the caller's limit is the one that holds."""
+    if max_pixels is not None and Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     if isinstance(source, Path):
         source = image_source(source)  # a member of a .tar shard, or the file
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(source) as img:
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                raise ImageTooLarge(f"{img.width}x{img.height} pixels exceeds the limit of {max_pixels:,}")
+        # The limit is checked here, from the header: Pillow's warning (between its limit and twice it) is not
+        # relied on, since warning filters are process-wide and images are checked on several threads at once.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(source) as img:  # raises DecompressionBombError above twice Pillow's limit
+            if limit is not None and img.width * img.height > limit:
+                raise ImageTooLarge(f"{img.width}x{img.height} pixels exceeds the limit of {limit:,}")
             if target is not None:
                 img.draft("RGB", (2 * target, 2 * target))  # only JPEG decoders act on it
             ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy
@@ -108,28 +116,34 @@ class Preprocess:
         return self.normalise(self.to_unit(img))
 
 
-def image_problem(path: Path) -> str | None:
+def image_problem(path: Path, max_pixels: int | None = None) -> str | None:
     """None if the image decodes fully, else why not."""
     try:
-        decode_rgb(path).load()
+        decode_rgb(path, max_pixels=max_pixels).load()
     except FileNotFoundError:
         return "file not found"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        return f"too large to decode safely ({exc})"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning, ImageTooLarge) as exc:
+        return f"too large to decode safely ({exc}); to admit it, raise data.max_image_pixels"
     except (OSError, ValueError, SyntaxError) as exc:
         return f"unreadable image ({exc.__class__.__name__}: {exc})"
     return None
 
 
 def check_images(
-    samples: list[Sample], image_root: Path, policy: str, threads: int = 4, progress: bool = True
+    samples: list[Sample],
+    image_root: Path,
+    policy: str,
+    threads: int = 4,
+    progress: bool = True,
+    max_pixels: int | None = None,
 ) -> tuple[list[Sample], list[dict[str, str]]]:
-    """Decode every image once. policy 'fail': raise listing every bad image; 'skip': drop and report them."""
+    """Decode every image once (refusing those above `max_pixels`, default Pillow's limit). policy 'fail': raise
+    listing every bad image; 'skip': drop and report them."""
 
     def problem(sample: Sample) -> str | None:
         if is_feature_path(sample.path):
             return feature_problem(image_root, sample.path)
-        return image_problem(image_root / sample.path)
+        return image_problem(image_root / sample.path, max_pixels)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = list(
