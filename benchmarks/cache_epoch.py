@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kc.bench import bench_workspace, training
 from kc.config import load_config
-from kc.distill.cache import cache_bytes, cache_dir
+from kc.distill.cache_format import cache_bytes, cache_dir
 from kc.io import read_json
 from kc.run import prepare_run
 from kc.train.student import cache_targets

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kc.distill.cache import CachedTeachers
+from kc.distill.cached_teachers import CachedTeachers
 from kc.distill.targets import BlockTargets
 from kc.taxonomy import ClassInfo, Taxonomy, Vertical
 

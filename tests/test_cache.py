@@ -10,7 +10,9 @@ from torch import nn
 from conftest import tiny_config
 from kc.config import config_from_dict
 from kc.data.dataset import ImageDataset, collate
-from kc.distill.cache import CachedTeachers, build_cache, cache_dir
+from kc.distill.cache import build_cache
+from kc.distill.cache_format import cache_dir
+from kc.distill.cached_teachers import CachedTeachers
 from kc.distill.targets import OnlineTeachers
 from kc.errors import CheckpointError
 from kc.pipeline import run_pipeline

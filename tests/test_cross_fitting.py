@@ -12,7 +12,7 @@ from kc.config import config_from_dict
 from kc.data.dataset import ImageDataset, collate
 from kc.data.samples import Sample
 from kc.data.splits import training_folds
-from kc.distill.cache import cache_dir
+from kc.distill.cache_format import cache_dir
 from kc.errors import ConfigError
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run

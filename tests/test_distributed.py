@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from kc.config import load_config
-from kc.distill.cache import cache_dir
+from kc.distill.cache_format import cache_dir
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run
 from kc.train.generalist import train_generalist

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from kc.config import load_config
 from kc.data.dataset import ImageDataset, collate
-from kc.distill.cache import CachedTeachers
+from kc.distill.cached_teachers import CachedTeachers
 from kc.distill.loss import sum_terms
 from kc.distill.targets import OnlineTeachers
 from kc.models.heads import DenseHead

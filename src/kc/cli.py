@@ -439,7 +439,7 @@ def cache_targets_cmd(
     no_progress: NoProgress = False,
 ) -> None:
     """Run each specialist once over its vertical's training images and store its top-K logits (RUN/cache)."""
-    from kc.distill.cache import cache_bytes, cache_dir, write_index
+    from kc.distill.cache_format import cache_bytes, cache_dir, write_index
     from kc.jobs import run_shard_jobs
     from kc.train.specialists import shard_verticals
     from kc.train.student import cache_targets

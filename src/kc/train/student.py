@@ -9,7 +9,9 @@ from torch import nn
 
 from kc import distributed
 from kc.data.dataset import ImageDataset, dense_targets
-from kc.distill.cache import INDEX, CachedTeachers, build_cache, cache_dir, write_index
+from kc.distill.cache import build_cache
+from kc.distill.cache_format import INDEX, cache_dir, write_index
+from kc.distill.cached_teachers import CachedTeachers
 from kc.distill.loss import distillation_terms
 from kc.distill.sampled import SampledVerticalsLoss
 from kc.distill.targets import GeneralistTeacher, OnlineTeachers, Teachers
