@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,24 @@ class TrainResult:
     resumed_from_step: int = 0
 
 
+@dataclass
+class LoopState:
+    """Where a stage's training is: what each checkpoint saves (as JSON, these keys) and a resume restores."""
+
+    step: int = 0
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0
+    best_metric: float | None = None
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = False
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> LoopState:
+        """The loop state of a checkpoint's state JSON (which holds more: fingerprint, optimizer, RNG, ...)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
 class Trainer:
     def __init__(
         self,
@@ -261,15 +279,7 @@ class Trainer:
         torch.manual_seed(self.seed + 7919 * self.rank)  # dropout: its own stream per rank
         self.model.to(self.device)
         optimizer = make_optimizer(self.model, self.cfg, self.lr_multipliers)
-        state = {
-            "step": 0,
-            "epoch": 0,
-            "step_in_epoch": 0,
-            "best_metric": None,
-            "best_epoch": -1,
-            "history": [],
-            "complete": False,
-        }
+        state = LoopState()
         resumed_from = 0
         if self.main:
             self.ckpt.remove_stale_temporaries()
@@ -282,12 +292,12 @@ class Trainer:
                     f"use a new run_dir, or delete {self.stage_dir} to train this stage again"
                 )
             if saved.get("complete"):
-                return self._result(saved, 0)
-            state = self.ckpt.restore(self.model, optimizer, saved)
+                return self._result(LoopState.from_saved(saved), 0)
+            state = LoopState.from_saved(self.ckpt.restore(self.model, optimizer, saved))
             if not self.main:  # the checkpoint holds rank 0's RNG
-                torch.manual_seed(self.seed + 7919 * self.rank + 104_729 * state["step"])
-            resumed_from = state["step"]
-            self._log(f"{self.name}: resuming at epoch {state['epoch'] + 1}, step {state['step']}")
+                torch.manual_seed(self.seed + 7919 * self.rank + 104_729 * state.step)
+            resumed_from = state.step
+            self._log(f"{self.name}: resuming at epoch {state.epoch + 1}, step {state.step}")
         forward_model: nn.Module = self.model
         if self.world > 1:
             device_ids = [self.device] if self.device.type == "cuda" else None
@@ -298,38 +308,37 @@ class Trainer:
         from torch.utils.tensorboard import SummaryWriter
 
         writer: Any = (
-            SummaryWriter(str(self.stage_dir / "tensorboard"), purge_step=state["step"] or None)
+            SummaryWriter(str(self.stage_dir / "tensorboard"), purge_step=state.step or None)
             if self.main
             else _NoWriter()
         )
         try:
             with StopSignals() as self._stop:
-                while state["epoch"] < self.cfg.epochs and not self._plateaued(state):
+                while state.epoch < self.cfg.epochs and not self._plateaued(state):
                     stats = self._train_epoch(forward_model, optimizer, state, writer)
                     self._end_epoch(optimizer, state, stats, writer)
-                if state["epoch"] < self.cfg.epochs:
+                if state.epoch < self.cfg.epochs:
                     self._log(
                         f"{self.name}: val {self.select_metric} has not improved for {self.cfg.patience} epochs "
-                        f"(best at epoch {state['best_epoch']}): stopped at epoch {state['epoch']} of {self.cfg.epochs}"
+                        f"(best at epoch {state.best_epoch}): stopped at epoch {state.epoch} of {self.cfg.epochs}"
                     )
         finally:
             writer.close()
-        state["complete"] = True
+        state.complete = True
         self._save(optimizer, state)
         distributed.barrier()  # the next stage, on every rank, reads what rank 0 wrote
         return self._result(state, resumed_from)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _plateaued(self, state: dict[str, Any]) -> bool:
+    def _plateaued(self, state: LoopState) -> bool:
         """The plateau criterion (`patience`): `patience` epochs in a row without a better val metric."""
         patience = self.cfg.patience
-        if patience is None or self.validate is None or state["best_metric"] is None:
+        if patience is None or self.validate is None or state.best_metric is None:
             return False
-        return state["epoch"] - state["best_epoch"] >= patience
+        return state.epoch - state.best_epoch >= patience
 
-    def _save(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    def _save(self, optimizer: torch.optim.Optimizer, state: LoopState) -> None:
         if self.main:
-            keep = ("step", "epoch", "step_in_epoch", "best_metric", "best_epoch", "history", "complete")
             # The seed says which draw this stage is; the config, what it was trained with (a run's config.yaml
             # holds the latest config any command ran with, which may have changed a stage section since).
             extra = {
@@ -338,14 +347,14 @@ class Trainer:
                 "config": self.cfg.model_dump(mode="json"),
                 "versions": kc.versions(),
             }
-            self.ckpt.save(self.model, optimizer, {**{k: state[k] for k in keep}, **extra})
+            self.ckpt.save(self.model, optimizer, {**asdict(state), **extra})
 
     def _train_epoch(
-        self, forward_model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], writer: Any
+        self, forward_model: nn.Module, optimizer: torch.optim.Optimizer, state: LoopState, writer: Any
     ) -> dict[str, float]:
         """Train to the end of the current epoch (from mid-epoch after a resume); return its loss and speed
         (after a resume, over the part of the epoch run since)."""
-        epoch = state["epoch"]
+        epoch = state.epoch
         if hasattr(self.train_set, "set_epoch"):
             self.train_set.set_epoch(epoch)
         batches = EpochBatches(
@@ -353,7 +362,7 @@ class Trainer:
             self.cfg.batch_size,
             self.seed,
             epoch,  # type: ignore[arg-type]
-            start=state["step_in_epoch"],
+            start=state.step_in_epoch,
             rank=self.rank,
             world=self.world,
         )
@@ -368,7 +377,7 @@ class Trainer:
         self.model.train()
         bar = tqdm(
             total=self.steps_per_epoch,
-            initial=state["step_in_epoch"],
+            initial=state.step_in_epoch,
             disable=not (self.progress and self.main),
             desc=f"{self.name} epoch {epoch + 1}/{self.cfg.epochs}",
             unit="step",
@@ -381,7 +390,7 @@ class Trainer:
         term_sums: dict[str, float] = {}
         for batch in loader:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            lr = learning_rate(self.cfg, state["step"], self.steps_per_epoch)
+            lr = learning_rate(self.cfg, state.step, self.steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
@@ -401,7 +410,7 @@ class Trainer:
             stop = (requested or signal.SIGTERM) if stops else None
             if not math.isfinite(value):
                 raise TrainingDiverged(
-                    f"{self.name}: the loss became {value} at epoch {epoch + 1}, step {state['step']}; "
+                    f"{self.name}: the loss became {value} at epoch {epoch + 1}, step {state.step}; "
                     f"lower the learning rate (now {lr:.3g}) or set grad_clip. The last checkpoint is kept in "
                     f"{self.ckpt.root}."
                 )
@@ -410,32 +419,32 @@ class Trainer:
             if self.cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             optimizer.step()
-            state["step"] += 1
-            state["step_in_epoch"] += 1
+            state.step += 1
+            state.step_in_epoch += 1
             loss_sum, loss_count = loss_sum + value, loss_count + 1
             for name, term in term_values.items():
                 term_sums[name] = term_sums.get(name, 0.0) + term
             images += batch["images"].shape[0] * self.world  # every rank's share of the global batch
-            if state["step"] % 10 == 0:
-                writer.add_scalar(f"{self.name}/loss", value, state["step"])
+            if state.step % 10 == 0:
+                writer.add_scalar(f"{self.name}/loss", value, state.step)
                 for name, term in term_values.items():
-                    writer.add_scalar(f"{self.name}/loss_{name}", term, state["step"])
-                writer.add_scalar(f"{self.name}/lr", lr, state["step"])
+                    writer.add_scalar(f"{self.name}/loss_{name}", term, state.step)
+                writer.add_scalar(f"{self.name}/lr", lr, state.step)
                 for key, extra in (self.scalars(self.model) if self.scalars else {}).items():
-                    writer.add_scalar(f"{self.name}/{key}", extra, state["step"])
+                    writer.add_scalar(f"{self.name}/{key}", extra, state.step)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}", refresh=False)
             bar.update()
-            if state["step"] % self.cfg.checkpoint_every_steps == 0 or stop:
+            if state.step % self.cfg.checkpoint_every_steps == 0 or stop:
                 self._save(optimizer, state)
             if stop:
                 distributed.barrier()  # the checkpoint is written before any rank exits
                 raise TrainingStopped(
                     f"{self.name}: stopped by {signal.Signals(stop).name} at epoch {epoch + 1}, step "
-                    f"{state['step']}, after writing a checkpoint; run the same command again to resume",
+                    f"{state.step}, after writing a checkpoint; run the same command again to resume",
                     stop,
                 )
             if self.on_step is not None:
-                self.on_step(state["step"])
+                self.on_step(state.step)
         bar.close()
         elapsed = time.perf_counter() - start
         return {
@@ -452,9 +461,9 @@ class Trainer:
         }
 
     def _end_epoch(
-        self, optimizer: torch.optim.Optimizer, state: dict[str, Any], stats: dict[str, float], writer: Any
+        self, optimizer: torch.optim.Optimizer, state: LoopState, stats: dict[str, float], writer: Any
     ) -> None:
-        entry: dict[str, Any] = {"epoch": state["epoch"] + 1, "step": state["step"], **stats}
+        entry: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step, **stats}
         if self.scalars is not None:
             entry.update(self.scalars(self.model))
         if self.validate is not None:
@@ -463,7 +472,7 @@ class Trainer:
         metric = entry.get(f"val_{self.select_metric}")
         # Nothing to select on (no validation, or no val image to score): the latest epoch is kept. A best metric
         # of 0.0 is a metric like any other.
-        best = state["best_metric"]
+        best = state.best_metric
         better = metric is None or best is None or metric > best
         if better and self.main:
             # Weights, then their record (with the digest readers check), then the checkpoint: a crash in between
@@ -472,13 +481,13 @@ class Trainer:
             info = {"epoch": entry["epoch"], "metric": self.select_metric, "value": metric}
             atomic_write_json(self.ckpt.best_info, {**info, "sha256": sha256_file(self.ckpt.best)})
         if better:
-            state["best_metric"], state["best_epoch"] = metric, entry["epoch"]
+            state.best_metric, state.best_epoch = metric, entry["epoch"]
         for key, value in entry.items():
             if key not in ("epoch", "step"):
-                writer.add_scalar(f"{self.name}/{key}", value, state["step"])
-        state["history"].append(entry)
-        state["epoch"] += 1
-        state["step_in_epoch"] = 0
+                writer.add_scalar(f"{self.name}/{key}", value, state.step)
+        state.history.append(entry)
+        state.epoch += 1
+        state.step_in_epoch = 0
         self.model.train()
         self._save(optimizer, state)
         val_text = "".join(
@@ -491,8 +500,8 @@ class Trainer:
             f"({stats['seconds']:.1f}s, {stats['images_per_s']:.0f} img/s){' *' if better else ''}"
         )
 
-    def _result(self, state: dict[str, Any], resumed_from: int) -> TrainResult:
-        return TrainResult(self.ckpt.best, state["best_epoch"], state["best_metric"], state["history"], resumed_from)
+    def _result(self, state: LoopState, resumed_from: int) -> TrainResult:
+        return TrainResult(self.ckpt.best, state.best_epoch, state.best_metric, state.history, resumed_from)
 
     def _log(self, text: str) -> None:
         if self.verbose and self.main:
