@@ -109,11 +109,11 @@ def main() -> None:
         if name == "student, every class" and args.skip_full:
             continue
         scfg.sampled_verticals = drawn
-        setups[name] = (start(STUDENT), student_loss(run, teachers, weights, cpu))
+        setups[name] = (start(STUDENT), student_loss(scfg, tax.num_classes, teachers, weights, cpu))
     if args.synthetic:  # the same sampled student, its targets read as before
         setups[f"student, {drawn} drawn verticals, previous reader"] = (
             start(STUDENT),
-            student_loss(run, previous, weights, cpu),
+            student_loss(scfg, tax.num_classes, previous, weights, cpu),
         )
     optimizers = {name: make_optimizer(model, scfg) for name, (model, _) in setups.items()}
 

@@ -178,8 +178,14 @@ def training(run: Run, rounds: int) -> dict[str, Any]:
             start_from_generalist(run, CONTROL),
             ground_truth_loss(run.cfg.generalist.loss, run.taxonomy.num_classes),
         ),
-        "student (cache)": (start_from_generalist(run, STUDENT), student_loss(run, cached, weights, device)),
-        "student (online)": (start_from_generalist(run, STUDENT), student_loss(run, online, weights, device)),
+        "student (cache)": (
+            start_from_generalist(run, STUDENT),
+            student_loss(scfg, run.taxonomy.num_classes, cached, weights, device),
+        ),
+        "student (online)": (
+            start_from_generalist(run, STUDENT),
+            student_loss(scfg, run.taxonomy.num_classes, online, weights, device),
+        ),
     }
     dataset = ImageDataset(run.splits["train"], run.image_root, run.cfg.data, train=True, seed=0, decoded=run.decoded)
     loader = DataLoader(dataset, batch_size=scfg.batch_size, shuffle=True, collate_fn=collate)

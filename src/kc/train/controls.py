@@ -88,7 +88,12 @@ def train_ground_truth_control(
     kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
     multipliers = {"output_scales.": run.cfg.student.self_paced.lr_multiplier}
     return train_on_ground_truth(
-        run, GROUND_TRUTH, control_config(run), scalars=scale_scalars(run), lr_multipliers=multipliers, **kw
+        run,
+        GROUND_TRUTH,
+        control_config(run),
+        scalars=scale_scalars(run.cfg.student.self_paced, run.taxonomy),
+        lr_multipliers=multipliers,
+        **kw,
     )
 
 

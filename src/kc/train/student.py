@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kc import distributed
+from kc.config import SelfPacedConfig, StudentConfig
 from kc.data.dataset import ImageDataset, dense_targets
 from kc.distill.cache import build_cache
 from kc.distill.cache_format import INDEX, cache_dir, write_index
@@ -30,13 +31,15 @@ from kc.stages import (
     specialist_digest,
     training_fold_of,
 )
+from kc.taxonomy import Taxonomy
 from kc.train.common import start_from_generalist, validation_fn
 from kc.train.trainer import LossFn, Trainer, TrainResult
 
 
-def student_loss(run: Run, teachers: Teachers, vertical_weights: torch.Tensor, device: torch.device) -> LossFn:
+def student_loss(
+    s: StudentConfig, num_classes: int, teachers: Teachers, vertical_weights: torch.Tensor, device: torch.device
+) -> LossFn:
     """The distillation loss over every class, or over sampled verticals (student.sampled_verticals)."""
-    s = run.cfg.student
     vertical_weights = vertical_weights.to(device)  # constant per run: placed on the device once, not per batch
 
     if s.sampled_verticals is not None:
@@ -53,7 +56,7 @@ def student_loss(run: Run, teachers: Teachers, vertical_weights: torch.Tensor, d
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, labels = batch["images"], batch["labels"]
         soft = teachers(images, labels, batch["index"])
-        truth = dense_targets(labels, run.taxonomy.num_classes)
+        truth = dense_targets(labels, num_classes)
         return distillation_terms(
             model(images),
             soft,
@@ -68,11 +71,11 @@ def student_loss(run: Run, teachers: Teachers, vertical_weights: torch.Tensor, d
     return loss
 
 
-def scale_scalars(run: Run) -> Callable[[nn.Module], dict[str, float]] | None:
+def scale_scalars(self_paced: SelfPacedConfig, taxonomy: Taxonomy) -> Callable[[nn.Module], dict[str, float]] | None:
     """The self-paced scale of each vertical, for TensorBoard and the training history."""
-    if run.cfg.student.self_paced.variant == "none":
+    if self_paced.variant == "none":
         return None
-    ids = [v.id for v in run.taxonomy.verticals]
+    ids = [v.id for v in taxonomy.verticals]
 
     def scalars(model: nn.Module) -> dict[str, float]:
         values = model.output_scales.per_vertical_scale().tolist()
@@ -175,7 +178,7 @@ def train_distilled(
         scfg,
         run.stage_dir(stage),
         train_set,
-        student_loss(run, teachers, vertical_weights, device),
+        student_loss(scfg, run.taxonomy.num_classes, teachers, vertical_weights, device),
         validation_fn(run, device, scfg.eval_batch_size),
         seed=seed,
         device=device,
@@ -185,7 +188,7 @@ def train_distilled(
         verbose=verbose,
         on_step=on_step,
         name=stage,
-        scalars=scale_scalars(run),
+        scalars=scale_scalars(scfg.self_paced, run.taxonomy),
         lr_multipliers={"output_scales.": scfg.self_paced.lr_multiplier},
     )
     return trainer.fit()
