@@ -5,7 +5,8 @@
 
 It writes a synthetic image dataset with 100,000 classes in 20 verticals of unequal sizes (fewer training images than
 classes: the check measures speed and memory, not accuracy), then runs the real commands, each under torchrun with
-one process per GPU (DistributedDataParallel over nccl; gloo in the dry run):
+one process per GPU (nccl; gloo in the dry run; the trainer wraps the model in DistributedDataParallel from two
+processes on, so a one-GPU machine checks the nccl set-up but not DDP's gradient exchange):
 
     kc generalist    resnet50, bf16 autocast, torch.compile, the 100K-class head
     kc specialists   20 specialists (bf16, not compiled: 20 compilations would cost more than they save)
