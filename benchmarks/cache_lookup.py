@@ -51,25 +51,34 @@ def previous_blocks(
     return BlockTargets(rows, verticals, values, selected)
 
 
-def synthetic_cache(folder: Path, images_per_class: int, seed: int = 0) -> tuple[CachedTeachers, Shards, np.ndarray]:
+def synthetic_shards(folder: Path, members: list[np.ndarray], sizes: list[int], top_k: int, seed: int = 0) -> Shards:
+    """Shards of random top-K logits (descending) and distinct classes for the images `members[v]` of each vertical
+    v, written to `folder` in the cache's layout and memory-mapped as the reader opens them."""
     rng = np.random.default_rng(seed)
+    rows, logits, classes = [], [], []
+    for v, (mine, size) in enumerate(zip(members, sizes, strict=True)):
+        k = min(top_k, size)
+        z = -np.sort(-rng.normal(size=(len(mine), k)).astype(np.float32), axis=1)
+        c = np.argsort(rng.random((len(mine), size)), axis=1)[:, :k].astype(np.int32)
+        for part, array in (("rows", mine), ("logits", z), ("classes", c)):
+            np.save(folder / f"teacher_{v:04d}.{part}.npy", np.ascontiguousarray(array))
+        rows.append(np.load(folder / f"teacher_{v:04d}.rows.npy"))
+        logits.append(np.load(folder / f"teacher_{v:04d}.logits.npy", mmap_mode="r"))
+        classes.append(np.load(folder / f"teacher_{v:04d}.classes.npy", mmap_mode="r"))
+    return rows, logits, classes
+
+
+def synthetic_cache(folder: Path, images_per_class: int, seed: int = 0) -> tuple[CachedTeachers, Shards, np.ndarray]:
     verticals = [Vertical(f"v{v:04d}", "") for v in range(VERTICALS)]
     classes = [ClassInfo(f"v{v:04d}c{i:03d}", "", f"v{v:04d}") for v in range(VERTICALS) for i in range(PER_VERTICAL)]
     taxonomy = Taxonomy(verticals, classes)
+    rng = np.random.default_rng(seed)
     label_of_image = rng.permutation(np.repeat(np.arange(VERTICALS * PER_VERTICAL), images_per_class))
     vertical_of_image = label_of_image // PER_VERTICAL
-    rows, logits, top_classes = [], [], []
-    for v in range(VERTICALS):
-        mine = np.flatnonzero(vertical_of_image == v)
-        z = np.sort(rng.normal(size=(len(mine), TOP_K)).astype(np.float32), axis=1)[:, ::-1]
-        c = np.argsort(rng.random((len(mine), PER_VERTICAL)), axis=1)[:, :TOP_K].astype(np.int32)
-        for name, array in (("rows", mine), ("logits", z), ("classes", c)):
-            np.save(folder / f"teacher_{v:04d}.{name}.npy", np.ascontiguousarray(array))
-        rows.append(np.load(folder / f"teacher_{v:04d}.rows.npy"))
-        logits.append(np.load(folder / f"teacher_{v:04d}.logits.npy", mmap_mode="r"))
-        top_classes.append(np.load(folder / f"teacher_{v:04d}.classes.npy", mmap_mode="r"))
-    teachers = CachedTeachers.from_arrays(taxonomy, rows, logits, top_classes, TOP_K, temperature=1.0)
-    return teachers, (rows, logits, top_classes), label_of_image
+    members = [np.flatnonzero(vertical_of_image == v) for v in range(VERTICALS)]
+    shards = synthetic_shards(folder, members, [PER_VERTICAL] * VERTICALS, TOP_K, seed)
+    teachers = CachedTeachers.from_arrays(taxonomy, *shards, TOP_K, temperature=1.0)
+    return teachers, shards, label_of_image
 
 
 def main() -> None:

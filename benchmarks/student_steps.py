@@ -23,9 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from cache_lookup import Shards, previous_blocks  # benchmarks/cache_lookup.py, beside this script
+from cache_lookup import Shards, previous_blocks, synthetic_shards  # benchmarks/cache_lookup.py, beside this script
 from torch.utils.data import DataLoader
 
 from kc.config import load_config
@@ -45,19 +44,8 @@ def synthetic_teachers(run, folder: Path) -> tuple[CachedTeachers, CachedTeacher
     """Random top-K logits (descending) and distinct classes for every (training image, vertical) pair of the run,
     in the cache's layout, memory-mapped; read by the current reader and by the previous one."""
     tax, scfg = run.taxonomy, run.cfg.student
-    rng = np.random.default_rng(0)
     members = vertical_members(run.splits["train"], tax.vertical_of_class, tax.num_verticals)
-    rows, logits, classes = [], [], []
-    for v, mine in enumerate(members):
-        size = tax.vertical_size(v)
-        k = min(scfg.top_k, size)
-        z = -np.sort(-rng.normal(size=(len(mine), k)).astype(np.float32), axis=1)
-        c = np.argsort(rng.random((len(mine), size)), axis=1)[:, :k].astype(np.int32)
-        for part, array in (("rows", mine), ("logits", z), ("classes", c)):
-            np.save(folder / f"teacher_{v:04d}.{part}.npy", np.ascontiguousarray(array))
-        rows.append(np.load(folder / f"teacher_{v:04d}.rows.npy"))
-        logits.append(np.load(folder / f"teacher_{v:04d}.logits.npy", mmap_mode="r"))
-        classes.append(np.load(folder / f"teacher_{v:04d}.classes.npy", mmap_mode="r"))
+    rows, logits, classes = synthetic_shards(folder, members, tax.vertical_sizes(), scfg.top_k)
     teachers = CachedTeachers.from_arrays(tax, rows, logits, classes, scfg.top_k, scfg.temperature, scfg.unselected)
     previous = PreviousReader.from_arrays(tax, rows, logits, classes, scfg.top_k, scfg.temperature, scfg.unselected)
     previous.shards = (rows, logits, classes)
