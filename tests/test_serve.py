@@ -258,6 +258,8 @@ def test_server_answers_503_when_overloaded_and_counts_it(trained, server):
     assert httpx.post(server + "/v1/classify", files={"image": png}).status_code == 200
     metrics = httpx.get(server + "/metrics").text
     assert 'kc_requests_total{path="/v1/classify",status="503"} 1' in metrics
+    # the stalled client that went away is counted as closed by the client (499), not as a server error
+    assert 'kc_requests_total{path="/v1/classify",status="499"} 1' in metrics and 'status="500"' not in metrics
     assert 'kc_request_seconds_count{path="/v1/classify"}' in metrics and "kc_batches_total" in metrics
     assert httpx.get(server + "/healthz").json()["classes"] == 12
 

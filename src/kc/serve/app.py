@@ -51,6 +51,7 @@ from prometheus_client.registry import Collector
 from python_multipart import MultipartParser
 from python_multipart.multipart import parse_options_header
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from kc.data.images import ImageTooLarge, decode_bytes, decode_rgb
 from kc.errors import KCError
@@ -241,10 +242,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ApiError(413, "too_large", f"the body has {int(declared):,} bytes; the limit is {limit:,}")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, "too_large", f"the body exceeds the limit of {limit:,} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, "too_large", f"the body exceeds the limit of {limit:,} bytes")
+    except ClientDisconnect:  # the client went away mid-body: no one to answer, and not a server error
+        raise ApiError(
+            499, "client_closed_request", "the client closed the connection before sending the body"
+        ) from None
     return bytes(body)
 
 
