@@ -175,9 +175,16 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> dict:
         after = memory_mb(pid)
         healthy = (await http.get(f"http://127.0.0.1:{port}/healthz")).status_code == 200
         check = (await http.post(url, files={"image": samples["png"][0]})).status_code
+        exposition = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
     stop.set()
     await sampler
     counts = Counter(status for per_kind in statuses.values() for status in per_kind.elements())
+    # What the server itself counted (its Prometheus exposition), disconnected clients included.
+    served = {
+        line.split('status="')[1].split('"')[0]: int(float(line.rsplit(" ", 1)[1]))
+        for line in exposition.splitlines()
+        if line.startswith('kc_requests_total{path="/v1/classify"')
+    }
     return {
         "requests": total,
         "seconds": seconds,
@@ -187,7 +194,8 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> dict:
         "valid_p99_ms": 1000 * float(np.percentile(latencies, 99)) if latencies else None,
         "statuses": dict(counts),
         "statuses_by_kind": {k: dict(v) for k, v in sorted(statuses.items())},
-        "server_5xx_other_than_503": sum(n for s, n in counts.items() if s.startswith("5") and s != "503"),
+        "server_counted": served,
+        "5xx_other_than_503": sum(n for s, n in {**counts, **served}.items() if s.startswith("5") and s != "503"),
         "peak_rss_mb": after["VmHWM"],
         "rss_samples_max_mb": max(rss) if rss else None,
         "rss_after_mb": after["VmRSS"],
