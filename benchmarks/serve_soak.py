@@ -195,7 +195,10 @@ async def soak(port: int, pid: int, args: argparse.Namespace) -> dict:
         "statuses": dict(counts),
         "statuses_by_kind": {k: dict(v) for k, v in sorted(statuses.items())},
         "server_counted": served,
-        "5xx_other_than_503": sum(n for s, n in {**counts, **served}.items() if s.startswith("5") and s != "503"),
+        "5xx_other_than_503": {
+            "clients_saw": sum(n for s, n in counts.items() if s.startswith("5") and s != "503"),
+            "server_counted": sum(n for s, n in served.items() if s.startswith("5") and s != "503"),
+        },
         "peak_rss_mb": after["VmHWM"],
         "rss_samples_max_mb": max(rss) if rss else None,
         "rss_after_mb": after["VmRSS"],
