@@ -78,27 +78,34 @@ class SampledVerticalsLoss:
         )
         terms = {name: (entries * inside).sum() for name, entries in own.items()}
         if len(columns):
-            for name, value in self._drawn_terms(
-                column_logits.float(), ~targets.selected[:, column_vertical], column_vertical
-            ).items():
+            slot = torch.repeat_interleave(torch.arange(len(drawn), device=device), sizes)  # column -> drawn vertical
+            drawn_terms = self._drawn_terms(column_logits.float(), targets.selected[:, drawn], slot, column_vertical)
+            for name, value in drawn_terms.items():
                 terms[name] = terms[name] + value
         return {name: value / labels.shape[0] for name, value in terms.items()}
 
     def _drawn_terms(
-        self, logits: torch.Tensor, elsewhere: torch.Tensor, column_vertical: torch.Tensor
+        self, logits: torch.Tensor, own: torch.Tensor, slot: torch.Tensor, column_vertical: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """`entry_losses` summed over the drawn columns (B, K) of images that do not select their vertical
-        (`elsewhere`), scaled by M / m. Every target there is 0 and BCE(x, 0) = softplus(x), so each term is a
-        masked softplus summed over images, then weighted per column: a few passes over the (B, K) logits instead
-        of one per operation of the general loss (at 100K classes these columns are most of the student's step)."""
+        """`entry_losses` over the drawn columns (B, K), scaled by M / m, for the images that do not select a column's
+        vertical (`own` (B, m): which images select which drawn vertical; `slot` (K,): each column's drawn vertical).
+        Every target there is 0 and BCE(x, 0) = softplus(x): each term is softplus summed over all images, less the
+        few (image, drawn vertical) pairs an image selects, then weighted per column. At 100K classes these columns
+        are most of the student's step, and this is a few passes over them, not one per operation of the general
+        loss and its (B, K) mask."""
         mode, t, w = self.options["mode"], self.options["temperature"], self.options["truth_weight"]
-        mask = elsewhere.to(logits.dtype)
+        image, selected_slot = own.nonzero(as_tuple=True)  # few: a drawn vertical is rarely an image's own
+        inside = (slot.unsqueeze(0) == selected_slot.unsqueeze(1)).to(logits.dtype)  # (n, K)
+
+        def per_column(x: torch.Tensor) -> torch.Tensor:  # (K,): summed over the images that do not select it
+            return F.softplus(x).sum(dim=0) - (F.softplus(x[image]) * inside).sum(dim=0)
+
         scale = self.num_verticals / self.drawn
-        per_column = (F.softplus(logits / t) * mask).sum(dim=0)  # (K,)
-        distill = (per_column * self.vertical_weights[column_vertical]).sum() * (t * t) * self.negative_distill
+        distilled = per_column(logits / t)
+        distill = (distilled * self.vertical_weights[column_vertical]).sum() * (t * t) * self.negative_distill
         terms = {"distillation": distill * (1 - w if mode == "weighted" else 1.0) * scale}
         if mode == "weighted":
-            truth = per_column.sum() if t == 1.0 else (F.softplus(logits) * mask).sum()
+            truth = distilled.sum() if t == 1.0 else per_column(logits).sum()
             terms["ground_truth"] = w * truth * scale
         return terms
 
