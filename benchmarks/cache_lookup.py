@@ -36,7 +36,8 @@ def previous_blocks(
     """The reader before 2026-12-02: per selected vertical, its pairs found by a scan, read from its memory maps,
     and scattered."""
     shard_rows, shard_logits, shard_classes = shards
-    selected, rows, verticals, values = teachers.pairs(labels)
+    selected, rows, verticals, width = teachers.pairs(labels)
+    values = torch.zeros(len(rows), width)
     indices = sample_index.cpu().numpy()[rows.cpu().numpy()]
     pair_verticals = verticals.cpu().numpy()
     for v in np.unique(pair_verticals).tolist():

@@ -74,8 +74,8 @@ def main() -> None:
     config = args.run_dir / "config.yaml" if args.run_dir.is_dir() else args.run_dir
     run = prepare_run(load_config(config), progress=False)
     scfg, tax = run.cfg.student, run.taxonomy
-    work = tempfile.TemporaryDirectory()
     if args.synthetic:
+        work = tempfile.TemporaryDirectory()  # the synthetic cache, removed when the script ends
         teachers, previous = synthetic_teachers(run, Path(work.name))
 
         def start(stage: str) -> torch.nn.Module:

@@ -106,8 +106,8 @@ class CachedTeachers(Teachers):
     def blocks(self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor) -> BlockTargets:
         # One read per selected vertical into shared buffers, then one scatter for every pair: at 100K classes a
         # batch selects about 400 verticals, and torch calls per vertical cost more than the reads.
-        selected, rows, verticals, values = self.pairs(labels)
-        pairs, width = len(rows), values.shape[1]
+        selected, rows, verticals, width = self.pairs(labels)
+        pairs, device = len(rows), labels.device
         indices = sample_index.cpu().numpy()[rows.cpu().numpy()]
         pair_verticals = verticals.cpu().numpy()
         # Pairs grouped by vertical (a stable sort), each group's rows read into one contiguous slice of the buffers.
@@ -128,7 +128,6 @@ class CachedTeachers(Teachers):
                 z[begin:end, :k] = self.logits[v][where, :k]
                 where_class[begin:end, :k] = self.classes[v][where, :k]
             begin = end
-        device = values.device
         padded = torch.zeros(pairs, width + 1, device=device)
         probs = torch.sigmoid(torch.from_numpy(z).to(device) / self.temperature)
         columns = torch.from_numpy(where_class).to(device).long()

@@ -67,12 +67,13 @@ class Teachers:
         self.vertical_of_class = self.vertical_of_class.to(device)
         return self
 
-    def pairs(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """selected (B, V), the pairs' rows and verticals (P,), and zero targets (P, S) to fill."""
+    def pairs(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """selected (B, V), the pairs' rows and verticals (P,), and S, the width of their targets (the largest
+        selected vertical)."""
         selected = selected_verticals(labels, self.vertical_of_class, self.num_verticals)
         rows, verticals = selected.nonzero(as_tuple=True)
         width = int(self.sizes[verticals].max()) if len(verticals) else 0
-        return selected, rows, verticals, torch.zeros(len(rows), width, device=labels.device)
+        return selected, rows, verticals, width
 
     def blocks(
         self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
@@ -118,7 +119,8 @@ class OnlineTeachers(Teachers):
     def blocks(
         self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
     ) -> BlockTargets:
-        selected, rows, verticals, values = self.pairs(labels)
+        selected, rows, verticals, width = self.pairs(labels)
+        values = torch.zeros(len(rows), width, device=labels.device)
         for v in verticals.unique().tolist():
             pairs = (verticals == v).nonzero().flatten()
             size = self.vertical_sizes[v]
@@ -147,7 +149,8 @@ class GeneralistTeacher(Teachers):
     def blocks(
         self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
     ) -> BlockTargets:
-        selected, rows, verticals, values = self.pairs(labels)
+        selected, rows, verticals, width = self.pairs(labels)
+        values = torch.zeros(len(rows), width, device=labels.device)
         if not len(rows):
             return BlockTargets(rows, verticals, values, selected)
         probs = torch.sigmoid(self.teacher(images).float() / self.temperature)
