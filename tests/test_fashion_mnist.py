@@ -3,6 +3,7 @@
 import csv
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -79,8 +80,6 @@ def test_absent_or_damaged_files_are_refused_naming_the_file_and_the_fix(tmp_pat
 
 
 def test_the_example_config_reads_what_the_importer_writes(tmp_path):
-    from pathlib import Path
-
     from kc.config import load_config
     from kc.run import prepare_run
 
@@ -95,3 +94,38 @@ def test_the_example_config_reads_what_the_importer_writes(tmp_path):
     run = prepare_run(load_config(example, overrides), progress=False)
     assert {s: len(run.splits[s]) for s in ("train", "val", "test")} == {"train": 30, "val": 10, "test": 10}
     assert run.taxonomy.num_verticals == 3
+
+
+def test_each_seed_imports_its_own_draw_for_the_whole_pipeline(tmp_path, monkeypatch):
+    import yaml
+
+    from kc.data import fashion_mnist
+    from kc.seeds import _seed_config
+
+    tiny_source(tmp_path / "src", train=60)  # 6 training images of each class
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "src")
+    config = tmp_path / "fm.yaml"
+    base = yaml.safe_load((Path(__file__).parents[1] / "examples/fashion-mnist.yaml").read_text())
+    base["run_dir"] = str(tmp_path / "runs")
+    config.write_text(yaml.safe_dump(base))
+    drawn = {}
+    for seed in (0, 1):
+        cfg, _ = _seed_config(base, config, seed, "fashion-mnist", None, 2, progress=False)
+        rows = list(csv.DictReader(open(cfg.data.manifest)))
+        train = [r for r in rows if r["split"] == "train"]
+        assert cfg.data.manifest == tmp_path / f"runs/seed_{seed}/benchmark/manifest.csv"
+        assert len(train) == 20 and {r["labels"] for r in train} == {fashion_mnist.class_id(c) for c in CLASSES}
+        drawn[seed] = sorted(Image.open(cfg.data.manifest.parent / r["path"]).tobytes() for r in rows)
+    assert drawn[0] != drawn[1]  # another seed, another draw of training images
+
+
+def test_seeds_refuses_label_noise_on_real_images(tmp_path):
+    from kc.errors import KCError
+    from kc.seeds import run_seeds
+
+    config = tmp_path / "fm.yaml"
+    config.write_text("run_dir: runs\n")
+    with pytest.raises(KCError, match="--label-noise"):
+        run_seeds(config, [0], "fashion-mnist", label_noise=0.2, progress=False)
+    with pytest.raises(KCError, match="--train-per-class"):
+        run_seeds(config, [0], None, train_per_class=5, progress=False)

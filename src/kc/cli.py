@@ -763,11 +763,17 @@ def seeds_cmd(
     seed: Annotated[list[int], typer.Option(help="a whole-pipeline seed (repeat: --seed 0 --seed 1 --seed 2)")],
     generate: Annotated[
         str | None,
-        typer.Option(help="a benchmark preset: each seed generates its own draw of it (else the config's data)"),
+        typer.Option(
+            help="a benchmark preset, or fashion-mnist: each seed makes its own draw (else the config's data)"
+        ),
     ] = None,
     label_noise: Annotated[
         float | None,
         typer.Option(help="with --generate: share of training labels naming another class of the vertical"),
+    ] = None,
+    train_per_class: Annotated[
+        int | None,
+        typer.Option(help="with --generate: training images per class of each seed's draw (else the preset's)"),
     ] = None,
     set_: SetOption = None,
     no_progress: NoProgress = False,
@@ -777,7 +783,14 @@ def seeds_cmd(
     from kc.seeds import run_seeds, seeds_table
 
     summary = run_seeds(
-        config, seed, generate, set_, label_noise=label_noise, progress=bars(no_progress), echo=typer.echo
+        config,
+        seed,
+        generate,
+        set_,
+        label_noise=label_noise,
+        train_per_class=train_per_class,
+        progress=bars(no_progress),
+        echo=typer.echo,
     )
     echo(seeds_table(summary))
 

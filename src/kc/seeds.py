@@ -1,6 +1,8 @@
 """`kc seeds`: the whole pipeline once per seed, and what holds across seeds.
 
-A seed here changes everything that is drawn: the benchmark (with --generate, each seed writes its own draw),
+A seed here changes everything that is drawn: the benchmark (with --generate, each seed writes its own draw: a
+generated preset, or `fashion-mnist`, the real images imported from Debian's package with the seed's val/test
+halving and, with --train-per-class, the seed's training subset),
 the split of a manifest without a split column, the generalist's initialisation and data order, every specialist,
 the student and every control (their `seed` keys stay unset, so each follows the run's). Each seed is a run
 directory of its own, RUN/seed_<n>, resumable like any run. The summary gives, per model, the mean and standard
@@ -19,6 +21,7 @@ from typing import Any
 import yaml
 
 from kc.config import config_from_dict, merge, parse_override
+from kc.data import fashion_mnist
 from kc.data.benchmark import PRESETS, generate_benchmark
 from kc.data.feature_benchmark import FEATURE_PRESETS, generate_feature_benchmark
 from kc.errors import ConfigError, KCError
@@ -28,11 +31,18 @@ from kc.pipeline import run_pipeline
 from kc.run import prepare_run
 
 STAGE_SECTIONS = ("generalist", "specialists", "student")
+FASHION_MNIST = "fashion-mnist"  # --generate's one real-image source: imported, not generated
 METRICS = ("mAP", "mean_per_vertical_AP")
 
 
 def _seed_config(
-    base: dict[str, Any], source: Path, seed: int, generate: str | None, label_noise: float | None, progress: bool
+    base: dict[str, Any],
+    source: Path,
+    seed: int,
+    generate: str | None,
+    label_noise: float | None,
+    train_per_class: int | None,
+    progress: bool,
 ):
     data = merge(base, {"seed": seed})
     run_root = Path(data.get("run_dir", "runs/default"))
@@ -41,12 +51,18 @@ def _seed_config(
     data["run_dir"] = str(seed_dir / "run" if generate else seed_dir)
     if generate:
         out = seed_dir / "benchmark"
-        spec = FEATURE_PRESETS.get(generate) or PRESETS[generate]
-        spec = replace(spec, seed=seed, **({} if label_noise is None else {"label_noise": label_noise}))
-        if generate in FEATURE_PRESETS:
-            manifest = generate_feature_benchmark(out, spec)
+        if generate == FASHION_MNIST:
+            manifest = fashion_mnist.import_fashion_mnist(
+                out, fashion_mnist.DEBIAN_DIR, seed, progress=progress, train_per_class=train_per_class
+            )
         else:
-            manifest = generate_benchmark(out, spec, progress=progress)
+            changes = {"seed": seed, "label_noise": label_noise, "train_per_class": train_per_class}
+            spec = FEATURE_PRESETS.get(generate) or PRESETS[generate]
+            spec = replace(spec, **{k: v for k, v in changes.items() if v is not None})
+            if generate in FEATURE_PRESETS:
+                manifest = generate_feature_benchmark(out, spec)
+            else:
+                manifest = generate_benchmark(out, spec, progress=progress)
         data["data"] = {**data.get("data", {}), "manifest": str(manifest), "taxonomy": str(out / "taxonomy.json")}
     return config_from_dict(data, source=str(source), base=source.parent), run_root.resolve()
 
@@ -57,15 +73,21 @@ def run_seeds(
     generate: str | None = None,
     overrides: list[str] | None = None,
     label_noise: float | None = None,
+    train_per_class: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     if not seeds:
         raise KCError("--seed: give at least one seed (three or more for a claim)")
-    if generate is not None and generate not in PRESETS and generate not in FEATURE_PRESETS:
-        raise KCError(f"--generate: '{generate}' is not one of {', '.join([*PRESETS, *FEATURE_PRESETS])}")
-    if label_noise is not None and generate is None:
-        raise KCError("--label-noise applies to a generated benchmark: give --generate PRESET too")
+    known = [*PRESETS, *FEATURE_PRESETS, FASHION_MNIST]
+    if generate is not None and generate not in known:
+        raise KCError(f"--generate: '{generate}' is not one of {', '.join(known)}")
+    if label_noise is not None and generate in (None, FASHION_MNIST):
+        raise KCError("--label-noise applies to a generated benchmark: give --generate PRESET (not fashion-mnist) too")
+    if train_per_class is not None and generate is None:
+        raise KCError("--train-per-class applies to --generate: give --generate PRESET too")
+    if train_per_class is not None and train_per_class < 1:
+        raise KCError(f"--train-per-class: {train_per_class} must be at least 1")
     if not config.is_file():
         raise ConfigError(f"{config}: config file not found")
     try:
@@ -84,7 +106,7 @@ def run_seeds(
         )
     results, root = {}, None
     for seed in seeds:
-        cfg, root = _seed_config(base, config, seed, generate, label_noise, progress)
+        cfg, root = _seed_config(base, config, seed, generate, label_noise, train_per_class, progress)
         echo(f"seed {seed}: {cfg.run_dir}")
         run = prepare_run(cfg, progress=progress)
         results[seed] = run_pipeline(run, progress=progress, verbose=progress)
