@@ -152,13 +152,19 @@ def test_ablate_trains_every_student_on_shared_teachers_and_reports_val_apart(tm
     out = CliRunner().invoke(app, ["ablate", str(run.dir)])
     assert out.exit_code == 0, out.output
     table = (run.dir / "ablation" / "ablation.md").read_text()
-    for name in ("| distillation | fc-fc |", "| + self-paced scales (centred) | fc-fc |", "| + both (paper scales) |"):
+    for name in (
+        "| distillation | fc-fc |",
+        "| + self-paced scales (centred) | fc-fc |",
+        "| + self-paced scales (running norms) | fc-fc |",
+        "| + both (paper scales) |",
+    ):
         assert name in table
     assert "| val mAP | val - control | test mAP |" in table and "Best on val mAP" in table
     result = json.loads((run.dir / "ablation" / "ablation.json").read_text())
     params = {s["variant"]: s["parameters"] for s in result["summary"]}
     assert params["+ both (paper scales)"] > params["+ self-paced scales (paper)"] > params["distillation"]
     assert params["+ self-paced scales (centred)"] == params["+ self-paced scales (paper)"]
+    assert params["+ self-paced scales (running norms)"] == params["+ self-paced scales (paper)"]  # a buffer
     best = max(result["summary"], key=lambda s: s["val_mAP"])
     assert result["best_on_val"] == best["variant"]
     variant = run.dir / "ablation" / "fc-sc_vertical" / "seed_0"

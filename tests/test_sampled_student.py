@@ -38,14 +38,15 @@ def teachers(unselected="zero", top_k=3):
     return OnlineTeachers(specialists, TAX, top_k=top_k, temperature=2.0, unselected=unselected)
 
 
-def student(head="dense", variant="vertical", centred=False):
+def student(head="dense", variant="vertical", norm="image"):
     torch.manual_seed(2)
     voc = TAX.vertical_of_class
     if head == "dense":
         top = DenseHead(12, [8], TAX.num_classes)
     else:
         top = StructuredHead(12, [8, 4], SIZES, structure="fc-sc")
-    scales = SelfPacedScales(voc, variant, init_noise=0.3, centred=centred) if variant else None
+    kind = {"centred": norm == "centred", "running": norm == "running"}
+    scales = SelfPacedScales(voc, variant, init_noise=0.3, **kind) if variant else None
     return Classifier(nn.Flatten(), top, scales)
 
 
@@ -69,22 +70,24 @@ def sampled(t, weights, drawn, mode, unselected, truth_weight=0.3):
 
 
 @pytest.mark.parametrize(
-    ("mode", "unselected", "head", "variant", "centred"),
+    ("mode", "unselected", "head", "variant", "norm"),
     [
-        ("none", "zero", "dense", "vertical", False),
-        ("max", "zero", "dense", "class", False),
-        ("weighted", "ignore", "dense", "vertical", False),
-        ("none", "ignore", "dense", None, False),
-        ("weighted", "zero", "structured", "vertical", False),
-        ("max", "ignore", "structured", "none", False),
-        ("none", "zero", "dense", "vertical", True),
-        ("weighted", "ignore", "structured", "class", True),
+        ("none", "zero", "dense", "vertical", "image"),
+        ("max", "zero", "dense", "class", "image"),
+        ("weighted", "ignore", "dense", "vertical", "image"),
+        ("none", "ignore", "dense", None, "image"),
+        ("weighted", "zero", "structured", "vertical", "image"),
+        ("max", "ignore", "structured", "none", "image"),
+        ("none", "zero", "dense", "vertical", "centred"),
+        ("weighted", "ignore", "structured", "class", "centred"),
+        ("none", "zero", "dense", "vertical", "running"),
+        ("weighted", "ignore", "structured", "class", "running"),
     ],
 )
-def test_drawing_every_vertical_gives_the_full_loss_and_its_gradients(mode, unselected, head, variant, centred):
+def test_drawing_every_vertical_gives_the_full_loss_and_its_gradients(mode, unselected, head, variant, norm):
     weights = torch.tensor([1.0, 0.5, 2.0, 1.5])
     t = teachers(unselected)
-    full_model, sampled_model = student(head, variant, centred), student(head, variant, centred)
+    full_model, sampled_model = student(head, variant, norm), student(head, variant, norm)
     full = full_loss(full_model, t, weights, mode)
     part = sampled(t, weights, drawn=10, mode=mode, unselected=unselected)(sampled_model, batch())
     assert part.item() == pytest.approx(full.item(), rel=1e-5)
@@ -92,6 +95,8 @@ def test_drawing_every_vertical_gives_the_full_loss_and_its_gradients(mode, unse
     part.backward()
     for (name, a), b in zip(full_model.named_parameters(), sampled_model.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, a), b in zip(full_model.named_buffers(), sampled_model.buffers(), strict=True):
+        torch.testing.assert_close(b, a, msg=name)  # a running normalisation moved alike
 
 
 def test_drawing_few_verticals_estimates_the_full_loss_without_bias():

@@ -87,6 +87,31 @@ def test_centred_layer_equals_a_per_vertical_loop(variant):
         assert (blocks_out[row, n:] == 0).all()
 
 
+def test_running_norms_divide_every_image_alike_and_follow_the_training_batches():
+    torch.manual_seed(0)
+    layer = SelfPacedScales(VOC, "vertical", init=torch.tensor([2.0, 3.0, 4.0]), running=True, momentum=0.5)
+    torch.testing.assert_close(layer.running_norm, torch.tensor([2.0, 3.0, 4.0]))  # started where the scales are
+    x = torch.randn(6, 9) * 5.0 - 3.0
+    layer.eval()
+    torch.testing.assert_close(layer(x), x)  # gamma = r: the input unchanged, the generalist's function kept
+    with torch.no_grad():
+        layer.gamma.copy_(torch.tensor([1.0, 6.0, 2.0]))
+    y = layer(x)
+    torch.testing.assert_close(y, x * torch.tensor([0.5] * 3 + [2.0] * 2 + [0.5] * 4))  # one factor per vertical
+    assert torch.equal(y.argsort(dim=0), x.argsort(dim=0))  # every class ranks the images as before: AP unchanged
+    torch.testing.assert_close(layer.running_norm, torch.tensor([2.0, 3.0, 4.0]))  # eval moves nothing
+    layer.train()
+    target = torch.stack([b.norm(dim=1).mean() for b in blocks(x)])
+    for _ in range(30):
+        layer(x)
+    torch.testing.assert_close(layer.running_norm, target)  # training moves it to the batches' mean block norm
+    torch.testing.assert_close(
+        layer(x), x / target.repeat_interleave(torch.tensor([3, 2, 4])) * layer.per_class_scale()
+    )
+    with pytest.raises(ValueError, match="choose one"):
+        SelfPacedScales(VOC, "vertical", centred=True, running=True)
+
+
 def test_centred_scales_keep_the_ranking_across_verticals_that_the_papers_lose():
     """A planted prior-biased generalist: an image's own vertical's block sits at level -7 (its true class 3
     higher), every other block at -11 with a wider shape. Ranked by the raw logits, positives come first. The
@@ -149,11 +174,12 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("centred", [False, True])
-def test_scales_survive_checkpoint_and_resume(tmp_path, centred):
+@pytest.mark.parametrize("norm", ["image", "centred", "running"])
+def test_scales_survive_checkpoint_and_resume(tmp_path, norm):
     def make():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Linear(6, 9), SelfPacedScales(VOC, "vertical", centred=centred))
+        kind = {"centred": norm == "centred", "running": norm == "running"}
+        return nn.Sequential(nn.Linear(6, 9), SelfPacedScales(VOC, "vertical", **kind))
 
     def loss(model, batch):
         logits = model(batch["images"])
@@ -189,6 +215,8 @@ def test_scales_survive_checkpoint_and_resume(tmp_path, centred):
     resumed = fit("b")
     assert torch.equal(straight[1].gamma, resumed[1].gamma)
     assert not torch.equal(straight[1].gamma, make()[1].gamma)  # it did train
+    for a, b in zip(straight[1].buffers(), resumed[1].buffers(), strict=True):
+        assert torch.equal(a, b)  # a running norm resumes where it was
     history = json.loads((tmp_path / "b" / "checkpoints" / "last.json").read_text())["history"]
     assert [round(h["gamma/v0"], 6) for h in history][-1] == round(float(resumed[1].gamma[0].detach()), 6)
 
@@ -224,3 +252,13 @@ def test_scales_started_from_the_generalist_keep_its_outputs(tmp_path, tiny_benc
     assert (measured.output_scales.gamma > 2 * sizes.sqrt()).all()  # prior-biased logits: norms far above sqrt(N_v)
     _, from_sqrt = start("sqrt")
     assert abs(from_generalist - reference) < 0.2 * abs(from_sqrt - reference)
+    # running norms start at the measured block norms whatever gamma's start: with init 'generalist' the student
+    # is the generalist itself (each block divided and multiplied by the same norm), with 'sqrt' the paper's scale
+    run.cfg.student.self_paced.running = True
+    same, _ = start("generalist")
+    torch.testing.assert_close(same.output_scales.running_norm, block_norms(run, generalist))
+    with torch.no_grad():
+        torch.testing.assert_close(same(batch["images"]), generalist(batch["images"]), rtol=1e-5, atol=1e-4)
+    paper_scale, _ = start("sqrt")
+    torch.testing.assert_close(paper_scale.output_scales.running_norm, block_norms(run, generalist))
+    torch.testing.assert_close(paper_scale.output_scales.gamma, sizes.sqrt().float())

@@ -75,19 +75,23 @@ def test_structured_self_paced_student_exports_exactly_to_both_formats(trained, 
     from safetensors.torch import save_file
 
     images = torch.randn(3, 3, 16, 16)
-    for centred in (False, True):  # the paper's scales and the centred ones
-        run.cfg.student.self_paced.centred = centred
-        save_file(new_model(run, STUDENT).state_dict(), str(student_dir / "best.safetensors"))
+    sp = run.cfg.student.self_paced
+    for norm in ("image", "centred", "running"):  # the paper's scales, the centred ones, the running norms
+        sp.centred, sp.running = norm == "centred", norm == "running"
+        state = new_model(run, STUDENT).state_dict()
+        if norm == "running":  # trained divisors, not their start: parity must follow the saved buffer
+            state["output_scales.running_norm"] = torch.rand_like(state["output_scales.running_norm"]) + 0.5
+        save_file(state, str(student_dir / "best.safetensors"))
         model = load_stage(run.stage_dir(STUDENT), new_model(run, STUDENT)).eval()
-        assert model.output_scales.centred is centred
+        assert (model.output_scales.centred, model.output_scales.running) == (sp.centred, sp.running)
         for fmt in ("onnx", "torchscript"):
-            out = tmp_path / f"{fmt}-{centred}"
+            out = tmp_path / f"{fmt}-{norm}"
             manifest = export_stage(run, out, fmt, STUDENT)
             assert manifest["parity"]["max_abs_logit_difference"] <= 1e-4, fmt
             with torch.no_grad():
                 expected = model(images).numpy()
             np.testing.assert_allclose(open_model(out).logits(images.numpy()), expected, atol=1e-4, rtol=0)
-    run.cfg.student.self_paced.centred = False
+    sp.centred = sp.running = False
 
 
 def test_a_failed_export_leaves_the_previous_artifact_untouched(trained, tmp_path):

@@ -1,7 +1,8 @@
 """`kc ablate`: the paper's ablation of the student on one run's generalist and specialists.
 
-Variants: distillation alone (dense head, plain logits); + self-paced scales (the paper's, and the centred ones
-that keep the ranking across verticals); + structurally connected layers (FC-SC); + both. Each variant, and for
+Variants: distillation alone (dense head, plain logits); + self-paced scales (the paper's, the centred ones that
+keep the ranking across verticals, and the running norms that change no ranking); + structurally connected layers
+(FC-SC); + both. Each variant, and for
 each head structure the same-compute control (the generalist trained on with the ground truth, same head, same
 epochs), is trained for each seed in its own run directory under RUN/ablation/, which links the run's data,
 generalist, specialists and soft-target cache instead of copying them. Everything resumes like any stage.
@@ -24,20 +25,23 @@ from kc.stages import CONTROL, STUDENT
 from kc.train.controls import train_control
 from kc.train.student import cache_targets, train_student
 
-VARIANTS: list[tuple[str, str, str, bool]] = [  # name, head structure, self-paced variant, centred
-    ("distillation", "fc-fc", "none", False),
-    ("+ self-paced scales (paper)", "fc-fc", "vertical", False),
-    ("+ self-paced scales (centred)", "fc-fc", "vertical", True),
-    ("+ structurally connected layers (FC-SC)", "fc-sc", "none", False),
-    ("+ both (paper scales)", "fc-sc", "vertical", False),
-    ("+ both (centred scales)", "fc-sc", "vertical", True),
+# name, head structure, self-paced variant, normalisation of the blocks (image: the paper's; centred; running)
+VARIANTS: list[tuple[str, str, str, str]] = [
+    ("distillation", "fc-fc", "none", "image"),
+    ("+ self-paced scales (paper)", "fc-fc", "vertical", "image"),
+    ("+ self-paced scales (centred)", "fc-fc", "vertical", "centred"),
+    ("+ self-paced scales (running norms)", "fc-fc", "vertical", "running"),
+    ("+ structurally connected layers (FC-SC)", "fc-sc", "none", "image"),
+    ("+ both (paper scales)", "fc-sc", "vertical", "image"),
+    ("+ both (centred scales)", "fc-sc", "vertical", "centred"),
+    ("+ both (running norms)", "fc-sc", "vertical", "running"),
 ]
 SHARED = ("taxonomy.json", "data", "generalist", "specialists", "cache")
 METRICS = ("mAP", "mean_per_vertical_AP")
 SPLITS = ("val", "test")
 
 
-def _variant_run(run: Run, slug: str, seed: int, structure: str, self_paced: str, centred: bool) -> Run:
+def _variant_run(run: Run, slug: str, seed: int, structure: str, self_paced: str, norm: str) -> Run:
     directory = run.dir / "ablation" / slug / f"seed_{seed}"
     directory.mkdir(parents=True, exist_ok=True)
     for name in SHARED:
@@ -49,7 +53,7 @@ def _variant_run(run: Run, slug: str, seed: int, structure: str, self_paced: str
         "student": {
             "seed": seed,
             "head": {"structure": structure},
-            "self_paced": {"variant": self_paced, "centred": centred},
+            "self_paced": {"variant": self_paced, "centred": norm == "centred", "running": norm == "running"},
         },
     }
     if structure == "fc-fc":
@@ -69,10 +73,10 @@ def _scores(run: Run, stage: str) -> dict[str, float]:
 def ablate(run: Run, seeds: list[int], verbose: bool = True) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     controls: dict[tuple[str, int], dict[str, Any]] = {}
-    for name, structure, self_paced, centred in VARIANTS:
-        slug = f"{structure}_{self_paced}" + ("_centred" if centred else "")
+    for name, structure, self_paced, norm in VARIANTS:
+        slug = f"{structure}_{self_paced}" + ("" if norm == "image" else f"_{norm}")
         for seed in seeds:
-            sub = _variant_run(run, slug, seed, structure, self_paced, centred)
+            sub = _variant_run(run, slug, seed, structure, self_paced, norm)
             if sub.cfg.student.teachers == "cache":  # built once, in the run's own RUN/cache when it has one
                 cache_targets(sub, progress=False)
             train_student(sub, progress=False, verbose=False)
@@ -86,7 +90,7 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True) -> dict[str, Any]:
                     "variant": name,
                     "structure": structure,
                     "self_paced": self_paced,
-                    "centred": centred,
+                    "norm": norm,
                     "seed": seed,
                     **student,
                     **{f"control_{k}": v for k, v in control.items() if k != "parameters"},
@@ -99,13 +103,13 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True) -> dict[str, Any]:
                     flush=True,
                 )
     summary = []
-    for name, structure, self_paced, centred in VARIANTS:
+    for name, structure, self_paced, norm in VARIANTS:
         mine = [r for r in rows if r["variant"] == name]
         entry: dict[str, Any] = {
             "variant": name,
             "structure": structure,
             "self_paced": self_paced,
-            "centred": centred,
+            "norm": norm,
             "parameters": mine[0]["parameters"],
         }
         for split in SPLITS:

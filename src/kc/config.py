@@ -216,6 +216,13 @@ class SelfPacedConfig(_Strict):
         "(false: the paper's y = gamma x / ||x||, which divides out the level through which a prior-biased model "
         "ranks images across verticals); with init 'generalist' the scales start at the centred block norms",
     )
+    running: bool = Field(
+        False,
+        description="divide each vertical's block by a running average of its norm over training batches (no "
+        "gradient through it) instead of each image's own norm: y = gamma x / r, one divisor for every image, so "
+        "no ranking changes and gamma is the vertical's gain; with init 'generalist' the student starts exactly "
+        "as the generalist",
+    )
     init_noise: float = Field(0.0, ge=0, description="std of Gaussian noise added to the initial scales")
     lr_multiplier: float = Field(
         100.0,
@@ -223,6 +230,12 @@ class SelfPacedConfig(_Strict):
         description="the scales' learning rate relative to the student's: they must grow from "
         "sqrt(N_v) to ~15 within the student's epochs (at 1x they barely moved and self-pacing hurt)",
     )
+
+    @model_validator(mode="after")
+    def _one_normalisation(self) -> SelfPacedConfig:
+        if self.centred and self.running:
+            raise ValueError("centred and running are two normalisations of the blocks; set one of them")
+        return self
 
 
 class StudentHeadConfig(_Strict):

@@ -179,12 +179,25 @@ def with_student_head(
 
 
 def with_self_paced_scales(
-    sp: SelfPacedConfig, vertical_of_class: list[int], model: Classifier, init: torch.Tensor | None = None
+    sp: SelfPacedConfig,
+    vertical_of_class: list[int],
+    model: Classifier,
+    init: torch.Tensor | None = None,
+    running_start: torch.Tensor | None = None,
 ) -> Classifier:
     """The student's output scales (`sp`) on `model`; `init` (per vertical) where they start from measured values
-    (self_paced.init 'generalist'); otherwise a model about to load trained scales needs no measured start."""
+    (self_paced.init 'generalist') and `running_start` the measured block norms a running normalisation starts
+    from; otherwise a model about to load trained scales needs no measured start."""
     start = init if init is not None else ("sqrt" if sp.init == "generalist" else sp.init)
-    model.output_scales = SelfPacedScales(vertical_of_class, sp.variant, start, sp.init_noise, centred=sp.centred)
+    model.output_scales = SelfPacedScales(
+        vertical_of_class,
+        sp.variant,
+        start,
+        sp.init_noise,
+        centred=sp.centred,
+        running=sp.running,
+        running_start=running_start,
+    )
     return model
 
 

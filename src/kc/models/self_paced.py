@@ -11,6 +11,14 @@ divides that level out, so absent verticals' blocks keep only their shape and th
 verticals is lost (10K classes: val mAP 72.8 -> 27.2 at the start), while the centred one keeps it and still gives
 each vertical a learned scale of its within-vertical contrast.
 
+`running` divides each vertical's block by a running average (over training batches, not followed by the gradient)
+of its norm instead of each image's own: y_v = gamma_v * x_v / r_v. Every image of a vertical gets the same divisor,
+so no ranking of images changes (a per-class monotone map, which leaves every class's AP as it was), and gamma_v is
+the vertical's gain: its gradient still scales the vertical's learning, the pace the paper learns. The average
+starts at `running_start` (the student's: the generalist's measured block norms), so with gamma started there too
+(init 'generalist') the student starts exactly as the generalist, and with init 'sqrt' at the paper's block norm
+sqrt(N_v). In eval mode the average is a constant (exported as one).
+
 Batched over verticals: the per-vertical squared norms are one `index_add_` over the class -> vertical map, so the
 cost does not grow with the number of verticals (no Python loop).
 """
@@ -32,9 +40,16 @@ class SelfPacedScales(nn.Module):
         init_noise: float = 0.0,
         eps: float = 1e-6,
         centred: bool = False,
+        running: bool = False,
+        running_start: torch.Tensor | None = None,
+        momentum: float = 0.01,
     ):
         super().__init__()
+        if centred and running:
+            raise ValueError("self-paced scales: centred and running are two normalisations; choose one")
         self.centred = centred
+        self.running = running
+        self.momentum = momentum
         if variant not in VARIANTS:
             raise ValueError(f"self-paced variant '{variant}' is not one of {', '.join(VARIANTS)}")
         self.variant = variant
@@ -50,6 +65,9 @@ class SelfPacedScales(nn.Module):
             per_vertical = sizes.sqrt() if init == "sqrt" else torch.full_like(sizes, float(init))
         if variant == "none":
             return
+        if running:  # persistent: saved with the weights, so resume and exports read the same divisor
+            start_norm = per_vertical if running_start is None else running_start.detach().float()
+            self.register_buffer("running_norm", start_norm.clamp_min(eps).clone())
         start = per_vertical if variant in ("vertical", "fixed") else per_vertical[voc]
         if init_noise > 0:
             start = start + init_noise * torch.randn_like(start)
@@ -88,6 +106,9 @@ class SelfPacedScales(nn.Module):
         if self.variant == "none":
             return logits
         scale = self.per_class_scale()[classes]
+        if self.running:  # read only: the running norms follow whole columns (forward, scale_columns), which
+            # see every image of the batch, as the full loss does; a block row is one (image, vertical) pair
+            return logits / self.running_norm[self.vertical_of_class[classes[:, :1]]] * scale
         if not self.centred:
             norms = (logits * logits).sum(dim=1, keepdim=True).clamp_min(self.eps * self.eps).sqrt()
             return logits / norms * scale
@@ -103,6 +124,10 @@ class SelfPacedScales(nn.Module):
             sums = torch.zeros(values.shape[0], self.num_verticals, device=values.device, dtype=values.dtype)
             return sums.index_add_(1, vertical_of_column, values)
 
+        if self.running:
+            if self.training:
+                self._track(per_vertical_sum(logits * logits).sqrt().mean(dim=0), vertical_of_column)
+            return logits / self.running_norm[vertical_of_column] * scale
         mean = None
         if self.centred:  # whole verticals: each block's columns are its vertical's classes
             mean = (per_vertical_sum(logits) / self.sizes.to(logits.dtype))[:, vertical_of_column]
@@ -111,5 +136,14 @@ class SelfPacedScales(nn.Module):
         scaled = logits / norms[:, vertical_of_column] * scale
         return scaled if mean is None else mean + scaled
 
+    @torch.no_grad()
+    def _track(self, batch_norms: torch.Tensor, vertical_of_column: torch.Tensor) -> None:
+        """Move the running norm of each vertical among the columns toward `batch_norms` (V,), the batch's mean
+        block norm (others hold 0 and stay as they were)."""
+        seen = torch.zeros(self.num_verticals, dtype=torch.bool, device=batch_norms.device)
+        seen[vertical_of_column] = True
+        target = batch_norms.detach().to(self.running_norm).clamp_min(self.eps)
+        self.running_norm[seen] = torch.lerp(self.running_norm[seen], target[seen], self.momentum)
+
     def extra_repr(self) -> str:
-        return f"variant={self.variant}, verticals={self.num_verticals}, centred={self.centred}"
+        return f"variant={self.variant}, verticals={self.num_verticals}, centred={self.centred}, running={self.running}"

@@ -156,8 +156,10 @@ def start_from_generalist(run: Run, stage: str) -> Classifier:
     if not STAGE[stage].scales:
         return model
     sp = run.cfg.student.self_paced
-    init = block_norms(run, model, centred=sp.centred) if sp.init == "generalist" else None
-    return with_self_paced_scales(sp, run.taxonomy.vertical_of_class, model, init)
+    measured = block_norms(run, model, centred=sp.centred) if sp.init == "generalist" or sp.running else None
+    init = measured if sp.init == "generalist" else None
+    running_start = measured if sp.running else None
+    return with_self_paced_scales(sp, run.taxonomy.vertical_of_class, model, init, running_start)
 
 
 def start_digests(run: Run) -> str:

@@ -178,6 +178,7 @@ LATER_KEYS: dict[str, Any] = {
     "sampled_verticals": None,
     "patience": None,
     "centred": False,
+    "running": False,
 }
 
 
