@@ -104,6 +104,24 @@ FEATURE_PRESETS = {
 }
 
 
+def class_centres(spec: FeatureBenchmarkSpec, rng: np.random.Generator | None = None) -> np.ndarray:
+    """(C, dim) float32: each class's centre, its vertical's point plus its sign pattern on the vertical's axes.
+    The generator's first draws (from `rng`, by default a new one of the spec's seed): more images of the same
+    classes can be drawn around them."""
+    rng = np.random.default_rng(spec.seed) if rng is None else rng
+    sizes = spec.vertical_sizes()
+    vertical_points = rng.normal(0.0, 1.0, (spec.verticals, spec.dim)).astype(np.float32)
+    centres = np.repeat(vertical_points, sizes, axis=0)
+    first_class = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for size, first in zip(sizes, first_class, strict=True):
+        dims = spec.fine_dims if spec.size_ratio == 1.0 else spec.fine_dims_of(size)
+        axes = rng.choice(spec.dim, dims, replace=False)
+        codes = rng.choice(2**dims, size, replace=False)
+        signs = ((codes[:, None] >> np.arange(dims)) & 1) * 2.0 - 1.0
+        centres[first : first + size, axes] += spec.fine_scale * signs
+    return centres
+
+
 def generate_feature_benchmark(out: Path, spec: FeatureBenchmarkSpec) -> Path:
     """Write the benchmark to `out`; returns the manifest path. Same spec, same bytes."""
     sizes = spec.vertical_sizes()
@@ -112,17 +130,10 @@ def generate_feature_benchmark(out: Path, spec: FeatureBenchmarkSpec) -> Path:
     if any(spec.fine_dims_of(size) > spec.dim for size in sizes):
         raise ValueError(f"dim {spec.dim} is too small for a vertical of {max(sizes)} classes")
     rng = np.random.default_rng(spec.seed)
-    V, D = spec.verticals, spec.dim
-    vertical_points = rng.normal(0.0, 1.0, (V, D)).astype(np.float32)
-    centres = np.repeat(vertical_points, sizes, axis=0)
-    vertical_of_class = np.repeat(np.arange(V), sizes)
+    D = spec.dim
+    centres = class_centres(spec, rng)
+    vertical_of_class = np.repeat(np.arange(spec.verticals), sizes)
     first_class = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    for size, first in zip(sizes, first_class, strict=True):
-        dims = spec.fine_dims if spec.size_ratio == 1.0 else spec.fine_dims_of(size)
-        axes = rng.choice(D, dims, replace=False)
-        codes = rng.choice(2**dims, size, replace=False)
-        signs = ((codes[:, None] >> np.arange(dims)) & 1) * 2.0 - 1.0
-        centres[first : first + size, axes] += spec.fine_scale * signs
     C = int(sum(sizes))
     train_classes = np.repeat(np.arange(C), spec.train_per_class)
     val_classes = rng.integers(0, C, spec.val_images)
