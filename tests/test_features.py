@@ -8,7 +8,7 @@ import torch
 
 from kc.config import config_from_dict
 from kc.data.dataset import ImageDataset
-from kc.data.feature_benchmark import FeatureBenchmarkSpec, generate_feature_benchmark
+from kc.data.feature_benchmark import FeatureBenchmarkSpec, class_centres, generate_feature_benchmark
 from kc.errors import DataError
 from kc.run import prepare_run
 from kc.train.generalist import train_generalist
@@ -44,6 +44,13 @@ def test_feature_benchmark_is_seeded_and_structured(tmp_path):
     same = np.array([[i // 8 == j // 8 and i != j for j in range(24)] for i in range(24)])
     other = np.array([[i // 8 != j // 8 for j in range(24)] for i in range(24)])
     assert d[same].mean() < 0.5 * d[other].mean()
+    # class_centres replays the generator's design: each class's training images lie around its centre
+    clean = [r for r in rows if r["split"] == "train"]
+    design = class_centres(SPEC)
+    nearest = np.linalg.norm(features[: len(clean), None].astype(np.float32) - design[None], axis=-1).argmin(1)
+    agree = np.mean(nearest == labels[: len(clean)])
+    assert 0.7 < agree < 0.9, agree  # label noise 0.2 moves a fifth of the labels to another class
+    assert np.mean(nearest == (labels[: len(clean)] + 1) % 24) < 0.2  # against a wrong pairing of the classes
 
 
 def test_heads_train_on_feature_rows(tmp_path):
