@@ -38,6 +38,7 @@ from kc.train.common import ground_truth_loss, start_from_generalist
 from kc.train.specialists import vertical_members
 from kc.train.student import student_loss
 from kc.train.trainer import make_optimizer
+from kc.train.unlabeled import student_training_samples
 
 
 def synthetic_teachers(run, folder: Path) -> tuple[CachedTeachers, CachedTeachers]:
@@ -82,7 +83,9 @@ def main() -> None:
             return new_model(run, stage)
     else:
         digests = [file_digest(best_weights(specialist_dir(run, v))) for v in range(tax.num_verticals)]
-        teachers = CachedTeachers(run, digests, scfg.top_k, scfg.temperature, scfg.unselected)
+        teachers = CachedTeachers(
+            run, student_training_samples(run), digests, scfg.top_k, scfg.temperature, scfg.unselected
+        )
 
         def start(stage: str) -> torch.nn.Module:
             return start_from_generalist(run, stage)

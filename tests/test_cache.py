@@ -45,10 +45,10 @@ def train_batches(run, batch_size=10):
 def test_cached_targets_equal_online_targets_on_the_same_images(run, top_k, temperature, unselected):
     models = teachers(run)
     digests = [f"d{v}" for v in range(len(models))]
-    build_cache(run, models, digests, top_k=3, device=torch.device("cpu"), batch_size=7)
+    build_cache(run, run.splits["train"], models, digests, top_k=3, device=torch.device("cpu"), batch_size=7)
     online = OnlineTeachers(models, run.taxonomy, top_k, temperature, unselected)
-    cached = CachedTeachers(run, digests, top_k, temperature, unselected)
-    reopened = CachedTeachers(run, digests, top_k, temperature, unselected)
+    cached = CachedTeachers(run, run.splits["train"], digests, top_k, temperature, unselected)
+    reopened = CachedTeachers(run, run.splits["train"], digests, top_k, temperature, unselected)
     for batch in train_batches(run):
         a = online(batch["images"], batch["labels"])
         b = cached(batch["images"], batch["labels"], batch["index"])
@@ -71,15 +71,18 @@ def test_building_resumes_per_shard_and_rebuilds_only_stale_teachers(run, tmp_pa
             raise Crash
 
     with pytest.raises(Crash):
-        build_cache(run, models, digests, top_k=3, device=torch.device("cpu"), on_shard=crash_after_first)
+        build_cache(
+            run, run.splits["train"], models, digests, top_k=3, device=torch.device("cpu"), on_shard=crash_after_first
+        )
     assert list(json.loads((cache_dir(run) / "index.json").read_text())["shards"]) == ["0"]
-    build_cache(run, models, digests, top_k=3, device=torch.device("cpu"), on_shard=built.append)
+    build_cache(run, run.splits["train"], models, digests, top_k=3, device=torch.device("cpu"), on_shard=built.append)
     assert built == [0, 1, 2]  # the finished shard was not rebuilt
     files = {p.name: p.read_bytes() for p in cache_dir(run).glob("*.npy")}
 
     retrained = teachers(run, seed=1)
     build_cache(
         run,
+        run.splits["train"],
         [models[0], retrained[1], models[2]],
         ["a", "b2", "c"],
         top_k=3,
@@ -93,14 +96,14 @@ def test_building_resumes_per_shard_and_rebuilds_only_stale_teachers(run, tmp_pa
 
 
 def test_a_stale_or_short_cache_is_refused_with_the_fix(run):
-    build_cache(run, teachers(run), ["a", "b", "c"], top_k=2, device=torch.device("cpu"))
+    build_cache(run, run.splits["train"], teachers(run), ["a", "b", "c"], top_k=2, device=torch.device("cpu"))
     with pytest.raises(CheckpointError, match="built from other specialist weights .*`kc cache-targets RUN`"):
-        CachedTeachers(run, ["a", "B", "c"], 2, 1.0)
+        CachedTeachers(run, run.splits["train"], ["a", "B", "c"], 2, 1.0)
     with pytest.raises(CheckpointError, match="fewer than student.top_k=3 .* --top-k 3"):
-        CachedTeachers(run, ["a", "b", "c"], 3, 1.0)
+        CachedTeachers(run, run.splits["train"], ["a", "b", "c"], 3, 1.0)
     run.splits["train"] = run.splits["train"][:-1]  # the training split changed
     with pytest.raises(CheckpointError, match="other training images"):
-        CachedTeachers(run, ["a", "b", "c"], 2, 1.0)
+        CachedTeachers(run, run.splits["train"], ["a", "b", "c"], 2, 1.0)
 
 
 def test_pipeline_with_cached_teachers(tmp_path, tiny_benchmark):
@@ -123,11 +126,11 @@ def test_a_damaged_cache_array_is_refused_naming_it(run, how):
 
     models = teachers(run)
     digests = [f"d{v}" for v in range(len(models))]
-    build_cache(run, models, digests, top_k=3, device=torch.device("cpu"), batch_size=7)
-    CachedTeachers(run, digests, 3, 1.0)  # intact: opens
+    build_cache(run, run.splits["train"], models, digests, top_k=3, device=torch.device("cpu"), batch_size=7)
+    CachedTeachers(run, run.splits["train"], digests, 3, 1.0)  # intact: opens
     damage(cache_dir(run) / "teacher_001.logits.npy", how)
     with pytest.raises(CheckpointError, match=r"teacher_001.logits.npy: damaged"):
-        CachedTeachers(run, digests, 3, 1.0)
+        CachedTeachers(run, run.splits["train"], digests, 3, 1.0)
 
 
 def test_cached_targets_of_multi_label_images_are_each_selected_teachers_top_k():

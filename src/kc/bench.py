@@ -47,6 +47,7 @@ from kc.stages import (
 from kc.train.common import ground_truth_loss, start_from_generalist
 from kc.train.student import cache_targets, student_loss
 from kc.train.trainer import make_optimizer
+from kc.train.unlabeled import student_training_samples
 
 SHARED = ("taxonomy.json", "data", "generalist", "specialists")
 
@@ -171,7 +172,7 @@ def training(run: Run, rounds: int) -> dict[str, Any]:
     device = torch.device("cpu")
     digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
     weights = torch.ones(run.taxonomy.num_verticals)
-    cached = CachedTeachers(run, digests, scfg.top_k, scfg.temperature, scfg.unselected)
+    cached = CachedTeachers(run, student_training_samples(run), digests, scfg.top_k, scfg.temperature, scfg.unselected)
     online = OnlineTeachers(load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected)
     setups = {
         "generalist": (

@@ -160,6 +160,10 @@ def generate_benchmark_cmd(
     label_noise: Annotated[
         float | None, typer.Option(help="share of training labels naming another class of the same vertical")
     ] = None,
+    unlabeled_per_class: Annotated[
+        int | None,
+        typer.Option(help="feature presets: also write this many unlabeled images a class (unlabeled.jsonl)"),
+    ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     no_progress: NoProgress = False,
 ) -> None:
@@ -183,16 +187,23 @@ def generate_benchmark_cmd(
             fine_bits=fine_bits,
             multilabel_fraction=multilabel_fraction,
             label_noise=label_noise,
+            unlabeled_per_class=unlabeled_per_class,
             seed=seed,
         ).items()
         if v is not None
     }
+    if unlabeled_per_class is not None and preset not in FEATURE_PRESETS:
+        raise KCError("--unlabeled-per-class applies to the feature presets (features-*, paper-*)")
     if preset in FEATURE_PRESETS:  # precomputed features: only these options apply
-        keys = {"verticals", "classes_per_vertical", "train_per_class", "label_noise", "seed"}
+        keys = {"verticals", "classes_per_vertical", "train_per_class", "label_noise", "unlabeled_per_class", "seed"}
         if set(given) - keys:
             raise KCError(f"--preset {preset}: takes only {', '.join(sorted(keys))} of the options")
+        if (unlabeled_per_class or 0) < 0:
+            raise KCError(f"--unlabeled-per-class: {unlabeled_per_class} must be 0 or more")
         manifest = generate_feature_benchmark(out, replace(FEATURE_PRESETS[preset], **given))
         typer.echo(f"wrote {manifest}, {out / 'features.npy'} and {out / 'taxonomy.json'}")
+        if unlabeled_per_class:
+            typer.echo(f"wrote {out / 'unlabeled.jsonl'}: give it as data.unlabeled")
         typer.echo("train heads on them with model: {backbone: kc_features, backbone_args: {dim: 128}}")
         return
     spec = replace(PRESETS[preset], **given)
@@ -775,6 +786,10 @@ def seeds_cmd(
         int | None,
         typer.Option(help="with --generate: training images per class of each seed's draw (else the preset's)"),
     ] = None,
+    unlabeled_per_class: Annotated[
+        int | None,
+        typer.Option(help="with --generate of a feature preset: unlabeled images a class, set as data.unlabeled"),
+    ] = None,
     set_: SetOption = None,
     no_progress: NoProgress = False,
 ) -> None:
@@ -789,6 +804,7 @@ def seeds_cmd(
         set_,
         label_noise=label_noise,
         train_per_class=train_per_class,
+        unlabeled_per_class=unlabeled_per_class,
         progress=bars(no_progress),
         echo=typer.echo,
     )

@@ -52,6 +52,13 @@ class DataConfig(_Strict):
         None, description="a folder of WebDataset tar shards (kc make-shards): <key>.<image ext> + <key>.json labels"
     )
     image_root: Path | None = Field(None, description="root of manifest image paths (default: its folder)")
+    unlabeled: Path | None = Field(
+        None,
+        description="a manifest of images without labels (CSV with a 'path' column, or JSONL objects with 'path'; "
+        "paths relative to the image root, or absolute): each is labelled by the trained generalist's top class, "
+        "which selects its teacher for the student and is its label for the controls (self-training); the "
+        "generalist and specialists never see them",
+    )
     taxonomy: Path | None = Field(
         None, description="taxonomy JSON/YAML (needed with a manifest; with shards, default: <shards>/taxonomy.json)"
     )
@@ -367,7 +374,7 @@ def _absolutise(cfg: RunConfig, base: Path) -> RunConfig:
     cfg.run_dir = fix(cfg.run_dir)
     d = cfg.data
     d.manifest, d.image_folder, d.taxonomy = fix(d.manifest), fix(d.image_folder), fix(d.taxonomy)
-    d.shards = fix(d.shards)
+    d.shards, d.unlabeled = fix(d.shards), fix(d.unlabeled)
     if d.shards is not None:
         d.image_root, d.taxonomy = d.shards, d.taxonomy or d.shards / "taxonomy.json"
     d.image_root = fix(d.image_root) if d.image_root else (d.manifest.parent if d.manifest else None)

@@ -5,6 +5,7 @@ Layout::
     RUN/config.yaml          the resolved config (absolute paths)
     RUN/taxonomy.json        the taxonomy the run uses (class order = model output order)
     RUN/data/{train,val,test}.jsonl, RUN/data/check.json   the split, checked once; later stages reuse it
+    RUN/data/unlabeled.{jsonl,json}   data.unlabeled's images, checked once (again when that manifest changes)
     RUN/<stage>/             checkpoints/, tensorboard/, metrics_<split>.json, ...
 
 Preparing is idempotent: a second call reads what the first wrote. Re-using a run directory with a config that
@@ -14,7 +15,7 @@ differs in what decides the data or the model is refused, naming the keys that d
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,11 @@ from kc.config import RunConfig, dump_yaml
 from kc.data.decoded import DecodedImages, decoded_path, ensure_decoded
 from kc.data.features import is_feature_path
 from kc.data.images import check_images
-from kc.data.samples import SPLITS, Sample
+from kc.data.samples import SPLITS, Sample, load_unlabeled
 from kc.data.sources import load_source
 from kc.data.splits import assign_splits
 from kc.errors import CheckpointError, DataError
-from kc.io import atomic_write_json, atomic_write_text, read_json
+from kc.io import atomic_write_json, atomic_write_text, read_json, sha256_file
 from kc.taxonomy import Taxonomy
 
 # Keys whose change does not change any result, so a run may be resumed with them changed.
@@ -38,6 +39,9 @@ _FREE_KEYS = {"run_dir", "device", "data.num_workers"}
 # Training sections: each stage's checkpoint fingerprint guards its own section, so they are not checked here.
 _STAGE_SECTIONS = ("generalist.", "specialists.", "student.", "control")
 _SAME_RESULTS = ("data.num_workers", "data.decoded_cache")  # how the data is read, not what it is
+# Unlabeled images change only the stages after the generalist, whose checkpoints fingerprint them: they may be
+# added to (or changed in) a run whose generalist and specialists are trained.
+_LATER_STAGES_ONLY = ("data.unlabeled",)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Run:
     image_root: Path
     splits: dict[str, list[Sample]]
     decoded: DecodedImages | None = None  # data.decoded_cache: every image decoded once
+    unlabeled: list[Sample] = field(default_factory=list)  # data.unlabeled's images (no labels, no split)
 
     def stage_dir(self, stage: str) -> Path:
         return stage_path(self.dir, stage)
@@ -110,7 +115,7 @@ def _write_split(path: Path, samples: list[Sample]) -> None:
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
 
 
-def _read_split(path: Path, split: str) -> list[Sample]:
+def _read_split(path: Path, split: str | None) -> list[Sample]:
     out = []
     for line in path.read_text(encoding="utf-8").splitlines():
         obj = json.loads(line)
@@ -127,7 +132,8 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
     # Once the data is prepared, the run is bound to it; before that (e.g. after a data error), any config goes.
     if check_file.is_file() and config_path.is_file():
         old = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-        diff = [k for k in changed_keys(old, resolved) if not k.startswith(_STAGE_SECTIONS + _SAME_RESULTS)]
+        bound = [k for k in changed_keys(old, resolved) if not k.startswith(_STAGE_SECTIONS + _SAME_RESULTS)]
+        diff = [k for k in bound if k not in _LATER_STAGES_ONLY]
         if diff:
             raise CheckpointError(
                 f"{run_dir}: this run directory was made with another config (differs in: {', '.join(diff[:8])}); "
@@ -139,7 +145,7 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
         taxonomy = Taxonomy.load(run_dir / "taxonomy.json")
         splits = {s: _read_split(data_dir / f"{s}.jsonl", s) for s in SPLITS}
         image_root = Path(read_json(check_file)["image_root"])
-        return Run(cfg, run_dir, taxonomy, image_root, splits, _decoded(cfg, data_dir, splits, image_root, progress))
+        return _finish(cfg, run_dir, taxonomy, image_root, splits, progress)
 
     d = cfg.data
     taxonomy, samples, image_root = load_source(d)
@@ -164,14 +170,50 @@ def prepare_run(cfg: RunConfig, progress: bool = True) -> Run:
             "split_sizes": {s: len(v) for s, v in splits.items()},
         },
     )
-    return Run(cfg, run_dir, taxonomy, image_root, splits, _decoded(cfg, data_dir, splits, image_root, progress))
+    return _finish(cfg, run_dir, taxonomy, image_root, splits, progress)
+
+
+def _finish(
+    cfg: RunConfig,
+    run_dir: Path,
+    taxonomy: Taxonomy,
+    image_root: Path,
+    splits: dict[str, list[Sample]],
+    progress: bool,
+) -> Run:
+    """The Run, its unlabeled images and decoded cache added (both checked or built once)."""
+    data_dir = run_dir / "data"
+    unlabeled = _unlabeled(cfg, data_dir, image_root, splits, progress)
+    samples = [s for split in SPLITS for s in splits[split]] + unlabeled
+    decoded = _decoded(cfg, data_dir, samples, image_root, progress)
+    return Run(cfg, run_dir, taxonomy, image_root, splits, decoded, unlabeled)
+
+
+def _unlabeled(
+    cfg: RunConfig, data_dir: Path, image_root: Path, splits: dict[str, list[Sample]], progress: bool
+) -> list[Sample]:
+    """data.unlabeled's images, read and checked once: RUN/data/unlabeled.jsonl, its manifest's path and SHA-256
+    in unlabeled.json (written last), read again when the manifest changes."""
+    d = cfg.data
+    if d.unlabeled is None:
+        return []
+    listed, meta = data_dir / "unlabeled.jsonl", data_dir / "unlabeled.json"
+    source = {"manifest": str(d.unlabeled), "sha256": sha256_file(d.unlabeled) if d.unlabeled.is_file() else None}
+    if meta.is_file() and listed.is_file() and {k: read_json(meta).get(k) for k in source} == source:
+        return _read_split(listed, None)
+    labelled = {s.path for split in SPLITS for s in splits[split]}
+    samples = load_unlabeled(d.unlabeled, image_root, labelled)
+    kept, skipped = check_images(samples, image_root, d.bad_images, progress=progress, max_pixels=d.max_image_pixels)
+    meta.unlink(missing_ok=True)  # stale from here on
+    _write_split(listed, kept)
+    atomic_write_json(meta, {**source, "images": len(samples), "kept": len(kept), "skipped": skipped})
+    return kept
 
 
 def _decoded(
-    cfg: RunConfig, data_dir: Path, splits: dict[str, list[Sample]], image_root: Path, progress: bool
+    cfg: RunConfig, data_dir: Path, samples: list[Sample], image_root: Path, progress: bool
 ) -> DecodedImages | None:
     """The run's decoded images when data.decoded_cache asks for them (never for rows of features)."""
-    samples = [s for split in SPLITS for s in splits[split]]
     if not cfg.data.decoded_cache or not samples or is_feature_path(samples[0].path):
         return None
     distributed.on_main(lambda: ensure_decoded(data_dir, cfg.data, samples, image_root, progress))  # rank 0 builds

@@ -42,6 +42,7 @@ def _seed_config(
     generate: str | None,
     label_noise: float | None,
     train_per_class: int | None,
+    unlabeled_per_class: int | None,
     progress: bool,
 ):
     data = merge(base, {"seed": seed})
@@ -56,7 +57,12 @@ def _seed_config(
                 out, fashion_mnist.DEBIAN_DIR, seed, progress=progress, train_per_class=train_per_class
             )
         else:
-            changes = {"seed": seed, "label_noise": label_noise, "train_per_class": train_per_class}
+            changes = {
+                "seed": seed,
+                "label_noise": label_noise,
+                "train_per_class": train_per_class,
+                "unlabeled_per_class": unlabeled_per_class,
+            }
             spec = FEATURE_PRESETS.get(generate) or PRESETS[generate]
             spec = replace(spec, **{k: v for k, v in changes.items() if v is not None})
             if generate in FEATURE_PRESETS:
@@ -64,6 +70,8 @@ def _seed_config(
             else:
                 manifest = generate_benchmark(out, spec, progress=progress)
         data["data"] = {**data.get("data", {}), "manifest": str(manifest), "taxonomy": str(out / "taxonomy.json")}
+        if unlabeled_per_class:
+            data["data"]["unlabeled"] = str(out / "unlabeled.jsonl")
     return config_from_dict(data, source=str(source), base=source.parent), run_root.resolve()
 
 
@@ -74,6 +82,7 @@ def run_seeds(
     overrides: list[str] | None = None,
     label_noise: float | None = None,
     train_per_class: int | None = None,
+    unlabeled_per_class: int | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -88,6 +97,10 @@ def run_seeds(
         raise KCError("--train-per-class applies to --generate: give --generate PRESET too")
     if train_per_class is not None and train_per_class < 1:
         raise KCError(f"--train-per-class: {train_per_class} must be at least 1")
+    if unlabeled_per_class is not None and generate not in FEATURE_PRESETS:
+        raise KCError("--unlabeled-per-class applies to --generate of a feature preset (features-*, paper-*)")
+    if unlabeled_per_class is not None and unlabeled_per_class < 0:
+        raise KCError(f"--unlabeled-per-class: {unlabeled_per_class} must be 0 or more")
     if not config.is_file():
         raise ConfigError(f"{config}: config file not found")
     try:
@@ -106,7 +119,9 @@ def run_seeds(
         )
     results, root = {}, None
     for seed in seeds:
-        cfg, root = _seed_config(base, config, seed, generate, label_noise, train_per_class, progress)
+        cfg, root = _seed_config(
+            base, config, seed, generate, label_noise, train_per_class, unlabeled_per_class, progress
+        )
         echo(f"seed {seed}: {cfg.run_dir}")
         run = prepare_run(cfg, progress=progress)
         results[seed] = run_pipeline(run, progress=progress, verbose=progress)

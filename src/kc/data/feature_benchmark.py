@@ -19,7 +19,9 @@ the method can show something (the regime the paper measured in): 20 verticals, 
 splits whose "vertical-only" chance floor (each class ranked at random among its vertical's images) stays low.
 
 Written: `features.npy` (float16, rows x dim), `manifest.jsonl` (paths `features.npy#<row>`, labels, split),
-`taxonomy.json`. Val and test are `val_images` / `test_images` images of classes drawn at random (a test split with
+`taxonomy.json`; with `unlabeled_per_class` > 0 also `unlabeled.npy` and `unlabeled.jsonl` (paths only, for
+`data.unlabeled`): more images of every class, from a random stream of their own (the labelled files keep their
+bytes). Val and test are `val_images` / `test_images` images of classes drawn at random (a test split with
 every class would not fit a 2-core machine's evaluation).
 """
 
@@ -49,6 +51,7 @@ class FeatureBenchmarkSpec:
     noise: float = 0.4
     label_noise: float = 0.2
     size_ratio: float = 1.0
+    unlabeled_per_class: int = 0  # images a class drawn like the training ones, written without labels
     seed: int = 0
 
     def vertical_sizes(self) -> list[int]:
@@ -171,6 +174,33 @@ def generate_feature_benchmark(out: Path, spec: FeatureBenchmarkSpec) -> Path:
     ]
     manifest = out / "manifest.jsonl"
     atomic_write_text(manifest, "\n".join(lines) + "\n")
+    if spec.unlabeled_per_class > 0:
+        write_unlabeled(out, spec, centres)
+    return manifest
+
+
+UNLABELED_STREAM = 10_000  # the unlabeled images' random stream is seeded spec.seed + this
+
+
+def write_unlabeled(out: Path, spec: FeatureBenchmarkSpec, centres: np.ndarray) -> Path:
+    """`unlabeled_per_class` images of every class around its centre (class by class), without labels:
+    `unlabeled.npy` and the manifest `unlabeled.jsonl` (returned)."""
+    rng = np.random.default_rng(UNLABELED_STREAM + spec.seed)
+    classes = np.repeat(np.arange(len(centres)), spec.unlabeled_per_class)
+    features = np.empty((len(classes), spec.dim), dtype=np.float16)
+    for begin in range(0, len(classes), 65536):  # in blocks: bounded memory at any size (the same draws)
+        block = classes[begin : begin + 65536]
+        features[begin : begin + len(block)] = centres[block] + rng.normal(0.0, spec.noise, (len(block), spec.dim))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, features, allow_pickle=False)
+
+    atomic_write(out / "unlabeled.npy", write)
+    manifest = out / "unlabeled.jsonl"
+    atomic_write_text(
+        manifest, "".join(json.dumps({"path": f"unlabeled.npy#{row}"}) + "\n" for row in range(len(classes)))
+    )
     return manifest
 
 

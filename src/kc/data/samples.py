@@ -87,6 +87,40 @@ def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ances
     return samples
 
 
+def load_unlabeled(path: Path, image_root: Path, labelled: set[str]) -> list[Sample]:
+    """Images without labels (`data.unlabeled`): a CSV with a ``path`` column or JSONL objects with ``path``, paths
+    relative to the image root (or absolute). Every problem (labels given, missing file, duplicate, an image also in
+    the labelled data, whose paths are `labelled`) is reported with its file and line, all at once."""
+    if not path.is_file():
+        raise DataError(f"{path}: unlabeled-image manifest not found; check 'data.unlabeled' in your config")
+    with utf8_required(path, DataError):
+        rows = _read_jsonl(path, labelled=False) if path.suffix == ".jsonl" else _read_csv(path, labelled=False)
+    problems: list[str] = []
+    samples: list[Sample] = []
+    seen: dict[str, str] = {}
+    for where, rel, labels, split, negatives in rows:
+        if not rel:
+            problems.append(f"{where}: empty image path")
+        elif _label_list(labels) or _label_list(negatives):
+            problems.append(f"{where}: '{rel}' has labels; list labelled images in data.manifest, not here")
+        elif split is not None:
+            problems.append(f"{where}: '{rel}' has a split; unlabeled images only train (remove the split)")
+        elif rel in seen:
+            problems.append(f"{where}: duplicate image '{rel}' (first at {seen[rel]}); list each image once")
+        elif rel in labelled:
+            problems.append(f"{where}: '{rel}' is also in the labelled data; list it in one manifest only")
+        elif not (image_root / (rel.rpartition("#")[0] if ".npy#" in rel else rel)).is_file():
+            problems.append(f"{where}: image file not found: {image_root / rel}")
+        else:
+            seen[rel] = where
+            samples.append(Sample(rel, (), None, where))
+    if problems:
+        raise DataError(format_problems(f"{path}: {len(problems)} problem(s) in the unlabeled images:", problems))
+    if not samples:
+        raise DataError(f"{path}: lists no images; remove 'data.unlabeled' or list images in it")
+    return samples
+
+
 def _class_indices(
     labels: list[str], field: str, where: str, taxonomy: Taxonomy, problems: list[str], expand: Any
 ) -> list[int] | None:
@@ -125,11 +159,11 @@ def _descendants(taxonomy: Taxonomy) -> dict[int, list[int]]:
 Row = tuple[str, str, list[str] | str, str | None, list[str] | str | None]
 
 
-def _read_csv(path: Path) -> list[Row]:
+def _read_csv(path: Path, labelled: bool = True) -> list[Row]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
-        for required in ("path", "labels"):
+        for required in ("path", "labels") if labelled else ("path",):
             if required not in fields:
                 raise DataError(
                     f"{path}:1: the CSV header needs a '{required}' column (found: {', '.join(fields) or 'none'})"
@@ -140,11 +174,11 @@ def _read_csv(path: Path) -> list[Row]:
             if None in row:
                 raise DataError(f"{where}: more fields than the header has; quote paths that contain commas")
             split = (row.get("split") or "").strip() or None
-            rows.append((where, (row["path"] or "").strip(), row["labels"] or "", split, row.get("negatives")))
+            rows.append((where, (row["path"] or "").strip(), row.get("labels") or "", split, row.get("negatives")))
     return rows
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _read_jsonl(path: Path, labelled: bool = True) -> list[Row]:
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -155,9 +189,9 @@ def _read_jsonl(path: Path) -> list[Row]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or "path" not in obj or "labels" not in obj:
-                raise DataError(f"{where}: each line needs an object with 'path' and 'labels'")
-            labels = obj["labels"]
+            if not isinstance(obj, dict) or "path" not in obj or (labelled and "labels" not in obj):
+                raise DataError(f"{where}: each line needs an object with 'path'" + (" and 'labels'" * labelled))
+            labels = obj.get("labels", [])
             if not isinstance(labels, (list, str)) or (
                 isinstance(labels, list) and not all(isinstance(x, str) for x in labels)
             ):

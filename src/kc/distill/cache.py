@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from kc.data.dataset import ImageDataset, collate
+from kc.data.samples import Sample
 from kc.distill.cache_format import (
     ARRAYS,
     VERSION,
@@ -39,6 +40,7 @@ from kc.run import Run
 
 def build_cache(
     run: Run,
+    samples: list[Sample],
     teachers: list[torch.nn.Module | list[torch.nn.Module] | None],
     specialist_digests: list[str],
     *,
@@ -50,13 +52,13 @@ def build_cache(
     on_shard: Callable[[int], None] | None = None,
     verticals: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Write (or complete) the cache's shards for `verticals` (default: all); a shard already built from the same
-    teacher, K, classes, images and preprocessing is kept. `teachers[v]` is vertical v's specialist, or its
-    cross-fitted specialists, one per fold: then training image i is taught by `teachers[v][fold_of[i]]`, the
-    one that was trained without it."""
+    """Write (or complete) the cache's shards over `samples` (the student's training images) for `verticals`
+    (default: all); a shard already built from the same teacher, K, classes, images and preprocessing is kept.
+    `teachers[v]` is vertical v's specialist, or its cross-fitted specialists, one per fold: then training image i
+    is taught by `teachers[v][fold_of[i]]`, the one that was trained without it."""
     out = cache_dir(run)
     out.mkdir(parents=True, exist_ok=True)
-    base = base_fingerprint(run)
+    base = base_fingerprint(run, samples)
     done_before = read_shards(run)
     for v in verticals if verticals is not None else range(run.taxonomy.num_verticals):
         wanted = {"version": VERSION, "top_k": top_k, "base": base, "specialist": specialist_digests[v]}
@@ -67,7 +69,7 @@ def build_cache(
             if _is_current(read_shards(run).get(v), wanted):  # finished by another process since the read above
                 continue
             members = teachers[v] if isinstance(teachers[v], list) else [teachers[v]]
-            _write_shard(run, v, members, fold_of, wanted, top_k, device, batch_size, progress)
+            _write_shard(run, samples, v, members, fold_of, wanted, top_k, device, batch_size, progress)
         write_index(run)
         if on_shard is not None:
             on_shard(v)
@@ -80,6 +82,7 @@ def _is_current(shard: dict[str, Any] | None, wanted: dict[str, Any]) -> bool:
 
 def _write_shard(
     run: Run,
+    train: list[Sample],
     v: int,
     members: list[torch.nn.Module | None],
     fold_of: list[int] | None,
@@ -89,10 +92,9 @@ def _write_shard(
     batch_size: int,
     progress: bool,
 ) -> None:
-    """Vertical v's shard: its teacher's top-K logits over the vertical's training images (each image's from the
+    """Vertical v's shard: its teacher's top-K logits over the vertical's images of `train` (each image's from the
     member of its fold, when the teachers are cross-fitted)."""
     out = cache_dir(run)
-    train = run.splits["train"]
     (out / f"{shard_prefix(v)}.json").unlink(missing_ok=True)  # the shard is stale from here on
     start, end = run.taxonomy.vertical_ranges[v]
     rows = np.array([i for i, s in enumerate(train) if any(start <= c < end for c in s.labels)], dtype=np.int64)

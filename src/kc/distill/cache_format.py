@@ -6,7 +6,8 @@ Layout (one shard per teacher, so building resumes teacher by teacher)::
                                        preprocessing), its sizes and its arrays' SHA-256 (checked when the cache
                                        is opened); written after its arrays: the shard is done
     RUN/cache/index.json               a summary of the finished shards
-    RUN/cache/teacher_NNN.rows.npy     (n_v,) int64: index into the run's training split of each image of shard v
+    RUN/cache/teacher_NNN.rows.npy     (n_v,) int64: index into the student's training images (the training
+                                       split, then any routed unlabeled images) of each image of shard v
     RUN/cache/teacher_NNN.logits.npy   (n_v, K) float32: the teacher's K largest logits, largest first
     RUN/cache/teacher_NNN.classes.npy  (n_v, K) int32: their class indices within the vertical
 
@@ -24,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from kc.data.samples import Sample
 from kc.io import atomic_write, atomic_write_json, read_json
 from kc.run import Run
 
@@ -42,17 +44,18 @@ def cache_dir(run: Run) -> Path:
     return run.dir / "cache"
 
 
-def split_digest(run: Run) -> str:
-    text = json.dumps([[s.path, list(s.labels)] for s in run.splits["train"]])
+def split_digest(samples: list[Sample]) -> str:
+    text = json.dumps([[s.path, list(s.labels)] for s in samples])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def base_fingerprint(run: Run) -> dict[str, Any]:
-    """What every teacher's shard depends on besides the teacher: classes, training images, preprocessing."""
+def base_fingerprint(run: Run, samples: list[Sample]) -> dict[str, Any]:
+    """What every teacher's shard depends on besides the teacher: classes, the student's training images
+    (`samples`, with their labels), preprocessing."""
     d = run.cfg.data
     return {
         "taxonomy": run.taxonomy.fingerprint(),
-        "train_split": split_digest(run),
+        "train_split": split_digest(samples),
         "preprocess": [d.image_size, list(d.mean), list(d.std)],
     }
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kc.data.samples import Sample
 from kc.distill.cache_format import PARTS, base_fingerprint, cache_dir, read_shards, shard_prefix
 from kc.distill.targets import BlockTargets, Teachers
 from kc.errors import CheckpointError
@@ -15,11 +16,13 @@ from kc.taxonomy import Taxonomy
 
 
 class CachedTeachers(Teachers):
-    """Soft targets from the cache, built as `OnlineTeachers` builds them (same targets), by training index."""
+    """Soft targets from the cache, built as `OnlineTeachers` builds them (same targets), by training index: the
+    index into `samples`, the student's training images the cache was built over."""
 
     def __init__(
         self,
         run: Run,
+        samples: list[Sample],
         specialist_digests: list[str],
         top_k: int,
         temperature: float,
@@ -30,7 +33,7 @@ class CachedTeachers(Teachers):
         if not shards:
             raise CheckpointError(f"{directory}: no soft-target cache; build it with `kc cache-targets RUN`")
         taxonomy: Taxonomy = run.taxonomy
-        base = base_fingerprint(run)
+        base = base_fingerprint(run, samples)
         stale = {PARTS[key] for m in shards.values() for key, value in base.items() if m["base"].get(key) != value}
         stale |= {PARTS["specialists"] for v, m in shards.items() if m["specialist"] != specialist_digests[v]}
         if stale:

@@ -30,6 +30,7 @@ from kc.stages import (
     with_student_head,
 )
 from kc.train.trainer import LossFn
+from kc.train.unlabeled import student_training_samples
 
 
 def sampled_bce(num_classes: int, negatives: int) -> LossFn:
@@ -123,10 +124,10 @@ def validation_fn(
 def block_norms(
     run: Run, model: Classifier, images: int = 1024, batch_size: int = 256, centred: bool = False
 ) -> torch.Tensor:
-    """Per vertical, the median over training images (up to `images`, evenly spread) of the L2 norm of the
+    """Per vertical, the median over the student's training images (up to `images`, evenly spread) of the L2 norm of the
     vertical's block of `model`'s logits: self-paced scales that start there keep the typical size of its logits
     (not their ranking across images, which normalising each image's block changes: docs/BENCHMARKS.md, 100K)."""
-    samples = run.splits["train"]
+    samples = student_training_samples(run)
     chosen = samples[:: max(1, len(samples) // images)][:images]
     dataset = ImageDataset(chosen, run.image_root, run.cfg.data, train=False, decoded=run.decoded)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)

@@ -31,6 +31,7 @@ from kc.train.specialists import (
 )
 from kc.train.student import scale_scalars, train_self_distillation, train_student
 from kc.train.trainer import EpochBatches, TrainResult, stage_complete
+from kc.train.unlabeled import student_training_samples
 
 
 def control_config(run: Run) -> TrainConfig:
@@ -52,7 +53,7 @@ def image_steps(stage_dir: Path, samples: int, cfg: TrainConfig) -> int:
 def total_compute_epochs(run: Run) -> int:
     """Epochs of the control's batch that hold as many image-steps as every specialist and the student together
     took (the generalist's own are shared by every model, so they cancel)."""
-    train, tax, scfg = run.splits["train"], run.taxonomy, run.cfg.specialists
+    tax, scfg = run.taxonomy, run.cfg.specialists
     specialists = 0
     for fold in specialist_folds(run):  # cross-fitted: every fold's specialists count
         fold_samples = fold_training_samples(run, fold)
@@ -60,9 +61,10 @@ def total_compute_epochs(run: Run) -> int:
         for v in range(tax.num_verticals):
             samples = len(specialist_training_samples(run, v, fold_samples, members[v]))
             specialists += image_steps(specialist_dir(run, v, fold), samples, scfg)
-    spent = specialists + image_steps(run.stage_dir(STUDENT), len(train), run.cfg.student)
+    student_samples = len(student_training_samples(run))  # the control's epochs are over the same images
+    spent = specialists + image_steps(run.stage_dir(STUDENT), student_samples, run.cfg.student)
     control = control_config(run)
-    per_epoch = EpochBatches.per_epoch(len(train), control.batch_size) * min(control.batch_size, len(train))
+    per_epoch = EpochBatches.per_epoch(student_samples, control.batch_size) * min(control.batch_size, student_samples)
     return max(1, math.ceil(spent / per_epoch))
 
 

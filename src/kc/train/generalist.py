@@ -11,6 +11,7 @@ from kc.run import Run
 from kc.stages import GENERALIST, STAGE, activation, new_generalist_model
 from kc.train.common import check_single_label, ground_truth_loss, start_digests, start_from_generalist, validation_fn
 from kc.train.trainer import Trainer, TrainResult, fingerprint_data
+from kc.train.unlabeled import student_training_samples, unlabeled_fingerprint
 
 
 def train_on_ground_truth(
@@ -24,22 +25,24 @@ def train_on_ground_truth(
     scalars: Callable | None = None,
     lr_multipliers: dict[str, float] | None = None,
 ) -> TrainResult:
-    """Train `stage` on the ground truth with the generalist's loss: the generalist from scratch, a control from the
-    trained generalist in the stage's architecture (`STAGES`)."""
+    """Train `stage` on the ground truth with the generalist's loss: the generalist from scratch on the training
+    split, a control from the trained generalist in the stage's architecture (`STAGES`) on the student's training
+    images (with any unlabeled ones, labelled by the generalist)."""
     cfg = run.cfg
     if tcfg.loss == "softmax":
         check_single_label(run)
     device = resolve_device(cfg.device)
     fingerprint = run.taxonomy.fingerprint() + model_fingerprint(cfg.model)
     if stage == GENERALIST:
-        model = new_generalist_model(run)
+        model, samples = new_generalist_model(run), run.splits["train"]
     else:  # a control: the trained generalist, in the stage's architecture
         fingerprint += start_digests(run) + str(cfg.student.head.model_dump()) + str(cfg.generalist.sampled_negatives)
         if STAGE[stage].scales:
             fingerprint += str(cfg.student.self_paced.model_dump())
-        model = start_from_generalist(run, stage)
+        fingerprint += unlabeled_fingerprint(run)
+        model, samples = start_from_generalist(run, stage), student_training_samples(run)
     seed = tcfg.stage_seed(cfg.seed)
-    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed, decoded=run.decoded)
+    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed, decoded=run.decoded)
     trainer = Trainer(
         model,
         tcfg,

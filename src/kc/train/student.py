@@ -34,6 +34,7 @@ from kc.stages import (
 from kc.taxonomy import Taxonomy
 from kc.train.common import start_from_generalist, validation_fn
 from kc.train.trainer import LossFn, Trainer, TrainResult
+from kc.train.unlabeled import fold_of_student_samples, student_training_samples, unlabeled_fingerprint
 
 
 def student_loss(
@@ -87,8 +88,8 @@ def scale_scalars(self_paced: SelfPacedConfig, taxonomy: Taxonomy) -> Callable[[
 def cache_targets(
     run: Run, top_k: int | None = None, progress: bool = True, verticals: list[int] | None = None
 ) -> dict:
-    """`kc cache-targets`: run every specialist (or those of `verticals`) once over its vertical's training images;
-    keep its top-K logits. Under torchrun each rank builds every world_size-th of them."""
+    """`kc cache-targets`: run every specialist (or those of `verticals`) once over its vertical's images among the
+    student's training images; keep its top-K logits. Under torchrun each rank builds every world_size-th of them."""
     device = resolve_device(run.cfg.device)
     digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
     chosen = list(range(run.taxonomy.num_verticals) if verticals is None else verticals)
@@ -98,11 +99,12 @@ def cache_targets(
         teachers[v] = load_fold_specialists(run, v)
     build_cache(
         run,
+        student_training_samples(run),
         teachers,
         digests,
         top_k=top_k or run.cfg.student.top_k,
         device=device,
-        fold_of=training_fold_of(run),
+        fold_of=fold_of_student_samples(run, training_fold_of(run)),
         batch_size=run.cfg.student.eval_batch_size,
         progress=progress and distributed.is_main(),
         verticals=chosen,
@@ -129,7 +131,10 @@ def train_student(
     mode = teacher_mode(run)
     digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
     if mode == "cache":
-        teachers: Teachers = CachedTeachers(run, digests, scfg.top_k, scfg.temperature, scfg.unselected).to(device)
+        samples = student_training_samples(run)
+        teachers: Teachers = CachedTeachers(run, samples, digests, scfg.top_k, scfg.temperature, scfg.unselected).to(
+            device
+        )
     else:
         teachers = OnlineTeachers(
             load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected
@@ -164,7 +169,8 @@ def train_distilled(
     verbose: bool,
     on_step: Callable[[int], None] | None,
 ) -> TrainResult:
-    """The student's recipe (student.*) taught by `teachers`; `inputs` says what the teachers were made from."""
+    """The student's recipe (student.*) taught by `teachers` on the student's training images (labelled, then any
+    routed unlabeled ones); `inputs` says what the teachers were made from."""
     cfg, scfg = run.cfg, run.cfg.student
     device = resolve_device(cfg.device)
     # Starts as the generalist (backbone, head in the student's structure), the output scales on top.
@@ -172,7 +178,8 @@ def train_distilled(
     # Equal, fixed weights per vertical: the interface through which pacing strategies plug in.
     vertical_weights = torch.ones(run.taxonomy.num_verticals)
     seed = scfg.stage_seed(cfg.seed)
-    train_set = ImageDataset(run.splits["train"], run.image_root, cfg.data, train=True, seed=seed, decoded=run.decoded)
+    samples = student_training_samples(run)
+    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed, decoded=run.decoded)
     trainer = Trainer(
         model,
         scfg,
@@ -182,7 +189,7 @@ def train_distilled(
         validation_fn(run, device, scfg.eval_batch_size),
         seed=seed,
         device=device,
-        fingerprint=run.taxonomy.fingerprint() + inputs,
+        fingerprint=run.taxonomy.fingerprint() + inputs + unlabeled_fingerprint(run),
         num_workers=cfg.data.num_workers,
         progress=progress,
         verbose=verbose,
