@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from kc.cli import app
 from kc.config import config_from_dict
+from kc.data.check import check_data, report_text
 from kc.data.dataset import ImageDataset, collate
 from kc.data.feature_benchmark import (
     FEATURE_PRESETS,
@@ -116,6 +117,8 @@ def test_unlabeled_manifest_problems_are_reported_with_their_lines(bench, tmp_pa
         prepare_run(cfg, progress=False)
     text = str(err.value)
     assert "5 problem(s)" in text
+    checked = check_data(cfg)  # kc check-data reports the same without making a run
+    assert not checked.ok and any("bad_unlabeled.jsonl:4: " in p for p in checked.problems)
     for line, why in [
         (2, "has labels"),
         (3, "has a split"),
@@ -151,6 +154,8 @@ def test_the_student_and_the_controls_train_on_the_unlabeled_images_too(finished
     # the total-compute control's epochs are over the same images as the student's
     assert total_compute_epochs(run) >= 1
     assert {m["stage"] for m in result["models"]} >= {STUDENT, CONTROL, "control_total_compute"}
+    assert json.loads((run.dir / "metrics.json").read_text())["unlabeled_images"] == len(run.unlabeled)
+    assert ", 90 unlabeled," in report_text(check_data(run.cfg))
 
 
 def test_the_cache_teaches_an_unlabeled_image_as_its_routed_vertical_s_specialist_does(finished):

@@ -88,7 +88,13 @@ def write_report(run: Run, result: dict[str, Any], timings: dict[str, float]) ->
     parameters = parameter_accounting(run.cfg, run.taxonomy)
     atomic_write_json(
         run.dir / "metrics.json",
-        {**result, "timings": timings, "parameters": parameters, "config": run.cfg.resolved()},
+        {
+            **result,
+            "unlabeled_images": len(run.unlabeled),
+            "timings": timings,
+            "parameters": parameters,
+            "config": run.cfg.resolved(),
+        },
     )
     plots = draw_plots(run, result)
     report = run_report(result, run.taxonomy, config_yaml, timings, accounting_tables(parameters), plots)

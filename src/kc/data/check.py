@@ -1,9 +1,9 @@
 """`kc check-data`: every problem of a dataset at once, before any training, without creating a run directory.
 
 Checks, in order, going as far as the data allows: the taxonomy; the manifest or image folder (every bad row);
-every image decodes (each unreadable one listed); and coverage: verticals without training images (their
-specialists cannot train: a problem) and classes without training or test images (warnings: never learned, or
-never scored).
+every image decodes (each unreadable one listed); the unlabeled images of `data.unlabeled` likewise; and
+coverage: verticals without training images (their specialists cannot train: a problem) and classes without
+training or test images (warnings: never learned, or never scored).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from kc.config import RunConfig
 from kc.data.images import check_images
-from kc.data.samples import SPLITS
+from kc.data.samples import SPLITS, load_unlabeled
 from kc.data.sources import load_source
 from kc.data.splits import assign_splits
 from kc.errors import KCError
@@ -66,6 +66,18 @@ def check_data(cfg: RunConfig, progress: bool = False) -> DataReport:
         message = f"{entry['where']}: {image_root / entry['path']}: {entry['why']}"
         (report.warnings if d.bad_images == "skip" else report.problems).append(message)
     report.stats["unreadable_images"] = len(bad)
+    if d.unlabeled is not None:
+        try:
+            unlabeled = load_unlabeled(d.unlabeled, image_root, {s.path for s in samples})
+        except KCError as exc:
+            report.problems.append(str(exc))
+        else:
+            _, bad_unlabeled = check_images(unlabeled, image_root, "skip", progress=progress)
+            for entry in bad_unlabeled:
+                message = f"{entry['where']}: {image_root / entry['path']}: {entry['why']}"
+                (report.warnings if d.bad_images == "skip" else report.problems).append(message)
+            report.stats["unlabeled_images"] = len(unlabeled)
+            report.stats["unreadable_images"] += len(bad_unlabeled)
     _coverage(report, taxonomy, kept)
     return report
 
@@ -75,9 +87,10 @@ def report_text(report: DataReport) -> str:
     lines = []
     if "images" in s:
         splits = ", ".join(f"{k} {v:,}" for k, v in s.get("images_per_split", {}).items())
+        unlabeled = f", {s['unlabeled_images']:,} unlabeled" if "unlabeled_images" in s else ""
         lines.append(
-            f"{s['images']:,} images ({splits}), {s['classes']:,} classes in {s['verticals']:,} verticals, "
-            f"{s.get('unreadable_images', 0)} unreadable"
+            f"{s['images']:,} images ({splits}){unlabeled}, {s['classes']:,} classes in {s['verticals']:,} "
+            f"verticals, {s.get('unreadable_images', 0)} unreadable"
         )
     for title, items in (("problems", report.problems), ("warnings", report.warnings)):
         if items:
