@@ -159,7 +159,7 @@ def test_ablate_trains_every_student_on_shared_teachers_and_reports_val_apart(tm
         "| + both (paper scales) |",
     ):
         assert name in table
-    assert "| val mAP | val - control | test mAP |" in table and "Best on val mAP" in table
+    assert "| val mAP | val - same compute | val - ground truth | test mAP |" in table and "Best on val mAP" in table
     result = json.loads((run.dir / "ablation" / "ablation.json").read_text())
     params = {s["variant"]: s["parameters"] for s in result["summary"]}
     assert params["+ both (paper scales)"] > params["+ self-paced scales (paper)"] > params["distillation"]
@@ -171,6 +171,17 @@ def test_ablate_trains_every_student_on_shared_teachers_and_reports_val_apart(tm
     assert (variant / "specialists").is_symlink()
     assert (variant / "student" / "checkpoints" / "best.safetensors").is_file()
     assert not (variant / "control").exists()  # the FC-SC control is trained once, with the first FC-SC student
+    assert (variant / "control_ground_truth" / "checkpoints" / "best.safetensors").is_file()  # per scaled variant
+    plain = next(s for s in result["summary"] if s["variant"] == "distillation")
+    assert plain["val_vs_truth"] == plain["val_vs_control"]  # without scales, the same control
+    scaled = next(r for r in result["rows"] if r["variant"] == "+ both (paper scales)")
+    assert scaled["truth_val_mAP"] != scaled["control_val_mAP"]
+    only = CliRunner().invoke(app, ["ablate", str(run.dir), "--variant", "fc-fc_none", "--variant", "fc-sc_vertical"])
+    assert only.exit_code == 0, only.output
+    result = json.loads((run.dir / "ablation" / "ablation.json").read_text())
+    assert [s["variant"] for s in result["summary"]] == ["distillation", "+ both (paper scales)"]
+    wrong = CliRunner().invoke(app, ["ablate", str(run.dir), "--variant", "fc-sc"])
+    assert wrong.exit_code != 0 and "fc-sc_vertical_centred" in wrong.output and "Traceback" not in wrong.output
 
 
 def test_bench_prints_every_ratio(tmp_path, tiny_benchmark):

@@ -2,10 +2,12 @@
 
 Variants: distillation alone (dense head, plain logits); + self-paced scales (the paper's, the centred ones that
 keep the ranking across verticals, and the running norms that change no ranking); + structurally connected layers
-(FC-SC); + both. Each variant, and for
-each head structure the same-compute control (the generalist trained on with the ground truth, same head, same
-epochs), is trained for each seed in its own run directory under RUN/ablation/, which links the run's data,
-generalist, specialists and soft-target cache instead of copying them. Everything resumes like any stage.
+(FC-SC); + both. Each variant is trained for each seed in its own run directory under RUN/ablation/, which links
+the run's data, generalist, specialists and soft-target cache instead of copying them, beside two controls: per
+head structure the same-compute one (the generalist trained on with the ground truth, same head, same epochs),
+and per variant with scales the ground-truth one with the student's head and scales (what the scales give
+without teachers; for a variant without scales it is the same-compute control). Everything resumes like any
+stage; `variants` (their slugs, e.g. fc-sc_vertical_centred) trains some of them only.
 
 Every model is scored on val (what a choice between variants may read) and on test (the record), printed apart.
 The seeds here vary the student's and control's data order only (the teachers are the run's); for seeds over the
@@ -18,11 +20,12 @@ import statistics
 from typing import Any
 
 from kc.config import load_config, merge
+from kc.errors import KCError
 from kc.evaluate.stage import evaluate_stage
 from kc.io import atomic_write_json, atomic_write_text
 from kc.run import Run, prepare_run
-from kc.stages import CONTROL, STUDENT
-from kc.train.controls import train_control
+from kc.stages import CONTROL, GROUND_TRUTH, STUDENT
+from kc.train.controls import train_control, train_ground_truth_control
 from kc.train.student import cache_targets, train_student
 
 # name, head structure, self-paced variant, normalisation of the blocks (image: the paper's; centred; running)
@@ -36,6 +39,13 @@ VARIANTS: list[tuple[str, str, str, str]] = [
     ("+ both (centred scales)", "fc-sc", "vertical", "centred"),
     ("+ both (running norms)", "fc-sc", "vertical", "running"),
 ]
+
+
+def slug(structure: str, self_paced: str, norm: str) -> str:
+    """A variant's directory under RUN/ablation/ and its name on the command line."""
+    return f"{structure}_{self_paced}" + ("" if norm == "image" else f"_{norm}")
+
+
 SHARED = ("taxonomy.json", "data", "generalist", "specialists", "cache")
 METRICS = ("mAP", "mean_per_vertical_AP")
 SPLITS = ("val", "test")
@@ -70,13 +80,17 @@ def _scores(run: Run, stage: str) -> dict[str, float]:
     return out
 
 
-def ablate(run: Run, seeds: list[int], verbose: bool = True) -> dict[str, Any]:
+def ablate(run: Run, seeds: list[int], verbose: bool = True, variants: list[str] | None = None) -> dict[str, Any]:
+    known = [slug(*v[1:]) for v in VARIANTS]
+    unknown = sorted(set(variants or ()) - set(known))
+    if unknown:
+        raise KCError(f"--variant: {', '.join(unknown)} not among {', '.join(known)}")
+    chosen = [v for v in VARIANTS if variants is None or slug(*v[1:]) in variants]
     rows: list[dict[str, Any]] = []
     controls: dict[tuple[str, int], dict[str, Any]] = {}
-    for name, structure, self_paced, norm in VARIANTS:
-        slug = f"{structure}_{self_paced}" + ("" if norm == "image" else f"_{norm}")
+    for name, structure, self_paced, norm in chosen:
         for seed in seeds:
-            sub = _variant_run(run, slug, seed, structure, self_paced, norm)
+            sub = _variant_run(run, slug(structure, self_paced, norm), seed, structure, self_paced, norm)
             if sub.cfg.student.teachers == "cache":  # built once, in the run's own RUN/cache when it has one
                 cache_targets(sub, progress=False)
             train_student(sub, progress=False, verbose=False)
@@ -85,6 +99,10 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True) -> dict[str, Any]:
                 train_control(sub, progress=False, verbose=False)
                 controls[(structure, seed)] = _scores(sub, CONTROL)
             control = controls[(structure, seed)]
+            truth = control
+            if self_paced != "none":  # the student's head and scales on the labels
+                train_ground_truth_control(sub, progress=False, verbose=False)
+                truth = _scores(sub, GROUND_TRUTH)
             rows.append(
                 {
                     "variant": name,
@@ -94,16 +112,18 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True) -> dict[str, Any]:
                     "seed": seed,
                     **student,
                     **{f"control_{k}": v for k, v in control.items() if k != "parameters"},
+                    **{f"truth_{k}": v for k, v in truth.items() if k != "parameters"},
                 }
             )
             if verbose:
                 print(
-                    f"{name}, seed {seed}: val mAP {student['val_mAP']:.2f} (control {control['val_mAP']:.2f}); "
-                    f"test mAP {student['test_mAP']:.2f} (control {control['test_mAP']:.2f})",
+                    f"{name}, seed {seed}: val mAP {student['val_mAP']:.2f} (controls: same compute "
+                    f"{control['val_mAP']:.2f}, ground truth {truth['val_mAP']:.2f}); test mAP "
+                    f"{student['test_mAP']:.2f} ({control['test_mAP']:.2f}, {truth['test_mAP']:.2f})",
                     flush=True,
                 )
     summary = []
-    for name, structure, self_paced, norm in VARIANTS:
+    for name, structure, self_paced, norm in chosen:
         mine = [r for r in rows if r["variant"] == name]
         entry: dict[str, Any] = {
             "variant": name,
@@ -115,10 +135,11 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True) -> dict[str, Any]:
         for split in SPLITS:
             for m in METRICS:
                 entry[f"{split}_{m}"] = statistics.mean(r[f"{split}_{m}"] for r in mine)
-            diffs = [r[f"{split}_mAP"] - r[f"control_{split}_mAP"] for r in mine]
-            entry[f"control_{split}_mAP"] = statistics.mean(r[f"control_{split}_mAP"] for r in mine)
-            entry[f"{split}_vs_control"] = statistics.mean(diffs)
-            entry[f"{split}_vs_control_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            for control in ("control", "truth"):
+                diffs = [r[f"{split}_mAP"] - r[f"{control}_{split}_mAP"] for r in mine]
+                entry[f"{control}_{split}_mAP"] = statistics.mean(r[f"{control}_{split}_mAP"] for r in mine)
+                entry[f"{split}_vs_{control}"] = statistics.mean(diffs)
+                entry[f"{split}_vs_{control}_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         summary.append(entry)
     best = max(summary, key=lambda s: s["val_mAP"])["variant"]
     result = {"seeds": seeds, "rows": rows, "summary": summary, "best_on_val": best}
@@ -132,21 +153,25 @@ def ablation_table(result: dict[str, Any]) -> str:
     seeds = result["seeds"]
     spread = len(seeds) > 1
     lines = [
-        f"Means over seeds {', '.join(map(str, seeds))} (the student's and control's data order); control = the "
-        "generalist trained on with the ground truth for the student's epochs, same head. Val chooses, test records.",
+        f"Means over seeds {', '.join(map(str, seeds))} (the student's and controls' data order). Controls: same "
+        "compute = the generalist trained on with the ground truth for the student's epochs, same head; ground "
+        "truth = the same with the student's head and scales (for a student without scales, the same-compute "
+        "control). Val chooses, test records.",
         "",
-        "| student | head | parameters | val mAP | val - control | test mAP | test mean per-vertical AP | "
-        "test - control |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| student | head | parameters | val mAP | val - same compute | val - ground truth | test mAP | "
+        "test mean per-vertical AP | test - same compute | test - ground truth |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
-    def diff(s: dict[str, Any], split: str) -> str:
-        return f"{s[f'{split}_vs_control']:+.2f}" + (f" ± {s[f'{split}_vs_control_std']:.2f}" if spread else "")
+    def diff(s: dict[str, Any], split: str, control: str) -> str:
+        std = f" ± {s[f'{split}_vs_{control}_std']:.2f}" if spread else ""
+        return f"{s[f'{split}_vs_{control}']:+.2f}{std}"
 
     for s in result["summary"]:
         lines.append(
-            f"| {s['variant']} | {s['structure']} | {s['parameters']:,} | {s['val_mAP']:.2f} | {diff(s, 'val')} | "
-            f"{s['test_mAP']:.2f} | {s['test_mean_per_vertical_AP']:.2f} | {diff(s, 'test')} |"
+            f"| {s['variant']} | {s['structure']} | {s['parameters']:,} | {s['val_mAP']:.2f} | "
+            f"{diff(s, 'val', 'control')} | {diff(s, 'val', 'truth')} | {s['test_mAP']:.2f} | "
+            f"{s['test_mean_per_vertical_AP']:.2f} | {diff(s, 'test', 'control')} | {diff(s, 'test', 'truth')} |"
         )
     lines += ["", f"Best on val mAP: {result['best_on_val']}."]
     return "\n".join(lines)

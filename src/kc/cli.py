@@ -569,13 +569,18 @@ def bench_cmd(
 def ablate_cmd(
     config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory with generalist and specialists")],
     seeds: Annotated[list[int] | None, typer.Option("--seed", help="student seeds (repeatable; default 0)")] = None,
+    variants: Annotated[
+        list[str] | None,
+        typer.Option("--variant", help="train only this variant, by slug, e.g. fc-sc_vertical_centred (repeatable)"),
+    ] = None,
     set_: SetOption = None,
 ) -> None:
-    """The paper's ablation on this run's teachers: distillation, + self-paced, + FC-SC, + both; one table."""
+    """The paper's ablation on this run's teachers: distillation, + self-paced, + FC-SC, + both, each beside its
+    same-compute and ground-truth controls; one table."""
     from kc.ablate import ablate, ablation_table
 
     run = _open_run(config, set_, progress=False)
-    result = ablate(run, seeds or [0])
+    result = ablate(run, seeds or [0], variants=variants)
     typer.echo("\n" + ablation_table(result))
     typer.echo(f"\ntable: {run.dir / 'ablation' / 'ablation.md'}")
 
