@@ -110,7 +110,7 @@ def test_each_seed_imports_its_own_draw_for_the_whole_pipeline(tmp_path, monkeyp
     config.write_text(yaml.safe_dump(base))
     drawn = {}
     for seed in (0, 1):
-        cfg, _ = _seed_config(base, config, seed, "fashion-mnist", None, 2, progress=False)
+        cfg, _ = _seed_config(base, config, seed, "fashion-mnist", None, 2, None, progress=False)
         rows = list(csv.DictReader(open(cfg.data.manifest)))
         train = [r for r in rows if r["split"] == "train"]
         assert cfg.data.manifest == tmp_path / f"runs/seed_{seed}/benchmark/manifest.csv"
