@@ -28,6 +28,7 @@ from kc.seeds import run_seeds
 from kc.stages import (
     CONTROL,
     GENERALIST,
+    GROUND_TRUTH_LABELLED,
     STUDENT,
     load_specialists,
     load_stage,
@@ -67,7 +68,10 @@ def run_config(bench, run_dir, unlabeled=True, **student):
             "generalist": {**EPOCHS, "epochs": 20},  # long enough to tell the verticals apart
             "specialists": EPOCHS,
             "student": {**EPOCHS, "top_k": 3, "teachers": "cache", **student},
-            "controls": {"kinds": ["same_compute", "total_compute"], "total_compute_patience": 2},
+            "controls": {
+                "kinds": ["same_compute", "total_compute", "ground_truth_labelled"],
+                "total_compute_patience": 2,
+            },
         }
     )
 
@@ -151,9 +155,13 @@ def test_the_student_and_the_controls_train_on_the_unlabeled_images_too(finished
     for stage in (STUDENT, CONTROL):
         steps = CheckpointDir(run.stage_dir(stage) / "checkpoints").read_state()["step"]
         assert steps == EPOCHS["epochs"] * EpochBatches.per_epoch(every, EPOCHS["batch_size"]), stage
+    # ... but for the one control that ignores them
+    labelled = CheckpointDir(run.stage_dir(GROUND_TRUTH_LABELLED) / "checkpoints").read_state()["step"]
+    assert labelled == EPOCHS["epochs"] * EpochBatches.per_epoch(len(run.splits["train"]), EPOCHS["batch_size"])
     # the total-compute control's epochs are over the same images as the student's
     assert total_compute_epochs(run) >= 1
-    assert {m["stage"] for m in result["models"]} >= {STUDENT, CONTROL, "control_total_compute"}
+    stages = [m["stage"] for m in result["models"]]
+    assert stages[-3:] == [CONTROL, "control_total_compute", GROUND_TRUTH_LABELLED]
     assert json.loads((run.dir / "metrics.json").read_text())["unlabeled_images"] == len(run.unlabeled)
     assert ", 90 unlabeled," in report_text(check_data(run.cfg))
 

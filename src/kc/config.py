@@ -297,19 +297,23 @@ class StudentConfig(TrainConfig):
     )
 
 
-CONTROL_KINDS = ("same_compute", "self_distillation", "ground_truth", "total_compute")
+CONTROL_KINDS = ("same_compute", "self_distillation", "ground_truth", "total_compute", "ground_truth_labelled")
 
 
 class ControlsConfig(_Strict):
     """What the student is measured against. Each control starts from the generalist, like the student."""
 
-    kinds: list[Literal["same_compute", "self_distillation", "ground_truth", "total_compute"]] = Field(
+    kinds: list[
+        Literal["same_compute", "self_distillation", "ground_truth", "total_compute", "ground_truth_labelled"]
+    ] = Field(
         default_factory=lambda: list(CONTROL_KINDS),
         description="same_compute: the generalist trained on with the ground truth for the student's epochs "
         "(student's head); self_distillation: the student's exact recipe taught by the generalist itself instead of "
         "the specialists; ground_truth: the student's head and self-paced scales trained on the ground truth "
         "(left out when the student has no scales: it is then same_compute); total_compute: the generalist trained "
-        "on for the image-steps of all specialists and the student together",
+        "on for the image-steps of all specialists and the student together; ground_truth_labelled: the "
+        "ground_truth control on the labelled images only (trained only when data.unlabeled gives images, on which "
+        "every other control self-trains)",
     )
     total_compute_patience: int | None = Field(
         5,

@@ -25,10 +25,11 @@ from kc.models.weights import load_weights
 from kc.run import Run
 
 GENERALIST, STUDENT, CONTROL = "generalist", "student", "control"
-SELF_DISTILLATION, GROUND_TRUTH, TOTAL_COMPUTE = (
+SELF_DISTILLATION, GROUND_TRUTH, TOTAL_COMPUTE, GROUND_TRUTH_LABELLED = (
     "control_self_distillation",
     "control_ground_truth",
     "control_total_compute",
+    "control_ground_truth_labelled",
 )
 
 
@@ -36,7 +37,8 @@ SELF_DISTILLATION, GROUND_TRUTH, TOTAL_COMPUTE = (
 class FullModelStage:
     """A stage whose model covers every class: its directory (RUN/<name>), its row in the comparison, its model
     (the generalist's architecture, or with the student's head, or with the student's head and self-paced scales)
-    and its training targets (the ground truth, with the generalist's loss, or a teacher's soft targets)."""
+    and its training targets (the ground truth, with the generalist's loss, or a teacher's soft targets); whether it
+    trains on the run's unlabeled images too (data.unlabeled: the student and every control but one do)."""
 
     name: str
     title: str
@@ -44,13 +46,15 @@ class FullModelStage:
     scales: bool
     ground_truth: bool
     control: str | None = None  # its name in config `controls.kinds`, for a control
+    unlabeled: bool = True  # trains on the routed unlabeled images as well as the training split
 
 
 # Every full-vocabulary stage, in the order the pipeline trains them and the comparison lists them. The controls
 # are what a student's gain must beat: (a) extra training, (b) distillation from the generalist itself, (c) the
-# student's head and scales trained on labels, (d) the compute of generalist + specialists + student together.
+# student's head and scales trained on labels, (d) the compute of generalist + specialists + student together;
+# with unlabeled images, on which the others self-train, (c) again on the labelled images only.
 STAGES = (
-    FullModelStage(GENERALIST, "generalist", student_head=False, scales=False, ground_truth=True),
+    FullModelStage(GENERALIST, "generalist", student_head=False, scales=False, ground_truth=True, unlabeled=False),
     FullModelStage(STUDENT, "student", student_head=True, scales=True, ground_truth=False),
     FullModelStage(
         CONTROL, "control: same compute", student_head=True, scales=False, ground_truth=True, control="same_compute"
@@ -79,6 +83,15 @@ STAGES = (
         ground_truth=True,
         control="total_compute",
     ),
+    FullModelStage(
+        GROUND_TRUTH_LABELLED,
+        "control: ground truth, student's head, labelled images only",
+        student_head=True,
+        scales=True,
+        ground_truth=True,
+        control="ground_truth_labelled",
+        unlabeled=False,
+    ),
 )
 STAGE = {s.name: s for s in STAGES}
 FULL_MODEL_STAGES = tuple(STAGE)
@@ -98,6 +111,8 @@ def controls_to_train(run: Run) -> list[str]:
     kinds = set(run.cfg.controls.kinds)
     if run.cfg.student.self_paced.variant == "none":
         kinds.discard("ground_truth")
+    if not run.unlabeled:  # without unlabeled images it is the ground_truth control (or same_compute)
+        kinds.discard("ground_truth_labelled")
     return [s.name for s in STAGES if s.control in kinds]
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kc.data.dataset import ImageDataset, collate, dense_targets
+from kc.data.samples import Sample
 from kc.errors import DataError
 from kc.evaluate.metrics import average_precision, classification_metrics, verified_targets
 from kc.evaluate.predict import predict
@@ -122,12 +123,18 @@ def validation_fn(
 
 @torch.no_grad()
 def block_norms(
-    run: Run, model: Classifier, images: int = 1024, batch_size: int = 256, centred: bool = False
+    run: Run,
+    model: Classifier,
+    images: int = 1024,
+    batch_size: int = 256,
+    centred: bool = False,
+    samples: list[Sample] | None = None,
 ) -> torch.Tensor:
-    """Per vertical, the median over the student's training images (up to `images`, evenly spread) of the L2 norm of the
-    vertical's block of `model`'s logits: self-paced scales that start there keep the typical size of its logits
-    (not their ranking across images, which normalising each image's block changes: docs/BENCHMARKS.md, 100K)."""
-    samples = student_training_samples(run)
+    """Per vertical, the median over `samples` (default the student's training images; up to `images`, evenly
+    spread) of the L2 norm of the vertical's block of `model`'s logits: self-paced scales that start there keep
+    the typical size of its logits (not their ranking across images, which normalising each image's block
+    changes: docs/BENCHMARKS.md, 100K)."""
+    samples = student_training_samples(run) if samples is None else samples
     chosen = samples[:: max(1, len(samples) // images)][:images]
     dataset = ImageDataset(chosen, run.image_root, run.cfg.data, train=False, decoded=run.decoded)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
@@ -157,7 +164,10 @@ def start_from_generalist(run: Run, stage: str) -> Classifier:
     if not STAGE[stage].scales:
         return model
     sp = run.cfg.student.self_paced
-    measured = block_norms(run, model, centred=sp.centred) if sp.init == "generalist" or sp.running else None
+    # measured on the images the stage trains on (the labelled-only control: without the unlabeled ones)
+    samples = student_training_samples(run) if STAGE[stage].unlabeled else run.splits["train"]
+    measure = sp.init == "generalist" or sp.running
+    measured = block_norms(run, model, centred=sp.centred, samples=samples) if measure else None
     init = measured if sp.init == "generalist" else None
     running_start = measured if sp.running else None
     return with_self_paced_scales(sp, run.taxonomy.vertical_of_class, model, init, running_start)

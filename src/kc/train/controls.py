@@ -10,6 +10,9 @@
   the student took together (those that stopped at their val plateau counted to where they stopped), so that it
   has spent what the whole method spent after the generalist; bounded by its own val plateau
   (`controls.total_compute_patience`), since that budget can be many times the student's.
+- **ground truth, labelled images only** (`control_ground_truth_labelled`): with unlabeled images
+  (`data.unlabeled`), on which the other controls self-train, the ground-truth control without them: the
+  strongest honest baseline may be one that ignores them.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from pathlib import Path
 
 from kc.config import TrainConfig
 from kc.run import Run
-from kc.stages import CONTROL, GROUND_TRUTH, SELF_DISTILLATION, STUDENT, TOTAL_COMPUTE, specialist_dir
+from kc.stages import (
+    CONTROL,
+    GROUND_TRUTH,
+    GROUND_TRUTH_LABELLED,
+    SELF_DISTILLATION,
+    STUDENT,
+    TOTAL_COMPUTE,
+    specialist_dir,
+)
 from kc.train.checkpoint import CheckpointDir
 from kc.train.generalist import train_on_ground_truth
 from kc.train.specialists import (
@@ -84,18 +95,27 @@ def train_control(run: Run, *, progress: bool = True, verbose: bool = True, on_s
 
 
 def train_ground_truth_control(
-    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Progress = None
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Progress = None, stage: str = GROUND_TRUTH
 ) -> TrainResult:
     """The student's head and self-paced scales (their LR multiplier included) on the ground truth."""
     kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
     multipliers = {"output_scales.": run.cfg.student.self_paced.lr_multiplier}
     return train_on_ground_truth(
         run,
-        GROUND_TRUTH,
+        stage,
         control_config(run),
         scalars=scale_scalars(run.cfg.student.self_paced, run.taxonomy),
         lr_multipliers=multipliers,
         **kw,
+    )
+
+
+def train_ground_truth_labelled_control(
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Progress = None
+) -> TrainResult:
+    """The ground-truth control on the labelled training split only (its stage trains on no unlabeled image)."""
+    return train_ground_truth_control(
+        run, progress=progress, verbose=verbose, on_step=on_step, stage=GROUND_TRUTH_LABELLED
     )
 
 
@@ -113,4 +133,5 @@ TRAIN: dict[str, Callable[..., TrainResult]] = {
     SELF_DISTILLATION: train_self_distillation,
     GROUND_TRUTH: train_ground_truth_control,
     TOTAL_COMPUTE: train_total_compute_control,
+    GROUND_TRUTH_LABELLED: train_ground_truth_labelled_control,
 }

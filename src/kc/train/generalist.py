@@ -39,8 +39,10 @@ def train_on_ground_truth(
         fingerprint += start_digests(run) + str(cfg.student.head.model_dump()) + str(cfg.generalist.sampled_negatives)
         if STAGE[stage].scales:
             fingerprint += str(cfg.student.self_paced.model_dump())
-        fingerprint += unlabeled_fingerprint(run)
-        model, samples = start_from_generalist(run, stage), student_training_samples(run)
+        model = start_from_generalist(run, stage)
+        samples = student_training_samples(run) if STAGE[stage].unlabeled else run.splits["train"]
+        if STAGE[stage].unlabeled:
+            fingerprint += unlabeled_fingerprint(run)
     seed = tcfg.stage_seed(cfg.seed)
     train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed, decoded=run.decoded)
     trainer = Trainer(
