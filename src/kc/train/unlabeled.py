@@ -4,7 +4,8 @@ Each unlabeled image is labelled once by the trained generalist's top class. For
 selects the image's teacher (the specialist of that class's vertical, whose soft targets it then learns; with
 `student.ground_truth` other than none the label also enters as truth); for the controls it is the label they
 train on (self-training on the same images, so that what the student gains over them is what the teachers add,
-not the extra images). The generalist and the specialists never see these images.
+not the extra images), but for `control_ground_truth_labelled`, which trains without them. The generalist and the
+specialists never see these images.
 
     RUN/data/unlabeled_routed.json   the generalist's top class of each unlabeled image, with the digests of the
                                      generalist and of the image list it was computed from (recomputed when
@@ -76,8 +77,8 @@ def unlabeled_fingerprint(run: Run) -> str:
 
 
 def student_training_samples(run: Run) -> list[Sample]:
-    """What the student and every control train on: the labelled training split, then the routed unlabeled images
-    (in that order: a training index below len(train) is a labelled image)."""
+    """What the student and the controls train on (all but the labelled-only one): the labelled training split,
+    then the routed unlabeled images (in that order: a training index below len(train) is a labelled image)."""
     return run.splits["train"] + routed_unlabeled(run)
 
 
