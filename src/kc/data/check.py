@@ -9,6 +9,7 @@ training or test images (warnings: never learned, or never scored).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kc.config import RunConfig
@@ -51,6 +52,13 @@ def _coverage(report: DataReport, taxonomy: Taxonomy, samples: list[Any]) -> Non
     report.stats["images_per_split"] = {split: sum(1 for s in samples if s.split == split) for split in SPLITS}
 
 
+def _unreadable(report: DataReport, bad: list[dict[str, str]], image_root: Path, policy: str) -> None:
+    """Each unreadable image, with its manifest line: a warning when bad images are skipped, else a problem."""
+    for entry in bad:
+        message = f"{entry['where']}: {image_root / entry['path']}: {entry['why']}"
+        (report.warnings if policy == "skip" else report.problems).append(message)
+
+
 def check_data(cfg: RunConfig, progress: bool = False) -> DataReport:
     report = DataReport()
     d = cfg.data
@@ -62,9 +70,7 @@ def check_data(cfg: RunConfig, progress: bool = False) -> DataReport:
     report.stats.update({"classes": taxonomy.num_classes, "verticals": taxonomy.num_verticals, "images": len(samples)})
     samples = assign_splits(samples, d.split.val, d.split.test, cfg.seed)
     kept, bad = check_images(samples, image_root, "skip", progress=progress)
-    for entry in bad:
-        message = f"{entry['where']}: {image_root / entry['path']}: {entry['why']}"
-        (report.warnings if d.bad_images == "skip" else report.problems).append(message)
+    _unreadable(report, bad, image_root, d.bad_images)
     report.stats["unreadable_images"] = len(bad)
     if d.unlabeled is not None:
         try:
@@ -73,9 +79,7 @@ def check_data(cfg: RunConfig, progress: bool = False) -> DataReport:
             report.problems.append(str(exc))
         else:
             _, bad_unlabeled = check_images(unlabeled, image_root, "skip", progress=progress)
-            for entry in bad_unlabeled:
-                message = f"{entry['where']}: {image_root / entry['path']}: {entry['why']}"
-                (report.warnings if d.bad_images == "skip" else report.problems).append(message)
+            _unreadable(report, bad_unlabeled, image_root, d.bad_images)
             report.stats["unlabeled_images"] = len(unlabeled)
             report.stats["unreadable_images"] += len(bad_unlabeled)
     _coverage(report, taxonomy, kept)

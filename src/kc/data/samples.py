@@ -70,8 +70,7 @@ def load_manifest(path: Path, image_root: Path, taxonomy: Taxonomy, expand_ances
         if split is not None and split not in SPLITS:
             problems.append(f"{where}: split '{split}' is not one of {', '.join(SPLITS)}")
             ok = False
-        file = rel.rpartition("#")[0] if ".npy#" in rel else rel  # '<file>.npy#<row>': a row of features
-        if not (image_root / file).is_file():
+        if not (image_root / _file_of(rel)).is_file():
             problems.append(f"{where}: image file not found: {image_root / rel}")
             ok = False
         if ok:
@@ -109,7 +108,7 @@ def load_unlabeled(path: Path, image_root: Path, labelled: set[str]) -> list[Sam
             problems.append(f"{where}: duplicate image '{rel}' (first at {seen[rel]}); list each image once")
         elif rel in labelled:
             problems.append(f"{where}: '{rel}' is also in the labelled data; list it in one manifest only")
-        elif not (image_root / (rel.rpartition("#")[0] if ".npy#" in rel else rel)).is_file():
+        elif not (image_root / _file_of(rel)).is_file():
             problems.append(f"{where}: image file not found: {image_root / rel}")
         else:
             seen[rel] = where
@@ -119,6 +118,11 @@ def load_unlabeled(path: Path, image_root: Path, labelled: set[str]) -> list[Sam
     if not samples:
         raise DataError(f"{path}: lists no images; remove 'data.unlabeled' or list images in it")
     return samples
+
+
+def _file_of(rel: str) -> str:
+    """The file a manifest path names: itself, or for '<file>.npy#<row>' (a row of features) the array."""
+    return rel.rpartition("#")[0] if ".npy#" in rel else rel
 
 
 def _class_indices(
