@@ -1,5 +1,6 @@
 """Precomputed features: the feature benchmark, manifests naming .npy rows, and heads trained on them."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -94,3 +95,37 @@ def test_feature_noise_is_a_seeded_draw_per_epoch_on_training_rows_only(tmp_path
     assert not torch.allclose(train[7][0], first)  # a fresh draw each epoch
     evaluation = ImageDataset(run.splits["train"], run.image_root, noisy_cfg, train=False, seed=3)
     assert torch.equal(evaluation[7][0], clean)  # val, test and teachers' caches read the rows as they are
+
+
+def test_a_batch_of_feature_rows_is_the_rows_read_one_by_one(tmp_path):
+    """The DataLoader reads a batch at once (`__getitems__`: one gather per array); the tensors are those of
+    `__getitem__`, rows of two arrays and seeded feature noise included."""
+    generate_feature_benchmark(tmp_path / "bench", SPEC)
+    cfg = feature_config(tmp_path / "bench", tmp_path / "run")
+    run = prepare_run(cfg, progress=False)
+    np.save(tmp_path / "bench/other.npy", np.random.default_rng(0).normal(size=(5, SPEC.dim)).astype(np.float16))
+    samples = list(run.splits["train"][:6]) + [dataclasses.replace(run.splits["train"][0], path="other.npy#3")]
+    noisy = cfg.data.model_copy(update={"augment": cfg.data.augment.model_copy(update={"feature_noise": 0.5})})
+    for data_cfg in (cfg.data, noisy):
+        dataset = ImageDataset(samples, run.image_root, data_cfg, train=True, seed=2)
+        indices = [6, 2, 0, 5, 2]
+        for (x, labels, index), i in zip(dataset.__getitems__(indices), indices, strict=True):
+            one_x, one_labels, one_index = dataset[i]
+            assert torch.equal(x, one_x) and torch.equal(labels, one_labels) and index == one_index == i
+    bad = ImageDataset([dataclasses.replace(samples[0], path="other.npy#5")], run.image_root, cfg.data, train=False)
+    with pytest.raises(IndexError, match="row 5 outside its 5 rows"):
+        bad.__getitems__([0])
+
+
+def test_feature_rows_are_checked_per_array(tmp_path):
+    from kc.data.features import feature_problems
+
+    generate_feature_benchmark(tmp_path / "bench", SPEC)
+    rows = len(np.load(tmp_path / "bench/features.npy", mmap_mode="r"))
+    (tmp_path / "bench/cut.npy").write_bytes((tmp_path / "bench/features.npy").read_bytes()[:500])
+    paths = ["features.npy#0", "features.npy#-1", f"features.npy#{rows}", "missing.npy#0", "features.npy#x", "cut.npy#0"]
+    problems = feature_problems(tmp_path / "bench", paths)
+    assert problems[0] is None
+    assert "row -1 outside" in problems[1] and f"row {rows} outside its {rows} rows" in problems[2]
+    assert problems[3] == "file not found" and "must be a row number" in problems[4]
+    assert problems[5]  # a truncated array cannot be mapped

@@ -3,6 +3,8 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from kc.evaluate.metrics import (
+    _ap_by_counting,
+    _ap_chunk,
     average_precision,
     classification_metrics,
     streaming_average_precision,
@@ -11,14 +13,16 @@ from kc.evaluate.metrics import (
 from kc.taxonomy import Taxonomy
 
 
+@pytest.mark.parametrize("share", [0.03, 0.15, 0.6])  # few positives a class (counted) and many (sorted)
 @pytest.mark.parametrize("seed", range(6))
-def test_ap_agrees_with_sklearn_including_ties_and_empty_classes(seed):
+def test_ap_agrees_with_sklearn_including_ties_and_empty_classes(seed, share):
     rng = np.random.default_rng(seed)
     n, c = 80, 30
     scores = rng.random((n, c))
     if seed % 2:
         scores = np.round(scores * 4) / 4  # many ties
-    targets = (rng.random((n, c)) < 0.15).astype(int)
+    targets = (rng.random((n, c)) < share).astype(int)
+    targets[rng.integers(0, n, c), np.arange(c)] = 1  # every class from the 4th on has a positive
     targets[:, :3] = 0  # classes without a positive
     ap = average_precision(scores, targets, chunk=7)
     has_pos = targets.sum(0) > 0
@@ -27,6 +31,21 @@ def test_ap_agrees_with_sklearn_including_ties_and_empty_classes(seed):
     np.testing.assert_allclose(ap[has_pos], ref, atol=1e-12)
     macro = average_precision_score(targets[:, has_pos], scores[:, has_pos], average="macro")
     assert np.nanmean(ap) == pytest.approx(macro, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_counting_and_sorting_give_the_same_ap(seed):
+    """The two ways `average_precision` computes a class's AP agree, ties and unscored (-1) entries included."""
+    rng = np.random.default_rng(seed)
+    n, c = 120, 40
+    scores = np.round(rng.random((n, c)) * (3 if seed % 2 else 1000)) / 1000
+    targets = (rng.random((n, c)) < 0.1).astype(int)
+    targets[rng.integers(0, n, c), np.arange(c)] = 1
+    targets[rng.random((n, c)) < 0.2] = -1
+    targets[rng.integers(0, n, c), np.arange(c)] = 1
+    scores = np.where(targets < 0, -np.inf, scores)
+    positive = targets > 0
+    np.testing.assert_allclose(_ap_by_counting(scores, positive, block=7), _ap_chunk(scores, positive), atol=1e-12)
 
 
 def test_perfect_and_worst_rankings():

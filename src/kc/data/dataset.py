@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from kc.config import DataConfig
 from kc.data.decoded import DecodedImages
-from kc.data.features import is_feature_path, read_feature
+from kc.data.features import is_feature_path, read_feature, read_features
 from kc.data.images import Preprocess, decode_rgb
 from kc.data.samples import Sample
 from kc.errors import DataError
@@ -60,15 +60,25 @@ class ImageDataset(Dataset):
             raise DataError(f"{sample.where}: cannot read {self.image_root / sample.path}: {exc}") from None
         return self.preprocess.to_unit(img)
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """A batch (the DataLoader asks for a batch's indices at once): feature rows in one read per array, the
+        same tensors as `__getitem__` gives one by one; images one by one."""
+        if not all(is_feature_path(self.samples[i].path) for i in indices):
+            return [self[i] for i in indices]
+        rows = read_features(self.image_root, [self.samples[i].path for i in indices])
+        return [self._feature_item(x, i) for x, i in zip(rows, indices, strict=True)]
+
+    def _feature_item(self, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A row of precomputed features: no pixels to crop, flip or normalise."""
+        if self.augment is not None and self.augment.feature_noise:
+            noise = torch.randn(x.shape, generator=self.generator(index))
+            x = x + self.augment.feature_noise * noise
+        return x, torch.tensor(self.samples[index].labels, dtype=torch.long), index
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         sample = self.samples[index]
-        if is_feature_path(sample.path):  # a row of precomputed features: no pixels to crop, flip or normalise
-            labels = torch.tensor(sample.labels, dtype=torch.long)
-            x = read_feature(self.image_root, sample.path)
-            if self.augment is not None and self.augment.feature_noise:
-                noise = torch.randn(x.shape, generator=self.generator(index))
-                x = x + self.augment.feature_noise * noise
-            return x, labels, index
+        if is_feature_path(sample.path):
+            return self._feature_item(read_feature(self.image_root, sample.path), index)
         x = self.load(index)
         if self.augment is not None and (self.augment.hflip or self.augment.crop_padding):
             gen = self.generator(index)

@@ -44,19 +44,52 @@ def read_feature(root: Path, path: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(array[row], dtype=np.float32))
 
 
-def feature_problem(root: Path, path: str) -> str | None:
-    """None if the row can be read, else why not (for the checks before training)."""
-    try:
-        file, row = split_feature_path(path)
-    except ValueError:
-        return f"'{path}': the part after '#' must be a row number"
-    if not (root / file).is_file():
-        return "file not found"
-    try:
-        read_feature(root, path)
-    except (ValueError, IndexError, OSError) as exc:
-        return str(exc)
-    return None
+def read_features(root: Path, paths: list[str]) -> torch.Tensor:
+    """(len(paths), dim) float32: `read_feature` of each path, with one indexed read per array (a training batch
+    of feature rows costs one gather, not a Python call per row)."""
+    located = [split_feature_path(p) for p in paths]
+    rows = np.array([row for _, row in located], dtype=np.int64)
+    files = np.array([file for file, _ in located])
+    out: np.ndarray | None = None
+    for file in dict.fromkeys(files.tolist()):
+        array = _array(str(root / file))
+        mine = files == file
+        outside = (rows[mine] < 0) | (rows[mine] >= len(array))
+        if outside.any():
+            raise IndexError(f"{root / file}: row {rows[mine][outside][0]} outside its {len(array)} rows")
+        if out is None:
+            out = np.empty((len(paths), array.shape[1]), dtype=np.float32)
+        out[mine] = array[rows[mine]]
+    return torch.from_numpy(out if out is not None else np.empty((0, 0), dtype=np.float32))
+
+
+def feature_problems(root: Path, paths: list[str]) -> list[str | None]:
+    """For each path, None if its row can be read, else why not (for the checks before training): each array is
+    opened once and the rows checked against its length, not read one by one."""
+    problems: list[str | None] = [None] * len(paths)
+    by_file: dict[str, list[tuple[int, int]]] = {}
+    for i, path in enumerate(paths):
+        try:
+            file, row = split_feature_path(path)
+        except ValueError:
+            problems[i] = f"'{path}': the part after '#' must be a row number"
+            continue
+        by_file.setdefault(file, []).append((i, row))
+    for file, entries in by_file.items():
+        why = None
+        if not (root / file).is_file():
+            why = "file not found"
+        else:
+            try:
+                rows = len(_array(str(root / file)))  # opening maps the whole array: a truncated file fails here
+            except (ValueError, OSError) as exc:
+                why = str(exc)
+        for i, row in entries:
+            if why is None and not 0 <= row < rows:
+                problems[i] = f"{root / file}: row {row} outside its {rows} rows"
+            else:
+                problems[i] = why
+    return problems
 
 
 class Features(nn.Module):

@@ -15,7 +15,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from kc.data.features import feature_problem, is_feature_path
+from kc.data.features import feature_problems, is_feature_path
 from kc.data.samples import Sample
 from kc.data.shards import image_source
 from kc.errors import DataError, format_problems
@@ -140,22 +140,22 @@ def check_images(
     """Decode every image once (refusing those above `max_pixels`, default Pillow's limit). policy 'fail': raise
     listing every bad image; 'skip': drop and report them."""
 
-    def problem(sample: Sample) -> str | None:
-        if is_feature_path(sample.path):
-            return feature_problem(image_root, sample.path)
-        return image_problem(image_root / sample.path, max_pixels)
-
+    features = [i for i, s in enumerate(samples) if is_feature_path(s.path)]
+    images = [i for i, s in enumerate(samples) if not is_feature_path(s.path)]
+    results: list[str | None] = [None] * len(samples)
+    for i, why in zip(features, feature_problems(image_root, [samples[i].path for i in features]), strict=True):
+        results[i] = why
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(
-            tqdm(
-                pool.map(problem, samples),
-                total=len(samples),
-                desc="checking images",
-                disable=not progress,
-                leave=False,
-                unit="img",
-            )
+        found = tqdm(
+            pool.map(lambda i: image_problem(image_root / samples[i].path, max_pixels), images),
+            total=len(images),
+            desc="checking images",
+            disable=not progress or not images,
+            leave=False,
+            unit="img",
         )
+        for i, why in zip(images, found, strict=True):
+            results[i] = why
     bad = [(s, why) for s, why in zip(samples, results, strict=True) if why is not None]
     if bad and policy == "fail":
         problems = [f"{s.where}: {image_root / s.path}: {why}" for s, why in bad]

@@ -44,10 +44,35 @@ def average_precision(scores: np.ndarray, targets: np.ndarray, chunk: int = 1024
     if scores.shape != targets.shape or scores.ndim != 2:
         raise ValueError(f"scores {scores.shape} and targets {targets.shape} must both be (N, C)")
     out = np.full(scores.shape[1], np.nan)
-    for start in range(0, scores.shape[1], chunk):
-        end = min(start + chunk, scores.shape[1])
-        out[start:end] = _ap_chunk(scores[:, start:end].astype(np.float64), targets[:, start:end] > 0)
+    # Only classes with a positive have an AP: at 10K classes a val split of 4,000 images has positives for about
+    # a third of them, so the others are never sorted.
+    scored = np.flatnonzero((targets > 0).any(axis=0))
+    for start in range(0, len(scored), chunk):
+        columns = scored[start : start + chunk]
+        block, positive = scores[:, columns].astype(np.float64), targets[:, columns] > 0
+        # Few positives a class (the usual case over a large vocabulary): counting, for each positive, the images
+        # scored at or above it costs N per positive, where sorting a class's column costs about N log N.
+        few = positive.sum() <= _COUNTING_POSITIVES_PER_CLASS * len(columns)
+        out[columns] = _ap_by_counting(block, positive) if few else _ap_chunk(block, positive)
     return out
+
+
+# Below this many positives a class on average, `_ap_by_counting` beats sorting each column (measured at 4,000
+# images: a column's argsort costs about as much as counting for 40 positives).
+_COUNTING_POSITIVES_PER_CLASS = 16
+
+
+def _ap_by_counting(scores: np.ndarray, positive: np.ndarray, block: int = 2048) -> np.ndarray:
+    """AP of columns that each have a positive, the same figure as `_ap_chunk`: the precision at a positive is
+    (positives at or above its score) / (images at or above it), so tied scores enter together, and AP is its mean
+    over the class's positives. Memory: N x `block` booleans."""
+    rows, cols = np.nonzero(positive)
+    precision = np.empty(len(rows))
+    for a in range(0, len(rows), block):
+        r, c = rows[a : a + block], cols[a : a + block]
+        at_or_above = scores[:, c] >= scores[r, c]
+        precision[a : a + block] = (at_or_above & positive[:, c]).sum(axis=0) / at_or_above.sum(axis=0)
+    return np.bincount(cols, weights=precision, minlength=scores.shape[1]) / positive.sum(axis=0)
 
 
 def _ap_chunk(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
