@@ -123,7 +123,14 @@ def test_feature_rows_are_checked_per_array(tmp_path):
     generate_feature_benchmark(tmp_path / "bench", SPEC)
     rows = len(np.load(tmp_path / "bench/features.npy", mmap_mode="r"))
     (tmp_path / "bench/cut.npy").write_bytes((tmp_path / "bench/features.npy").read_bytes()[:500])
-    paths = ["features.npy#0", "features.npy#-1", f"features.npy#{rows}", "missing.npy#0", "features.npy#x", "cut.npy#0"]
+    paths = [
+        "features.npy#0",
+        "features.npy#-1",
+        f"features.npy#{rows}",
+        "missing.npy#0",
+        "features.npy#x",
+        "cut.npy#0",
+    ]
     problems = feature_problems(tmp_path / "bench", paths)
     assert problems[0] is None
     assert "row -1 outside" in problems[1] and f"row {rows} outside its {rows} rows" in problems[2]
