@@ -77,7 +77,7 @@ def batch_pair(rounds: int, folder: Path) -> dict[str, float]:
     rng = np.random.default_rng(0)
     np.save(folder / "features.npy", rng.normal(size=(100_000, 128)).astype(np.float16))
     samples = [Sample(f"features.npy#{i}", (i % 10_000,), "train", f"m:{i}") for i in range(100_000)]
-    dataset = ImageDataset(samples, folder, DataConfig(manifest=folder / "manifest.jsonl"), train=True)
+    dataset = ImageDataset(samples, folder, DataConfig(manifest=folder / "m.jsonl", taxonomy=folder / "t.json"), train=True)
     batches = [rng.choice(100_000, 256, replace=False).tolist() for _ in range(50)]
 
     def batched() -> None:

@@ -95,10 +95,11 @@ def denormals_flushed() -> Iterator[None]:
     """Float results below float32's smallest normal number (1.2e-38) are taken as 0 while training steps run.
 
     A confident sigmoid head gives most of its (image, class) entries logits far below zero, and their losses,
-    gradients and Adam moments fall into the subnormal range, where a CPU computes many times slower: a 10K-class
-    epoch slowed from 6 to 14 s over its first 10 epochs, and the cross-entropy of 256 x 10,000 logits near -95 took
-    87 ms instead of 20. Values that small change nothing a float32 weight can hold. Validation and evaluation run
-    outside, with the default arithmetic."""
+    gradients and Adam moments fall into the subnormal range, where a CPU computes several times slower: a 10K-class
+    generalist's epoch slowed from 6 to 14 s over its first 10 epochs, and stays at 6.5-7 s with this (one thread
+    computing the cross-entropy of 256 x 10,000 logits near -95: 65 ms, 18 ms flushed; docs/BENCHMARKS.md). Values
+    that small change nothing a float32 weight can hold. The flag belongs to the calling thread (worker threads
+    torch started earlier keep theirs). Validation and evaluation run outside, with the default arithmetic."""
     supported = torch.set_flush_denormal(True)
     try:
         yield
