@@ -9,7 +9,8 @@
    against `__getitem__` row by row (what the DataLoader did before).
 3. The sigmoid cross-entropy of a 256 x 10,000 batch of logits, forward and backward, with the logits near -10
    (a young head) and near -95 (a confident one, whose losses and gradients are subnormal floats), with and
-   without flushing subnormals to zero (`kc.train.trainer.denormals_flushed`, what training steps now run in).
+   without flushing subnormals to zero (`kc.train.trainer.denormals_flushed`, what training steps now run in), on
+   one thread (the flag is a thread's own).
 
 Each pair is timed interleaved, round by round; medians of the rounds after a warm-up.
 """
@@ -77,7 +78,8 @@ def batch_pair(rounds: int, folder: Path) -> dict[str, float]:
     rng = np.random.default_rng(0)
     np.save(folder / "features.npy", rng.normal(size=(100_000, 128)).astype(np.float16))
     samples = [Sample(f"features.npy#{i}", (i % 10_000,), "train", f"m:{i}") for i in range(100_000)]
-    dataset = ImageDataset(samples, folder, DataConfig(manifest=folder / "m.jsonl", taxonomy=folder / "t.json"), train=True)
+    data_cfg = DataConfig(manifest=folder / "m.jsonl", taxonomy=folder / "t.json")  # read for settings only
+    dataset = ImageDataset(samples, folder, data_cfg, train=True)
     batches = [rng.choice(100_000, 256, replace=False).tolist() for _ in range(50)]
 
     def batched() -> None:
@@ -99,6 +101,9 @@ def cross_entropy_step(logits: torch.Tensor, targets: torch.Tensor, flush: bool)
 
 
 def cross_entropy_pairs(rounds: int) -> dict[str, float]:
+    """On one thread: the flag is per thread, and torch's worker threads, started before, keep theirs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     out = {}
     for centre in (-10.0, -95.0):
         torch.manual_seed(0)
@@ -110,6 +115,7 @@ def cross_entropy_pairs(rounds: int) -> dict[str, float]:
             default=functools.partial(cross_entropy_step, logits, targets, False),
         )
         out.update({f"logits near {centre:g}, {name}": t for name, t in pair.items()})
+    torch.set_num_threads(threads)
     return out
 
 
@@ -130,7 +136,7 @@ def main() -> None:
         f"one ({rows['getitem_each'] / rows['getitems']:.1f}x)"
     )
     for name, t in cross_entropy_pairs(args.rounds).items():
-        print(f"cross-entropy 256 x 10,000, {name}: {1000 * t:.1f} ms")
+        print(f"cross-entropy 256 x 10,000, one thread, {name}: {1000 * t:.1f} ms")
 
 
 if __name__ == "__main__":
