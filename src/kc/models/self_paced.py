@@ -77,7 +77,9 @@ class SelfPacedScales(nn.Module):
             self.gamma = nn.Parameter(start.clone())
 
     def per_class_scale(self) -> torch.Tensor:
-        return self.gamma[self.vertical_of_class] if self.variant in ("vertical", "fixed") else self.gamma
+        if self.variant in ("vertical", "fixed"):
+            return self.gamma.index_select(0, self.vertical_of_class)  # gradient: an index_add (see _scale)
+        return self.gamma
 
     def per_vertical_scale(self) -> torch.Tensor:
         """gamma per vertical (class variant: the mean over the vertical's classes), for logs and reports."""
@@ -124,16 +126,22 @@ class SelfPacedScales(nn.Module):
             sums = torch.zeros(values.shape[0], self.num_verticals, device=values.device, dtype=values.dtype)
             return sums.index_add_(1, vertical_of_column, values)
 
+        def per_column(values: torch.Tensor) -> torch.Tensor:
+            # (B, V) -> (B, columns): index_select, whose gradient is an index_add, not indexing, whose gradient
+            # is the slower accumulating index_put (the centred scales' step at 10K classes: 43-81 ms against
+            # 70-90 ms, two interleaved runs)
+            return values.index_select(1, vertical_of_column)
+
         if self.running:
             if self.training:
                 self._track(per_vertical_sum(logits * logits).sqrt().mean(dim=0), vertical_of_column)
             return logits / self.running_norm[vertical_of_column] * scale
         mean = None
         if self.centred:  # whole verticals: each block's columns are its vertical's classes
-            mean = (per_vertical_sum(logits) / self.sizes.to(logits.dtype))[:, vertical_of_column]
+            mean = per_column(per_vertical_sum(logits) / self.sizes.to(logits.dtype))
             logits = logits - mean
         norms = per_vertical_sum(logits * logits).clamp_min(self.eps * self.eps).sqrt()
-        scaled = logits / norms[:, vertical_of_column] * scale
+        scaled = logits / per_column(norms) * scale
         return scaled if mean is None else mean + scaled
 
     @torch.no_grad()
