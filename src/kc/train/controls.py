@@ -40,7 +40,7 @@ from kc.train.specialists import (
     specialist_training_samples,
     vertical_members,
 )
-from kc.train.student import scale_scalars, train_self_distillation, train_student
+from kc.train.student import scale_training, train_self_distillation, train_student
 from kc.train.trainer import EpochBatches, TrainResult, stage_complete
 from kc.train.unlabeled import student_training_samples
 
@@ -99,15 +99,8 @@ def train_ground_truth_control(
 ) -> TrainResult:
     """The student's head and self-paced scales (their LR multiplier included) on the ground truth."""
     kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
-    multipliers = {"output_scales.": run.cfg.student.self_paced.lr_multiplier}
-    return train_on_ground_truth(
-        run,
-        stage,
-        control_config(run),
-        scalars=scale_scalars(run.cfg.student.self_paced, run.taxonomy),
-        lr_multipliers=multipliers,
-        **kw,
-    )
+    scales = scale_training(run.cfg.student.self_paced, run.taxonomy)
+    return train_on_ground_truth(run, stage, control_config(run), **scales, **kw)
 
 
 def train_ground_truth_labelled_control(

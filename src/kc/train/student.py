@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,6 +84,15 @@ def scale_scalars(self_paced: SelfPacedConfig, taxonomy: Taxonomy) -> Callable[[
         return {f"gamma/{vid}": value for vid, value in zip(ids, values, strict=True)}
 
     return scalars
+
+
+def scale_training(self_paced: SelfPacedConfig, taxonomy: Taxonomy) -> dict[str, Any]:
+    """What the trainer of a stage with the student's self-paced scales is given: their learning-rate multiplier
+    (the scales are the model's `output_scales`) and their per-vertical values for the logs."""
+    return {
+        "scalars": scale_scalars(self_paced, taxonomy),
+        "lr_multipliers": {"output_scales.": self_paced.lr_multiplier},
+    }
 
 
 def cache_targets(
@@ -195,7 +205,6 @@ def train_distilled(
         verbose=verbose,
         on_step=on_step,
         name=stage,
-        scalars=scale_scalars(scfg.self_paced, run.taxonomy),
-        lr_multipliers={"output_scales.": scfg.self_paced.lr_multiplier},
+        **scale_training(scfg.self_paced, run.taxonomy),
     )
     return trainer.fit()
