@@ -9,8 +9,8 @@
    against `__getitem__` row by row (what the DataLoader did before).
 3. The sigmoid cross-entropy of a 256 x 10,000 batch of logits, forward and backward, with the logits near -10
    (a young head) and near -95 (a confident one, whose losses and gradients are subnormal floats), with and
-   without flushing subnormals to zero (`kc.train.trainer.denormals_flushed`, what training steps now run in), on
-   one thread (the flag is a thread's own).
+   without flushing subnormals to zero (`kc.numerics`: set first thing by every kc command), each in a process
+   of its own.
 
 Each pair is timed interleaved, round by round; medians of the rounds after a warm-up.
 """
@@ -18,9 +18,9 @@ Each pair is timed interleaved, round by round; medians of the rounds after a wa
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,13 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kc.config import DataConfig
 from kc.data.dataset import ImageDataset
 from kc.data.samples import Sample
 from kc.evaluate.metrics import _ap_chunk, average_precision
-from kc.train.trainer import denormals_flushed
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -94,28 +92,37 @@ def batch_pair(rounds: int, folder: Path) -> dict[str, float]:
     return {name: t / len(batches) for name, t in out.items()}  # per batch
 
 
-def cross_entropy_step(logits: torch.Tensor, targets: torch.Tensor, flush: bool) -> None:
-    with denormals_flushed() if flush else contextlib.nullcontext():
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(logits)
-        loss.backward()
+CROSS_ENTROPY = """
+import statistics, sys, time
+import torch, torch.nn.functional as F
+if sys.argv[1] == "flushed":
+    torch.set_flush_denormal(True)  # first thing, as kc's command line does: worker threads inherit it
+torch.manual_seed(0)
+logits = (torch.randn(256, 10_000) * 5 + float(sys.argv[2])).requires_grad_()
+targets = torch.zeros(256, 10_000)
+times = []
+for r in range(int(sys.argv[3]) + 1):
+    logits.grad = None
+    start = time.perf_counter()
+    (F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 256).backward()
+    times.append(time.perf_counter() - start)
+print(statistics.median(times[1:]))
+"""
 
 
 def cross_entropy_pairs(rounds: int) -> dict[str, float]:
-    """On one thread: the flag is per thread, and torch's worker threads, started before, keep theirs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """Each measurement in a process of its own (the flag must be set before torch starts its threads), 4
+    processes each, flushed and default alternating, which of them first swapped each time (the first of a pair
+    measured slower on this machine); the median of their medians."""
     out = {}
-    for centre in (-10.0, -95.0):
-        torch.manual_seed(0)
-        logits = (torch.randn(256, 10_000) * 5 + centre).requires_grad_()
-        targets = torch.zeros(256, 10_000)
-        pair = side_by_side(
-            rounds,
-            flushed=functools.partial(cross_entropy_step, logits, targets, True),
-            default=functools.partial(cross_entropy_step, logits, targets, False),
-        )
-        out.update({f"logits near {centre:g}, {name}": t for name, t in pair.items()})
-    torch.set_num_threads(threads)
+    for centre in ("-10", "-95"):
+        times: dict[str, list[float]] = {"flushed": [], "default": []}
+        for repeat in range(4):
+            for mode in ("flushed", "default") if repeat % 2 else ("default", "flushed"):
+                command = [sys.executable, "-c", CROSS_ENTROPY, mode, centre, str(rounds)]
+                result = subprocess.run(command, capture_output=True, text=True, check=True)
+                times[mode].append(float(result.stdout))
+        out.update({f"logits near {centre}, {mode}": statistics.median(ts) for mode, ts in times.items()})
     return out
 
 
@@ -136,7 +143,7 @@ def main() -> None:
         f"one ({rows['getitem_each'] / rows['getitems']:.1f}x)"
     )
     for name, t in cross_entropy_pairs(args.rounds).items():
-        print(f"cross-entropy 256 x 10,000, one thread, {name}: {1000 * t:.1f} ms")
+        print(f"cross-entropy 256 x 10,000, {torch.get_num_threads()} threads, {name}: {1000 * t:.1f} ms")
 
 
 if __name__ == "__main__":

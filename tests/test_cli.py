@@ -143,3 +143,14 @@ def test_version_names_kc_and_the_libraries_and_checkpoints_record_them(tmp_path
     state = json.loads((tmp_path / "run/generalist/checkpoints/last.json").read_text())
     assert state["versions"]["torch"] == torch.__version__ and "timm" in state["versions"]
     assert state["config"]["epochs"] == 2  # what the stage was trained with, whatever config.yaml says later
+
+
+def test_every_command_flushes_subnormal_floats_on_every_thread():
+    """`kc` sets the flag before torch starts its worker threads, which then inherit it: a parallel product whose
+    results are all subnormal comes out all zeros (kc.numerics). Set after the threads exist, it would not be."""
+    check = (
+        "import sys, torch; from kc import cli; cli.app = lambda: None; cli.main(); "
+        "x = torch.full((1 << 20,), 1e-30); print(int((x * 1e-9).count_nonzero()))"
+    )
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "0"

@@ -12,6 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from kc.errors import KCError
+from kc.numerics import flush_subnormals
 
 app = typer.Typer(
     add_completion=False,
@@ -831,6 +832,7 @@ def demo_cmd(
 
 
 def main() -> None:
+    flush_subnormals()  # first, so that torch's worker threads, started later, flush too (kc.numerics)
     app()
 
 

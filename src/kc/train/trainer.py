@@ -45,6 +45,7 @@ from kc.errors import CheckpointError, KCError
 from kc.io import atomic_write_json, sha256_file
 from kc.locks import DirectoryLock
 from kc.models.weights import save_weights
+from kc.numerics import flush_subnormals
 from kc.train.checkpoint import CheckpointDir
 
 # A loss function returns the loss, or its named terms (the loss is their sum): the trainer logs each term apart
@@ -88,24 +89,6 @@ class StopSignals:
     def __exit__(self, *exc: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-
-
-@contextlib.contextmanager
-def denormals_flushed() -> Iterator[None]:
-    """Float results below float32's smallest normal number (1.2e-38) are taken as 0 while training steps run.
-
-    A confident sigmoid head gives most of its (image, class) entries logits far below zero, and their losses,
-    gradients and Adam moments fall into the subnormal range, where a CPU computes several times slower: a 10K-class
-    generalist's epoch slowed from 6 to 14 s over its first 10 epochs, and stays at 6.5-7 s with this (one thread
-    computing the cross-entropy of 256 x 10,000 logits near -95: 65 ms, 18 ms flushed; docs/BENCHMARKS.md). Values
-    that small change nothing a float32 weight can hold. The flag belongs to the calling thread (worker threads
-    torch started earlier keep theirs). Validation and evaluation run outside, with the default arithmetic."""
-    supported = torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        if supported:
-            torch.set_flush_denormal(False)
 
 
 class EpochBatches(Sampler[list[int]]):
@@ -295,6 +278,7 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> TrainResult:
+        flush_subnormals()  # as every kc command computes (kc.numerics)
         torch.manual_seed(self.seed + 7919 * self.rank)  # dropout: its own stream per rank
         self.model.to(self.device)
         optimizer = make_optimizer(self.model, self.cfg, self.lr_multipliers)
@@ -407,64 +391,63 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         loss_sum, loss_count, images, start = 0.0, 0, 0, time.perf_counter()
         term_sums: dict[str, float] = {}
-        with denormals_flushed():
-            for batch in loader:
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                lr = learning_rate(self.cfg, state.step, self.steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
-                    out = self.loss_fn(forward_model, batch)
-                terms = out if isinstance(out, dict) else {}
-                loss = sum_terms(out)
-                # Summed over the ranks (a no-op on one): every rank sees the same loss and stop request, so all of
-                # them raise or stop at the same step and none waits forever on another.
-                # The request is read once, before the sum: a signal landing after it must not make this rank stop
-                # while the others, having summed no request, go on to the next step's collective (a deadlock).
-                requested = self._stop.requested
-                loss_total, stops, *term_totals = distributed.sum_values(
-                    loss.item(), float(requested is not None), *(t.item() for t in terms.values())
+        for batch in loader:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            lr = learning_rate(self.cfg, state.step, self.steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
+                out = self.loss_fn(forward_model, batch)
+            terms = out if isinstance(out, dict) else {}
+            loss = sum_terms(out)
+            # Summed over the ranks (a no-op on one): every rank sees the same loss and stop request, so all of
+            # them raise or stop at the same step and none waits forever on another.
+            # The request is read once, before the sum: a signal landing after it must not make this rank stop
+            # while the others, having summed no request, go on to the next step's collective (a deadlock).
+            requested = self._stop.requested
+            loss_total, stops, *term_totals = distributed.sum_values(
+                loss.item(), float(requested is not None), *(t.item() for t in terms.values())
+            )
+            value = loss_total / self.world
+            term_values = {name: total / self.world for name, total in zip(terms, term_totals, strict=True)}
+            stop = (requested or signal.SIGTERM) if stops else None
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"{self.name}: the loss became {value} at epoch {epoch + 1}, step {state.step}; "
+                    f"lower the learning rate (now {lr:.3g}) or set grad_clip. The last checkpoint is kept in "
+                    f"{self.ckpt.root}."
                 )
-                value = loss_total / self.world
-                term_values = {name: total / self.world for name, total in zip(terms, term_totals, strict=True)}
-                stop = (requested or signal.SIGTERM) if stops else None
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"{self.name}: the loss became {value} at epoch {epoch + 1}, step {state.step}; "
-                        f"lower the learning rate (now {lr:.3g}) or set grad_clip. The last checkpoint is kept in "
-                        f"{self.ckpt.root}."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-                optimizer.step()
-                state.step += 1
-                state.step_in_epoch += 1
-                loss_sum, loss_count = loss_sum + value, loss_count + 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            optimizer.step()
+            state.step += 1
+            state.step_in_epoch += 1
+            loss_sum, loss_count = loss_sum + value, loss_count + 1
+            for name, term in term_values.items():
+                term_sums[name] = term_sums.get(name, 0.0) + term
+            images += batch["images"].shape[0] * self.world  # every rank's share of the global batch
+            if state.step % 10 == 0:
+                writer.add_scalar(f"{self.name}/loss", value, state.step)
                 for name, term in term_values.items():
-                    term_sums[name] = term_sums.get(name, 0.0) + term
-                images += batch["images"].shape[0] * self.world  # every rank's share of the global batch
-                if state.step % 10 == 0:
-                    writer.add_scalar(f"{self.name}/loss", value, state.step)
-                    for name, term in term_values.items():
-                        writer.add_scalar(f"{self.name}/loss_{name}", term, state.step)
-                    writer.add_scalar(f"{self.name}/lr", lr, state.step)
-                    for key, extra in (self.scalars(self.model) if self.scalars else {}).items():
-                        writer.add_scalar(f"{self.name}/{key}", extra, state.step)
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}", refresh=False)
-                bar.update()
-                if state.step % self.cfg.checkpoint_every_steps == 0 or stop:
-                    self._save(optimizer, state)
-                if stop:
-                    distributed.barrier()  # the checkpoint is written before any rank exits
-                    raise TrainingStopped(
-                        f"{self.name}: stopped by {signal.Signals(stop).name} at epoch {epoch + 1}, step "
-                        f"{state.step}, after writing a checkpoint; run the same command again to resume",
-                        stop,
-                    )
-                if self.on_step is not None:
-                    self.on_step(state.step)
+                    writer.add_scalar(f"{self.name}/loss_{name}", term, state.step)
+                writer.add_scalar(f"{self.name}/lr", lr, state.step)
+                for key, extra in (self.scalars(self.model) if self.scalars else {}).items():
+                    writer.add_scalar(f"{self.name}/{key}", extra, state.step)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.3g}", refresh=False)
+            bar.update()
+            if state.step % self.cfg.checkpoint_every_steps == 0 or stop:
+                self._save(optimizer, state)
+            if stop:
+                distributed.barrier()  # the checkpoint is written before any rank exits
+                raise TrainingStopped(
+                    f"{self.name}: stopped by {signal.Signals(stop).name} at epoch {epoch + 1}, step "
+                    f"{state.step}, after writing a checkpoint; run the same command again to resume",
+                    stop,
+                )
+            if self.on_step is not None:
+                self.on_step(state.step)
         bar.close()
         elapsed = time.perf_counter() - start
         return {
