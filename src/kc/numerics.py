@@ -3,7 +3,7 @@
 A confident sigmoid head gives most of its (image, class) entries logits far below zero, and their losses,
 gradients and Adam moments fall below float32's smallest normal number (1.2e-38), into the subnormal range, where a
 CPU computes several times slower: a 10K-class generalist's epoch slowed from 6 to 14 s over its first 10 epochs,
-and the cross-entropy of 256 x 10,000 logits near -95 took 75 ms on one thread instead of 24 (docs/BENCHMARKS.md).
+and the cross-entropy of 256 x 10,000 logits near -95 takes 32 ms on 2 threads instead of 8 (docs/BENCHMARKS.md).
 Values that small change nothing a float32 weight can hold.
 
 The flag is a thread's own, and a thread starts with its creator's: torch's worker threads follow it only if it is
