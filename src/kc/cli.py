@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from kc.errors import KCError
-from kc.numerics import flush_subnormals
+from kc.numerics import flush_subnormals_in_this_process
 
 app = typer.Typer(
     add_completion=False,
@@ -832,7 +832,7 @@ def demo_cmd(
 
 
 def main() -> None:
-    flush_subnormals()  # first, so that torch's worker threads, started later, flush too (kc.numerics)
+    flush_subnormals_in_this_process()  # first: torch's worker threads, started later, flush too (kc.numerics)
     app()
 
 

@@ -45,7 +45,7 @@ from kc.errors import CheckpointError, KCError
 from kc.io import atomic_write_json, sha256_file
 from kc.locks import DirectoryLock
 from kc.models.weights import save_weights
-from kc.numerics import flush_subnormals
+from kc.numerics import subnormals_flushed
 from kc.train.checkpoint import CheckpointDir
 
 # A loss function returns the loss, or its named terms (the loss is their sum): the trainer logs each term apart
@@ -274,11 +274,10 @@ class Trainer:
         """Train to the end (or resume, or return a finished stage's result), holding the stage's lock: a second
         process on the same stage is refused at once (rank 0 holds it for every rank of a torchrun)."""
         lock = DirectoryLock(self.stage_dir, f"stage '{self.name}'") if self.main else contextlib.nullcontext()
-        with lock:
+        with lock, subnormals_flushed():  # as every kc command computes (kc.numerics)
             return self._fit()
 
     def _fit(self) -> TrainResult:
-        flush_subnormals()  # as every kc command computes (kc.numerics)
         torch.manual_seed(self.seed + 7919 * self.rank)  # dropout: its own stream per rank
         self.model.to(self.device)
         optimizer = make_optimizer(self.model, self.cfg, self.lr_multipliers)
