@@ -479,13 +479,16 @@ def control_cmd(
     config: Annotated[Path, typer.Argument(help="run config (YAML) or run directory")],
     kind: Annotated[
         str | None,
-        typer.Option(help="only this control: same_compute | self_distillation | ground_truth | total_compute"),
+        typer.Option(
+            help="only this control: same_compute | self_distillation | ground_truth | total_compute | "
+            "ground_truth_labelled"
+        ),
     ] = None,
     set_: SetOption = None,
     no_progress: NoProgress = False,
 ) -> None:
-    """Train the controls: same compute, self-distillation, ground truth with the student's head, total compute
-    (config `controls.kinds`, or --kind)."""
+    """Train the controls: same compute, self-distillation, ground truth with the student's head, total compute,
+    and with unlabeled images the ground truth on the labelled images only (config `controls.kinds`, or --kind)."""
     from kc.config import CONTROL_KINDS
     from kc.stages import STAGES, controls_to_train
     from kc.train.controls import TRAIN
