@@ -149,7 +149,7 @@ def test_every_command_flushes_subnormal_floats_on_every_thread():
     """`kc` sets the flag before torch starts its worker threads, which then inherit it: a parallel product whose
     results are all subnormal comes out all zeros (kc.numerics). Set after the threads exist, it would not be."""
     check = (
-        "import sys, torch; from kc import cli; cli.app = lambda: None; cli.main(); "
+        "import torch; from kc import cli; cli.app = lambda: None; cli.main(); "
         "x = torch.full((1 << 20,), 1e-30); print(int((x * 1e-9).count_nonzero()))"
     )
     out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, check=True)
