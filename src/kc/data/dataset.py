@@ -63,9 +63,10 @@ class ImageDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
         """A batch (the DataLoader asks for a batch's indices at once): feature rows in one read per array, the
         same tensors as `__getitem__` gives one by one; images one by one."""
-        if not all(is_feature_path(self.samples[i].path) for i in indices):
+        paths = [self.samples[i].path for i in indices]
+        if not all(is_feature_path(p) for p in paths):
             return [self[i] for i in indices]
-        rows = read_features(self.image_root, [self.samples[i].path for i in indices])
+        rows = read_features(self.image_root, paths)
         return [self._feature_item(x, i) for x, i in zip(rows, indices, strict=True)]
 
     def _feature_item(self, x: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:

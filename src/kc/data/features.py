@@ -37,16 +37,13 @@ def _array(path: str) -> np.ndarray:
 
 
 def read_feature(root: Path, path: str) -> torch.Tensor:
-    file, row = split_feature_path(path)
-    array = _array(str(root / file))
-    if not 0 <= row < len(array):
-        raise IndexError(f"{root / file}: row {row} outside its {len(array)} rows")
-    return torch.from_numpy(np.asarray(array[row], dtype=np.float32))
+    """(dim,) float32: the row '<file>.npy#<row>' names."""
+    return read_features(root, [path])[0]
 
 
 def read_features(root: Path, paths: list[str]) -> torch.Tensor:
-    """(len(paths), dim) float32: `read_feature` of each path, with one indexed read per array (a training batch
-    of feature rows costs one gather, not a Python call per row)."""
+    """(len(paths), dim) float32: the rows the paths name, with one indexed read per array (a training batch of
+    feature rows costs one gather, not a Python call per row)."""
     located = [split_feature_path(p) for p in paths]
     rows = np.array([row for _, row in located], dtype=np.int64)
     files = np.array([file for file, _ in located])
