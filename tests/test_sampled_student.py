@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kc.data.dataset import dense_targets
-from kc.distill.loss import distillation_loss
+from kc.distill.loss import distillation_loss, entry_losses
 from kc.distill.sampled import SampledVerticalsLoss
 from kc.distill.targets import OnlineTeachers
 from kc.models.classifier import Classifier, ClassSubset
@@ -54,18 +54,33 @@ def batch():
     return {"images": IMAGES, "labels": LABELS, "index": torch.arange(6)}
 
 
-def full_loss(model, t, weights, mode, truth_weight=0.3):
+def full_loss(model, t, weights, mode, truth_weight=0.3, has_truth=None):
     soft = t(IMAGES, LABELS)
     voc = torch.tensor(TAX.vertical_of_class)
     truth = dense_targets(LABELS, TAX.num_classes)
     return distillation_loss(
-        model(IMAGES), soft, truth, voc, weights, mode=mode, truth_weight=truth_weight, temperature=2.0
+        model(IMAGES),
+        soft,
+        truth,
+        voc,
+        weights,
+        mode=mode,
+        truth_weight=truth_weight,
+        temperature=2.0,
+        has_truth=has_truth,
     )
 
 
-def sampled(t, weights, drawn, mode, unselected, truth_weight=0.3):
+def sampled(t, weights, drawn, mode, unselected, truth_weight=0.3, labelled_images=None):
     return SampledVerticalsLoss(
-        t, weights, drawn, mode=mode, truth_weight=truth_weight, temperature=2.0, unselected=unselected
+        t,
+        weights,
+        drawn,
+        mode=mode,
+        truth_weight=truth_weight,
+        temperature=2.0,
+        unselected=unselected,
+        labelled_images=labelled_images,
     )
 
 
@@ -97,6 +112,53 @@ def test_drawing_every_vertical_gives_the_full_loss_and_its_gradients(mode, unse
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
     for (name, a), b in zip(full_model.named_buffers(), sampled_model.buffers(), strict=True):
         torch.testing.assert_close(b, a, msg=name)  # a running normalisation moved alike
+
+
+@pytest.mark.parametrize(("mode", "unselected"), [("max", "zero"), ("weighted", "zero"), ("weighted", "ignore")])
+def test_with_unlabeled_images_drawing_every_vertical_gives_the_full_loss(mode, unselected):
+    """Images from index 3 on are unlabeled: their label routed them and is not truth, on both loss paths."""
+    weights = torch.tensor([1.0, 0.5, 2.0, 1.5])
+    t = teachers(unselected)
+    full_model, sampled_model = student("structured", "vertical"), student("structured", "vertical")
+    full = full_loss(full_model, t, weights, mode, has_truth=torch.arange(6) < 3)
+    part = sampled(t, weights, drawn=10, mode=mode, unselected=unselected, labelled_images=3)(sampled_model, batch())
+    assert part.item() == pytest.approx(full.item(), rel=1e-5)
+    full.backward()
+    part.backward()
+    for (name, a), b in zip(full_model.named_parameters(), sampled_model.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["max", "weighted"])
+def test_an_unlabeled_image_learns_the_soft_targets_alone(mode):
+    """Per image, the loss with truth withheld is mode none's loss, and differs from the loss with truth."""
+    weights = torch.ones(4)
+    t = teachers("zero")
+    model = student("dense", "vertical")
+    soft = t(IMAGES, LABELS)
+    voc = torch.tensor(TAX.vertical_of_class)
+    truth = dense_targets(LABELS, TAX.num_classes)
+    with torch.no_grad():
+        logits = model(IMAGES)
+
+    def per_image(mode, has_truth=None):
+        terms = entry_losses(
+            logits,
+            soft.values,
+            truth,
+            weights[voc].unsqueeze(0) * soft.defined,
+            mode=mode,
+            truth_weight=0.3,
+            temperature=2.0,
+            has_truth=has_truth,
+        )
+        return sum(entries.sum(dim=1) for entries in terms.values())
+
+    labelled = (torch.arange(6) < 3).unsqueeze(1)
+    mixed, plain, with_truth = per_image(mode, labelled), per_image("none"), per_image(mode)
+    torch.testing.assert_close(mixed[3:], plain[3:])  # unlabeled: soft targets only
+    torch.testing.assert_close(mixed[:3], with_truth[:3])  # labelled: the truth as before
+    assert not torch.allclose(with_truth[3:], plain[3:])  # (which would differ had their labels been truth)
 
 
 def test_drawing_few_verticals_estimates_the_full_loss_without_bias():

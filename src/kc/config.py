@@ -274,7 +274,8 @@ class StudentConfig(TrainConfig):
     ground_truth: Literal["none", "max", "weighted"] = Field(
         "none",
         description="none: soft targets only (the paper; best measured on noisy labels); max: target "
-        "max(y, z*); weighted: (1-w) * distillation loss + w * ground-truth loss",
+        "max(y, z*); weighted: (1-w) * distillation loss + w * ground-truth loss (truth: the labelled images' "
+        "labels; an unlabeled image learns its soft targets alone)",
     )
     ground_truth_weight: float = Field(0.5, ge=0, le=1, description="w for ground_truth: weighted")
     self_paced: SelfPacedConfig = SelfPacedConfig()

@@ -37,8 +37,12 @@ class SampledVerticalsLoss:
         truth_weight: float,
         temperature: float,
         unselected: str,
+        labelled_images: int | None = None,
     ):
+        """`labelled_images`: training indices from this one on are unlabeled images, whose label only routes them
+        to a teacher and is not truth (`entry_losses`' has_truth); None: every image's label is truth."""
         self.teachers = teachers
+        self.labelled_images = labelled_images
         self.vertical_weights = vertical_weights
         self.num_verticals = teachers.num_verticals
         # Verticals an image does not select only add terms of target 0: the distillation's (unselected: zero) or
@@ -68,6 +72,7 @@ class SampledVerticalsLoss:
         first_column = torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)  # each column's block start
         columns = t.starts[column_vertical] + torch.arange(len(column_vertical), device=device) - first_column
         column_logits, block_logits = model(images, classes=ClassSubset(columns, targets.rows, block_classes))
+        has_truth = None if self.labelled_images is None else batch["index"].to(device) < self.labelled_images
 
         own = entry_losses(
             block_logits.float(),
@@ -75,34 +80,54 @@ class SampledVerticalsLoss:
             self._block_truth(labels, targets.rows, targets.verticals, block_classes.shape[1]),
             self.vertical_weights[targets.verticals].unsqueeze(1) * inside,
             **self.options,
+            has_truth=None if has_truth is None else has_truth[targets.rows].unsqueeze(1),
         )
         terms = {name: (entries * inside).sum() for name, entries in own.items()}
         if len(columns):
             slot = torch.repeat_interleave(torch.arange(len(drawn), device=device), sizes)  # column -> drawn vertical
-            drawn_terms = self._drawn_terms(column_logits.float(), targets.selected[:, drawn], slot, column_vertical)
+            drawn_terms = self._drawn_terms(
+                column_logits.float(), targets.selected[:, drawn], slot, column_vertical, has_truth
+            )
             for name, value in drawn_terms.items():
                 terms[name] = terms[name] + value
         return {name: value / labels.shape[0] for name, value in terms.items()}
 
     def _drawn_terms(
-        self, logits: torch.Tensor, own: torch.Tensor, slot: torch.Tensor, column_vertical: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        own: torch.Tensor,
+        slot: torch.Tensor,
+        column_vertical: torch.Tensor,
+        has_truth: torch.Tensor | None,
     ) -> dict[str, torch.Tensor]:
         """`entry_losses` over the drawn columns (B, K), scaled by M / m, for the images that do not select a column's
         vertical (`own` (B, m): which images select which drawn vertical; `slot` (K,): each column's drawn vertical).
         Every target there is 0 and BCE(x, 0) = softplus(x): each term is softplus summed over all images, less the
         few (image, drawn vertical) pairs an image selects, then weighted per column. At 100K classes these columns
         are most of the student's step, and this is a few passes over them, not one per operation of the general
-        loss and its (B, K) mask."""
+        loss and its (B, K) mask. `has_truth` (B,): in mode weighted, images without truth (unlabeled) weigh their
+        distillation fully and have no truth term."""
         mode, t, w = self.options["mode"], self.options["temperature"], self.options["truth_weight"]
         image, selected_slot = own.nonzero(as_tuple=True)  # few: a drawn vertical is rarely an image's own
         inside = (slot.unsqueeze(0) == selected_slot.unsqueeze(1)).to(logits.dtype)  # (n, K)
 
-        def per_column(x: torch.Tensor) -> torch.Tensor:  # (K,): summed over the images that do not select it
-            return F.softplus(x).sum(dim=0) - (F.softplus(x[image]) * inside).sum(dim=0)
+        def per_column(x: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+            """(K,): summed over the images that do not select the column, each times `row_weight` (B,)."""
+            spread = F.softplus(x)
+            if row_weight is None:
+                return spread.sum(dim=0) - (F.softplus(x[image]) * inside).sum(dim=0)
+            weight = row_weight.to(x.dtype).unsqueeze(1)
+            return (spread * weight).sum(dim=0) - (F.softplus(x[image]) * inside * weight[image]).sum(dim=0)
 
         scale = self.num_verticals / self.drawn
+        column_weights = self.vertical_weights[column_vertical]
+        if mode == "weighted" and has_truth is not None:  # a share per image: (1 - w) with truth, 1 without
+            distill_share = torch.where(has_truth, 1 - w, 1.0)
+            distill = (per_column(logits / t, distill_share) * column_weights).sum() * (t * t) * self.negative_distill
+            truth = per_column(logits, has_truth).sum()
+            return {"distillation": distill * scale, "ground_truth": w * truth * scale}
         distilled = per_column(logits / t)
-        distill = (distilled * self.vertical_weights[column_vertical]).sum() * (t * t) * self.negative_distill
+        distill = (distilled * column_weights).sum() * (t * t) * self.negative_distill
         terms = {"distillation": distill * (1 - w if mode == "weighted" else 1.0) * scale}
         if mode == "weighted":
             truth = distilled.sum() if t == 1.0 else per_column(logits).sum()

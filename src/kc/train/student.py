@@ -39,9 +39,16 @@ from kc.train.unlabeled import fold_of_student_samples, student_training_samples
 
 
 def student_loss(
-    s: StudentConfig, num_classes: int, teachers: Teachers, vertical_weights: torch.Tensor, device: torch.device
+    s: StudentConfig,
+    num_classes: int,
+    teachers: Teachers,
+    vertical_weights: torch.Tensor,
+    device: torch.device,
+    labelled_images: int | None = None,
 ) -> LossFn:
-    """The distillation loss over every class, or over sampled verticals (student.sampled_verticals)."""
+    """The distillation loss over every class, or over sampled verticals (student.sampled_verticals). Training
+    indices from `labelled_images` on are unlabeled images: their label (the generalist's top class) only chose their
+    teacher, so it never enters the loss as truth (student.ground_truth max or weighted)."""
     vertical_weights = vertical_weights.to(device)  # constant per run: placed on the device once, not per batch
 
     if s.sampled_verticals is not None:
@@ -53,12 +60,14 @@ def student_loss(
             truth_weight=s.ground_truth_weight,
             temperature=s.temperature,
             unselected=s.unselected,
+            labelled_images=labelled_images,
         ).terms
 
     def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, labels = batch["images"], batch["labels"]
         soft = teachers(images, labels, batch["index"])
         truth = dense_targets(labels, num_classes)
+        has_truth = None if labelled_images is None else batch["index"].to(images.device) < labelled_images
         return distillation_terms(
             model(images),
             soft,
@@ -68,6 +77,7 @@ def student_loss(
             mode=s.ground_truth,
             truth_weight=s.ground_truth_weight,
             temperature=s.temperature,
+            has_truth=has_truth,
         )
 
     return loss
@@ -195,7 +205,14 @@ def train_distilled(
         scfg,
         run.stage_dir(stage),
         train_set,
-        student_loss(scfg, run.taxonomy.num_classes, teachers, vertical_weights, device),
+        student_loss(
+            scfg,
+            run.taxonomy.num_classes,
+            teachers,
+            vertical_weights,
+            device,
+            labelled_images=len(run.splits["train"]) if run.unlabeled else None,
+        ),
         validation_fn(run, device, scfg.eval_batch_size),
         seed=seed,
         device=device,

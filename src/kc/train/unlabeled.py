@@ -1,8 +1,8 @@
 """Unlabeled images (`data.unlabeled`) in the stages after the generalist.
 
 Each unlabeled image is labelled once by the trained generalist's top class. For the student that label only
-selects the image's teacher (the specialist of that class's vertical, whose soft targets it then learns; with
-`student.ground_truth` other than none the label also enters as truth); for the controls it is the label they
+selects the image's teacher (the specialist of that class's vertical, whose soft targets it then learns; it never
+enters the student's loss as truth, whatever `student.ground_truth` says); for the controls it is the label they
 train on (self-training on the same images, so that what the student gains over them is what the teachers add,
 not the extra images), but for `control_ground_truth_labelled`, which trains without them. The generalist and the
 specialists never see these images.
