@@ -57,6 +57,9 @@ def test_pipeline_end_to_end_and_resumed_after_an_interruption_mid_specialists(t
         "control_total_compute",
         "evaluation",
     }
+    assert set(metrics["peak_memory_mib"]) == set(metrics["timings"])  # each stage's peak resident memory
+    assert all(mib > 50 for mib in metrics["peak_memory_mib"].values())
+    assert "peak MiB" in report
 
     # Interrupt in the second specialist: generalist 18 steps, first specialist 12, then 5 more.
     calls = {"n": 0}

@@ -60,6 +60,31 @@ def test_gap_closed():
     assert gap_closed(30.0, 20.0, 20.0) is None
 
 
+def test_a_specialist_to_load_has_the_trained_specialists_layout(tmp_path, tiny_benchmark):
+    """Built at the vertical's size, it holds the same tensors as a specialist cut from the generalist, so the trained
+    weights load into it (strictly: load_weights refuses a missing or surplus key) and give the same outputs."""
+    from conftest import tiny_config
+    from kc.config import config_from_dict
+    from kc.models.weights import load_weights, save_weights
+    from kc.run import prepare_run
+    from kc.stages import new_generalist_model, new_specialist_model
+
+    for other in (False, True):
+        data = tiny_config(tiny_benchmark, tmp_path / f"other_{other}")
+        data["specialists"] = {"other_output": other}
+        run = prepare_run(config_from_dict(data), progress=False)
+        start, end = run.taxonomy.vertical_ranges[1]
+        trained = restrict_outputs(new_generalist_model(run), start, end, other_output=other).eval()
+        built = new_specialist_model(run, 1)
+        assert {k: v.shape for k, v in built.state_dict().items()} == {
+            k: v.shape for k, v in trained.state_dict().items()
+        }
+        save_weights(tmp_path / f"specialist_{other}.safetensors", trained)
+        load_weights(tmp_path / f"specialist_{other}.safetensors", built)
+        x = torch.randn(3, 3, 16, 16)
+        torch.testing.assert_close(built.eval()(x), trained(x), rtol=0, atol=0)
+
+
 def test_specialists_in_parallel_jobs_equal_specialists_in_turn(tmp_path, tiny_benchmark):
     import os
     import shutil

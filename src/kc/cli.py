@@ -148,7 +148,11 @@ def echo(text: str) -> None:
 def generate_benchmark_cmd(
     out: Annotated[Path, typer.Argument(help="output directory")],
     preset: Annotated[
-        str, typer.Option(help="tiny | default | large (images); features-1k | features-100k (precomputed features)")
+        str,
+        typer.Option(
+            help="tiny | default | large (images); features-1k | features-100k | paper-1k | paper-10k | paper-100k "
+            "(precomputed features; paper-*: 20 verticals of unequal sizes, clean labels)"
+        ),
     ] = "default",
     verticals: Annotated[int | None, typer.Option()] = None,
     classes_per_vertical: Annotated[int | None, typer.Option()] = None,
@@ -520,8 +524,10 @@ def report_cmd(
 
     run = _open_distributed_run(config, set_, bars(no_progress))
     result = compare_splits(run, progress=bars(no_progress))
-    timings_path = run.dir / "timings.json"
-    distributed.on_main(lambda: write_report(run, result, read_json(timings_path) if timings_path.is_file() else {}))
+    timings_path, memory_path = run.dir / "timings.json", run.dir / "memory.json"
+    timings = read_json(timings_path) if timings_path.is_file() else {}
+    memory = read_json(memory_path) if memory_path.is_file() else {}
+    distributed.on_main(lambda: write_report(run, result, timings, memory))
     echo(comparison_table(result))
     echo(f"\nreport: {run.dir / 'report.md'}")
 

@@ -1,8 +1,9 @@
 """`kc pipeline`: generalist -> specialists -> student -> controls -> comparison report, resumable at every stage.
 
 Finished stages are skipped and an interrupted one resumes from its last checkpoint, so re-running the same
-command after any interruption finishes the run. Each stage's wall time is kept in RUN/timings.json (a stage
-skipped because it was already done keeps the time it took when it ran).
+command after any interruption finishes the run. Each stage's wall time is kept in RUN/timings.json and its peak
+resident memory (MiB, `kc.memory`) in RUN/memory.json (a stage skipped because it was already done keeps the
+figures of when it ran).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from kc.evaluate.compare import compare_splits
 from kc.evaluate.report import report_html, run_report
 from kc.io import atomic_write_json, atomic_write_text, read_json
 from kc.jobs import run_shard_jobs
+from kc.memory import PeakMemory
 from kc.models.accounting import accounting_tables, parameter_accounting
 from kc.run import Run
 from kc.stages import GENERALIST, STAGES, STUDENT, controls_to_train, specialist_dirs
@@ -47,8 +49,9 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Every stage in turn; with `specialist_jobs` N > 1 the specialists train in N local processes at once (one per
     GPU on a machine with several), each given the command line's `overrides`."""
-    timings_path = run.dir / "timings.json"
+    timings_path, memory_path = run.dir / "timings.json", run.dir / "memory.json"
     timings: dict[str, float] = read_json(timings_path) if timings_path.is_file() else {}
+    memory: dict[str, float] = read_json(memory_path) if memory_path.is_file() else {}
     kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
 
     def specialists() -> None:
@@ -66,24 +69,29 @@ def run_pipeline(
         stages.append(("cache", lambda: cache_targets(run, progress=progress)))
     for name in [STUDENT, *controls_to_train(run)]:
         stages.append((name, lambda name=name: TRAIN[name](run, **kw)))
+
+    def record(name: str, seconds: float, peak_mib: float) -> None:
+        timings[name], memory[name] = seconds, round(peak_mib)
+        if distributed.is_main():
+            atomic_write_json(timings_path, timings)
+            atomic_write_json(memory_path, memory)
+
     for name, train in stages:
         done_before = all(stage_complete(d) for d in _stage_dirs(run, name))
         start = time.perf_counter()
-        train()
+        with PeakMemory() as peak:
+            train()
         if not done_before or name not in timings:
-            timings[name] = time.perf_counter() - start
-            if distributed.is_main():
-                atomic_write_json(timings_path, timings)
+            record(name, time.perf_counter() - start, peak.mib)
     start = time.perf_counter()
-    result = compare_splits(run, progress=progress)  # every rank scores its part of the val and test images
-    timings["evaluation"] = time.perf_counter() - start
-    if distributed.is_main():
-        atomic_write_json(timings_path, timings)
-    distributed.on_main(lambda: write_report(run, result, timings))
+    with PeakMemory() as peak:
+        result = compare_splits(run, progress=progress)  # every rank scores its part of the val and test images
+    record("evaluation", time.perf_counter() - start, peak.mib)
+    distributed.on_main(lambda: write_report(run, result, timings, memory))
     return result
 
 
-def write_report(run: Run, result: dict[str, Any], timings: dict[str, float]) -> None:
+def write_report(run: Run, result: dict[str, Any], timings: dict[str, float], memory: dict[str, float]) -> None:
     config_yaml = (run.dir / "config.yaml").read_text(encoding="utf-8")
     parameters = parameter_accounting(run.cfg, run.taxonomy)
     atomic_write_json(
@@ -92,12 +100,13 @@ def write_report(run: Run, result: dict[str, Any], timings: dict[str, float]) ->
             **result,
             "unlabeled_images": len(run.unlabeled),
             "timings": timings,
+            "peak_memory_mib": memory,
             "parameters": parameters,
             "config": run.cfg.resolved(),
         },
     )
     plots = draw_plots(run, result)
-    report = run_report(result, run.taxonomy, config_yaml, timings, accounting_tables(parameters), plots)
+    report = run_report(result, run.taxonomy, config_yaml, timings, accounting_tables(parameters), plots, memory)
     atomic_write_text(run.dir / "report.md", report)
     atomic_write_text(run.dir / "report.html", report_html(report, run.dir))
 

@@ -109,6 +109,7 @@ def run_report(
     timings: dict[str, float],
     parameters_md: str = "",
     plots: list[tuple[str, str]] | None = None,
+    memory: dict[str, float] | None = None,
 ) -> str:
     parts = [
         "# kc run report",
@@ -134,9 +135,14 @@ def run_report(
     if parameters_md:
         parts += ["## Parameters", parameters_md]
     if timings:
+        memory = memory or {}
+        rows = [
+            f"| {k} | {v:.1f} | {memory[k]:,.0f} |" if k in memory else f"| {k} | {v:.1f} | |"
+            for k, v in timings.items()
+        ]
         parts += [
-            "## Wall time per stage",
-            "| stage | seconds |\n|---|---:|\n" + "\n".join(f"| {k} | {v:.1f} |" for k, v in timings.items()),
+            "## Wall time and peak resident memory per stage",
+            "| stage | seconds | peak MiB |\n|---|---:|---:|\n" + "\n".join(rows),
         ]
     parts += ["## Config", f"```yaml\n{config_yaml.rstrip()}\n```"]
     return "\n\n".join(parts) + "\n"
