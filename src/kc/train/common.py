@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kc.config import TrainConfig
 from kc.data.dataset import ImageDataset, collate, dense_targets
 from kc.data.samples import Sample
+from kc.distributed import resolve_device
 from kc.errors import DataError
 from kc.evaluate.metrics import average_precision, classification_metrics, verified_targets
 from kc.evaluate.predict import predict
@@ -30,8 +33,52 @@ from kc.stages import (
     with_self_paced_scales,
     with_student_head,
 )
-from kc.train.trainer import LossFn
+from kc.train.trainer import LossFn, StepCallback, Trainer, TrainResult, ValidateFn
 from kc.train.unlabeled import student_training_samples
+
+
+def fit_stage(
+    run: Run,
+    name: str,
+    stage_dir: Path,
+    model: nn.Module,
+    tcfg: TrainConfig,
+    samples: list[Sample],
+    loss: LossFn,
+    validate: ValidateFn | None,
+    *,
+    seed: int,
+    fingerprint: str,
+    progress: bool,
+    verbose: bool,
+    on_step: StepCallback | None,
+    scalars: Callable[[nn.Module], dict[str, float]] | None = None,
+    lr_multipliers: dict[str, float] | None = None,
+) -> TrainResult:
+    """Train one stage's `model` on `samples` (augmented and seeded as the run's data settings say) with `tcfg`,
+    in `stage_dir`, on the run's device: the one place where a stage's Trainer is made. `fingerprint` names what the
+    stage was made from (a resumed checkpoint must match it)."""
+    cfg = run.cfg
+    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed, decoded=run.decoded)
+    trainer = Trainer(
+        model,
+        tcfg,
+        stage_dir,
+        train_set,
+        loss,
+        validate,
+        seed=seed,
+        device=resolve_device(cfg.device),
+        fingerprint=fingerprint,
+        num_workers=cfg.data.num_workers,
+        progress=progress,
+        verbose=verbose,
+        on_step=on_step,
+        name=name,
+        scalars=scalars,
+        lr_multipliers=lr_multipliers,
+    )
+    return trainer.fit()
 
 
 def sampled_bce(num_classes: int, negatives: int) -> LossFn:

@@ -5,12 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kc.config import ModelConfig, TrainConfig
-from kc.data.dataset import ImageDataset
 from kc.distributed import resolve_device
 from kc.run import Run
 from kc.stages import GENERALIST, STAGE, activation, new_generalist_model
-from kc.train.common import check_single_label, ground_truth_loss, start_digests, start_from_generalist, validation_fn
-from kc.train.trainer import Trainer, TrainResult, fingerprint_data
+from kc.train.common import (
+    check_single_label,
+    fit_stage,
+    ground_truth_loss,
+    start_digests,
+    start_from_generalist,
+    validation_fn,
+)
+from kc.train.trainer import TrainResult, fingerprint_data
 from kc.train.unlabeled import student_training_samples, unlabeled_fingerprint
 
 
@@ -43,27 +49,23 @@ def train_on_ground_truth(
         samples = student_training_samples(run) if STAGE[stage].unlabeled else run.splits["train"]
         if STAGE[stage].unlabeled:
             fingerprint += unlabeled_fingerprint(run)
-    seed = tcfg.stage_seed(cfg.seed)
-    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed, decoded=run.decoded)
-    trainer = Trainer(
+    return fit_stage(
+        run,
+        stage,
+        run.stage_dir(stage),
         model,
         tcfg,
-        run.stage_dir(stage),
-        train_set,
+        samples,
         ground_truth_loss(tcfg.loss, run.taxonomy.num_classes, run.cfg.generalist.sampled_negatives),
         validation_fn(run, device, tcfg.eval_batch_size, activation(stage, cfg.generalist.loss)),
-        seed=seed,
-        device=device,
+        seed=tcfg.stage_seed(cfg.seed),
         fingerprint=fingerprint,
-        num_workers=cfg.data.num_workers,
         progress=progress,
         verbose=verbose,
         on_step=on_step,
-        name=stage,
         scalars=scalars,
         lr_multipliers=lr_multipliers,
     )
-    return trainer.fit()
 
 
 def model_fingerprint(model: ModelConfig) -> str:

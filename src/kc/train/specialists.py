@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kc.data.dataset import ImageDataset, dense_targets
+from kc.data.dataset import dense_targets
 from kc.data.samples import Sample
 from kc.distributed import resolve_device
 from kc.errors import KCError
@@ -34,8 +34,8 @@ from kc.stages import (
     specialist_dir,
     training_fold_of,
 )
-from kc.train.common import validation_fn
-from kc.train.trainer import LossFn, Trainer, TrainResult
+from kc.train.common import fit_stage, validation_fn
+from kc.train.trainer import LossFn, TrainResult
 
 
 def specialist_samples(
@@ -130,30 +130,26 @@ def train_specialist(
     device = resolve_device(cfg.device)
     generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run))
     model = restrict_outputs(generalist, start, end, scfg.other_output)
-    seed = scfg.stage_seed(cfg.seed)
     fold_samples = fold_samples if fold_samples is not None else fold_training_samples(run, fold)
     samples = specialist_training_samples(run, vertical, fold_samples, own)
     name = f"specialist {run.taxonomy.verticals[vertical].id}" + ("" if fold is None else f" fold {fold}")
-    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed + vertical, decoded=run.decoded)
-    trainer = Trainer(
+    return fit_stage(
+        run,
+        name,
+        specialist_dir(run, vertical, fold),
         model,
         scfg,
-        specialist_dir(run, vertical, fold),
-        train_set,
+        samples,
         specialist_loss(start, end, run.taxonomy.num_classes, scfg.other_output),
         validation_fn(run, device, scfg.eval_batch_size, classes=(start, end)),
-        seed=seed + vertical,
-        device=device,
+        seed=scfg.stage_seed(cfg.seed) + vertical,
         fingerprint=f"{run.taxonomy.fingerprint()}:{vertical}:"
         + ("" if fold is None else f"fold {fold}/{scfg.folds}:")
         + file_digest(best_weights(run.stage_dir(GENERALIST))),
-        num_workers=cfg.data.num_workers,
         progress=progress,
         verbose=verbose,
         on_step=on_step,
-        name=name,
     )
-    return trainer.fit()
 
 
 def shard_verticals(run: Run, shard: str) -> list[int]:

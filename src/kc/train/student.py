@@ -10,7 +10,7 @@ from torch import nn
 
 from kc import distributed
 from kc.config import SelfPacedConfig, StudentConfig
-from kc.data.dataset import ImageDataset, dense_targets
+from kc.data.dataset import dense_targets
 from kc.distill.cache import build_cache
 from kc.distill.cache_format import INDEX, cache_dir, write_index
 from kc.distill.cached_teachers import CachedTeachers
@@ -33,8 +33,8 @@ from kc.stages import (
     training_fold_of,
 )
 from kc.taxonomy import Taxonomy
-from kc.train.common import start_from_generalist, validation_fn
-from kc.train.trainer import LossFn, Trainer, TrainResult
+from kc.train.common import fit_stage, start_from_generalist, validation_fn
+from kc.train.trainer import LossFn, TrainResult
 from kc.train.unlabeled import fold_of_student_samples, student_training_samples, unlabeled_fingerprint
 
 
@@ -197,31 +197,28 @@ def train_distilled(
     model = start_from_generalist(run, stage)
     # Equal, fixed weights per vertical: the interface through which pacing strategies plug in.
     vertical_weights = torch.ones(run.taxonomy.num_verticals)
-    seed = scfg.stage_seed(cfg.seed)
     samples = student_training_samples(run)
-    train_set = ImageDataset(samples, run.image_root, cfg.data, train=True, seed=seed, decoded=run.decoded)
-    trainer = Trainer(
+    loss = student_loss(
+        scfg,
+        run.taxonomy.num_classes,
+        teachers,
+        vertical_weights,
+        device,
+        labelled_images=len(run.splits["train"]) if run.unlabeled else None,
+    )
+    return fit_stage(
+        run,
+        stage,
+        run.stage_dir(stage),
         model,
         scfg,
-        run.stage_dir(stage),
-        train_set,
-        student_loss(
-            scfg,
-            run.taxonomy.num_classes,
-            teachers,
-            vertical_weights,
-            device,
-            labelled_images=len(run.splits["train"]) if run.unlabeled else None,
-        ),
+        samples,
+        loss,
         validation_fn(run, device, scfg.eval_batch_size),
-        seed=seed,
-        device=device,
+        seed=scfg.stage_seed(cfg.seed),
         fingerprint=run.taxonomy.fingerprint() + inputs + unlabeled_fingerprint(run),
-        num_workers=cfg.data.num_workers,
         progress=progress,
         verbose=verbose,
         on_step=on_step,
-        name=stage,
         **scale_training(scfg.self_paced, run.taxonomy),
     )
-    return trainer.fit()
