@@ -519,15 +519,11 @@ def report_cmd(
     from kc import distributed
     from kc.evaluate.compare import compare_splits
     from kc.evaluate.report import comparison_table
-    from kc.io import read_json
     from kc.pipeline import write_report
 
     run = _open_distributed_run(config, set_, bars(no_progress))
     result = compare_splits(run, progress=bars(no_progress))
-    timings_path, memory_path = run.dir / "timings.json", run.dir / "memory.json"
-    timings = read_json(timings_path) if timings_path.is_file() else {}
-    memory = read_json(memory_path) if memory_path.is_file() else {}
-    distributed.on_main(lambda: write_report(run, result, timings, memory))
+    distributed.on_main(lambda: write_report(run, result))
     echo(comparison_table(result))
     echo(f"\nreport: {run.dir / 'report.md'}")
 

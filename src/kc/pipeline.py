@@ -29,6 +29,15 @@ from kc.train.specialists import train_specialists
 from kc.train.student import cache_targets
 from kc.train.trainer import stage_complete
 
+TIMINGS, MEMORY = "timings.json", "memory.json"
+
+
+def stage_records(run: Run) -> tuple[dict[str, float], dict[str, float]]:
+    """What RUN/timings.json and RUN/memory.json hold so far: each stage's seconds and peak resident MiB."""
+    paths = run.dir / TIMINGS, run.dir / MEMORY
+    timings, memory = (read_json(p) if p.is_file() else {} for p in paths)
+    return timings, memory
+
 
 def _stage_dirs(run: Run, stage: str) -> list[Path]:
     if stage == "specialists":
@@ -49,9 +58,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Every stage in turn; with `specialist_jobs` N > 1 the specialists train in N local processes at once (one per
     GPU on a machine with several), each given the command line's `overrides`."""
-    timings_path, memory_path = run.dir / "timings.json", run.dir / "memory.json"
-    timings: dict[str, float] = read_json(timings_path) if timings_path.is_file() else {}
-    memory: dict[str, float] = read_json(memory_path) if memory_path.is_file() else {}
+    timings, memory = stage_records(run)
     kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
 
     def specialists() -> None:
@@ -73,8 +80,8 @@ def run_pipeline(
     def record(name: str, seconds: float, peak_mib: float) -> None:
         timings[name], memory[name] = seconds, round(peak_mib)
         if distributed.is_main():
-            atomic_write_json(timings_path, timings)
-            atomic_write_json(memory_path, memory)
+            atomic_write_json(run.dir / TIMINGS, timings)
+            atomic_write_json(run.dir / MEMORY, memory)
 
     for name, train in stages:
         done_before = all(stage_complete(d) for d in _stage_dirs(run, name))
@@ -87,11 +94,13 @@ def run_pipeline(
     with PeakMemory() as peak:
         result = compare_splits(run, progress=progress)  # every rank scores its part of the val and test images
     record("evaluation", time.perf_counter() - start, peak.mib)
-    distributed.on_main(lambda: write_report(run, result, timings, memory))
+    distributed.on_main(lambda: write_report(run, result))
     return result
 
 
-def write_report(run: Run, result: dict[str, Any], timings: dict[str, float], memory: dict[str, float]) -> None:
+def write_report(run: Run, result: dict[str, Any]) -> None:
+    """RUN/metrics.json, report.md and report.html: the comparison `result`, with each stage's time and memory."""
+    timings, memory = stage_records(run)
     config_yaml = (run.dir / "config.yaml").read_text(encoding="utf-8")
     parameters = parameter_accounting(run.cfg, run.taxonomy)
     atomic_write_json(

@@ -167,7 +167,7 @@ def new_specialist_model(run: Run, vertical: int) -> Classifier:
     1.2 GB, and 20x faster: docs/BENCHMARKS.md). A specialist's training starts from `restrict_outputs`."""
     start, end = run.taxonomy.vertical_ranges[vertical]
     outputs = end - start + (1 if run.cfg.specialists.other_output else 0)
-    torch.manual_seed(run.cfg.seed)
+    torch.manual_seed(run.cfg.seed)  # seeded, as every model build is: the same whatever ran before
     return build_classifier(run.cfg.model, outputs, with_weights=False)  # a local-dir backbone's weights: replaced
 
 

@@ -39,6 +39,7 @@ from kc.train.unlabeled import student_training_samples
 
 def fit_stage(
     run: Run,
+    *,
     name: str,
     stage_dir: Path,
     model: nn.Module,
@@ -46,7 +47,6 @@ def fit_stage(
     samples: list[Sample],
     loss: LossFn,
     validate: ValidateFn | None,
-    *,
     seed: int,
     fingerprint: str,
     progress: bool,

@@ -135,13 +135,13 @@ def train_specialist(
     name = f"specialist {run.taxonomy.verticals[vertical].id}" + ("" if fold is None else f" fold {fold}")
     return fit_stage(
         run,
-        name,
-        specialist_dir(run, vertical, fold),
-        model,
-        scfg,
-        samples,
-        specialist_loss(start, end, run.taxonomy.num_classes, scfg.other_output),
-        validation_fn(run, device, scfg.eval_batch_size, classes=(start, end)),
+        name=name,
+        stage_dir=specialist_dir(run, vertical, fold),
+        model=model,
+        tcfg=scfg,
+        samples=samples,
+        loss=specialist_loss(start, end, run.taxonomy.num_classes, scfg.other_output),
+        validate=validation_fn(run, device, scfg.eval_batch_size, classes=(start, end)),
         seed=scfg.stage_seed(cfg.seed) + vertical,
         fingerprint=f"{run.taxonomy.fingerprint()}:{vertical}:"
         + ("" if fold is None else f"fold {fold}/{scfg.folds}:")

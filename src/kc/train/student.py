@@ -197,7 +197,6 @@ def train_distilled(
     model = start_from_generalist(run, stage)
     # Equal, fixed weights per vertical: the interface through which pacing strategies plug in.
     vertical_weights = torch.ones(run.taxonomy.num_verticals)
-    samples = student_training_samples(run)
     loss = student_loss(
         scfg,
         run.taxonomy.num_classes,
@@ -208,13 +207,13 @@ def train_distilled(
     )
     return fit_stage(
         run,
-        stage,
-        run.stage_dir(stage),
-        model,
-        scfg,
-        samples,
-        loss,
-        validation_fn(run, device, scfg.eval_batch_size),
+        name=stage,
+        stage_dir=run.stage_dir(stage),
+        model=model,
+        tcfg=scfg,
+        samples=student_training_samples(run),
+        loss=loss,
+        validate=validation_fn(run, device, scfg.eval_batch_size),
         seed=scfg.stage_seed(cfg.seed),
         fingerprint=run.taxonomy.fingerprint() + inputs + unlabeled_fingerprint(run),
         progress=progress,
