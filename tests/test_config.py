@@ -41,6 +41,15 @@ def test_missing_and_conflicting_data_sources():
         config_from_dict({"data": {"manifest": "m.csv"}})
 
 
+def test_truth_alone_on_labelled_images_needs_unlabeled_ones():
+    student = {"ground_truth": "weighted", "ground_truth_weight": 1.0}
+    with pytest.raises(ConfigError, match="no teacher would teach the student anything"):
+        config_from_dict({**MINIMAL, "student": student})
+    cfg = config_from_dict({**MINIMAL, "data": {**MINIMAL["data"], "unlabeled": "u.jsonl"}, "student": student})
+    assert cfg.student.ground_truth_weight == 1.0
+    assert config_from_dict({**MINIMAL, "student": {**student, "ground_truth_weight": 0.5}}).data.unlabeled is None
+
+
 def test_split_fractions_must_leave_training_data():
     with pytest.raises(ConfigError, match="val \\+ test must be below 1"):
         config_from_dict({"data": {**MINIMAL["data"], "split": {"val": 0.5, "test": 0.5}}})

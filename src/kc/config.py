@@ -277,7 +277,13 @@ class StudentConfig(TrainConfig):
         "max(y, z*); weighted: (1-w) * distillation loss + w * ground-truth loss (truth: the labelled images' "
         "labels; an unlabeled image learns its soft targets alone)",
     )
-    ground_truth_weight: float = Field(0.5, ge=0, le=1, description="w for ground_truth: weighted")
+    ground_truth_weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="w for ground_truth: weighted; 1: the truth alone on the labelled images and the teachers on "
+        "the unlabeled ones (data.unlabeled; without them it is refused: no teacher would teach)",
+    )
     self_paced: SelfPacedConfig = SelfPacedConfig()
     head: StudentHeadConfig = StudentHeadConfig()
     teachers: Literal["auto", "online", "cache"] = Field(
@@ -358,6 +364,13 @@ class RunConfig(_Strict):
             raise ValueError("student.head.init 'specialists' needs one specialist per vertical (specialists.folds: 1)")
         if head.init == "specialists" and head.structure == "fc-fc":
             raise ValueError("student.head.init 'specialists' needs a structured head (fc-sc or sc-sc)")
+        student = self.student
+        if student.ground_truth == "weighted" and student.ground_truth_weight == 1 and not self.data.unlabeled:
+            raise ValueError(
+                "student.ground_truth_weight 1 gives every labelled image the truth alone, and without "
+                "data.unlabeled there is no other image: no teacher would teach the student anything (it would be "
+                "the ground-truth control); set a weight below 1, or give data.unlabeled"
+            )
         if head.shared_units and head.structure != "fc-sc":
             raise ValueError("student.head.shared_units applies to structure fc-sc only; set it to 0")
         if hidden and head.shared_units > hidden[-1]:
