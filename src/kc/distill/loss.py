@@ -1,7 +1,9 @@
 """The student's loss: sigmoid cross-entropy against the teachers' soft targets, optionally mixed with the truth.
 
 Summed over classes and averaged over images, like the ground-truth loss. Each class's term is multiplied by its
-vertical's weight (`vertical_weights`, equal here), the interface through which pacing strategies plug in.
+vertical's weight (`vertical_weights`, equal here), the interface through which pacing strategies plug in. The
+modes are defined once, as cross-entropy terms (`loss_terms`); the full loss sums them over every entry in a few
+passes (`kc.cross_entropy`), the sampled loss (`kc.distill.sampled`) takes their values entry by entry.
 """
 
 from __future__ import annotations
@@ -9,43 +11,45 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from kc.cross_entropy import Term, entry_values, summed_terms
 from kc.distill.targets import SoftTargets
 
 
-def entry_losses(
-    logits: torch.Tensor,
+def loss_terms(
     targets: torch.Tensor,
     truth: torch.Tensor,
-    distill_weight: torch.Tensor,
+    distill_weight: torch.Tensor | float,
     *,
     mode: str = "none",
     truth_weight: float = 0.5,
     temperature: float = 1.0,
     has_truth: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """The loss of each (image, class) entry, by named term: `distillation` (times `distill_weight`) and, in mode
-    weighted, `ground_truth`; the loss is their sum.
+) -> dict[str, Term]:
+    """The loss's named terms: `distillation` (weighted by `distill_weight`) and, in mode weighted, `ground_truth`.
 
     mode none: targets z* (the paper); max: targets max(y, z*); weighted: (1-w) KD + w GT. `has_truth` (rows, 1)
     bool: which rows' `truth` is a label; the others (unlabeled images, whose label is only the generalist's guess
     that routes them to a teacher) learn the soft targets alone, as in mode none. None: every row's is."""
-    t = temperature
     if mode == "max":
         raised = torch.maximum(targets, truth)
-        distill_targets = raised if has_truth is None else torch.where(has_truth, raised, targets)
-    else:
-        distill_targets = targets
-    terms = F.binary_cross_entropy_with_logits(logits / t, distill_targets, reduction="none") * (t * t)
-    terms = terms * distill_weight
+        targets = raised if has_truth is None else torch.where(has_truth, raised, targets)
     if mode != "weighted":
-        return {"distillation": terms}
-    truth_terms = F.binary_cross_entropy_with_logits(logits, truth, reduction="none")
+        return {"distillation": Term(distill_weight, targets, temperature)}
     if has_truth is None:
-        return {"distillation": (1 - truth_weight) * terms, "ground_truth": truth_weight * truth_terms}
-    distill_share = torch.where(has_truth, 1 - truth_weight, 1.0)
-    return {"distillation": distill_share * terms, "ground_truth": truth_weight * has_truth * truth_terms}
+        distill_share, truth_share = 1 - truth_weight, truth_weight
+    else:
+        distill_share = torch.where(has_truth, 1 - truth_weight, 1.0)
+        truth_share = truth_weight * has_truth.float()
+    return {
+        "distillation": Term(distill_share * distill_weight, targets, temperature),
+        "ground_truth": Term(truth_share, truth),
+    }
+
+
+def entry_losses(logits: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """The loss of each (image, class) entry, by named term (`loss_terms`' arguments after the logits)."""
+    return {name: entry_values(logits, term) for name, term in loss_terms(*args, **kwargs).items()}
 
 
 def distillation_terms(
@@ -60,21 +64,31 @@ def distillation_terms(
     temperature: float = 1.0,
     has_truth: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The loss over every class (the paper's), by named term: `entry_losses` summed, averaged over images.
-    `has_truth` (B,) bool: which images' labels are truth (`entry_losses`)."""
+    """The loss over every class (the paper's), by named term: `loss_terms` summed, averaged over images.
+    `has_truth` (B,) bool: which images' labels are truth (`loss_terms`)."""
     logits = student_logits.float()
-    weights = vertical_weights[vertical_of_class].unsqueeze(0) * soft.defined
-    terms = entry_losses(
-        logits,
+    terms = loss_terms(
         soft.values,
         ground_truth,
-        weights,
+        distillation_weights(soft, vertical_of_class, vertical_weights),
         mode=mode,
         truth_weight=truth_weight,
         temperature=temperature,
         has_truth=None if has_truth is None else has_truth.unsqueeze(1),
     )
-    return {name: entries.sum() / logits.shape[0] for name, entries in terms.items()}
+    return {name: total / logits.shape[0] for name, total in summed_terms(logits, terms).items()}
+
+
+def distillation_weights(
+    soft: SoftTargets, vertical_of_class: torch.Tensor, vertical_weights: torch.Tensor
+) -> torch.Tensor | float:
+    """Each entry's weight in the distillation term: its vertical's weight where its target is defined, 0
+    elsewhere. Kept as small as it is (a number, or one per class) so the sums need no (B, C) product."""
+    if not bool(soft.defined.all()):  # unselected: ignore
+        return vertical_weights[vertical_of_class].unsqueeze(0) * soft.defined
+    if bool((vertical_weights == 1).all()):
+        return 1.0
+    return vertical_weights[vertical_of_class].unsqueeze(0)
 
 
 def distillation_loss(*args: Any, **kwargs: Any) -> torch.Tensor:

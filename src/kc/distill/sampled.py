@@ -40,7 +40,7 @@ class SampledVerticalsLoss:
         labelled_images: int | None = None,
     ):
         """`labelled_images`: training indices from this one on are unlabeled images, whose label only routes them
-        to a teacher and is not truth (`entry_losses`' has_truth); None: every image's label is truth."""
+        to a teacher and is not truth (`loss_terms`' has_truth); None: every image's label is truth."""
         self.teachers = teachers
         self.labelled_images = labelled_images
         self.vertical_weights = vertical_weights
@@ -56,7 +56,7 @@ class SampledVerticalsLoss:
         return sum_terms(self.terms(model, batch))
 
     def terms(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The loss by named term (`entry_losses`'), each averaged over images."""
+        """The loss by named term (`loss_terms`'), each averaged over images."""
         images, labels = batch["images"], batch["labels"]
         t = self.teachers
         device = labels.device

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kc.config import TrainConfig
+from kc.cross_entropy import summed_bce
 from kc.data.dataset import ImageDataset, collate, dense_targets
 from kc.data.samples import Sample
 from kc.distributed import resolve_device
@@ -101,8 +102,7 @@ def sampled_bce(num_classes: int, negatives: int) -> LossFn:
         weights = torch.ones(len(classes), device=device)
         weights[len(classes) - len(drawn) :] = len(others) / max(1, len(drawn))
         logits = model(batch["images"], classes=classes).float()
-        terms = F.binary_cross_entropy_with_logits(logits, targets[:, : len(classes)], reduction="none")
-        return (terms * weights).sum() / logits.shape[0]
+        return summed_bce(logits, targets[:, : len(classes)], weights) / logits.shape[0]
 
     return loss
 
@@ -116,7 +116,7 @@ def ground_truth_loss(kind: str, num_classes: int, sampled_negatives: int | None
     def bce(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = model(batch["images"]).float()
         targets = dense_targets(batch["labels"], num_classes)
-        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+        return summed_bce(logits, targets) / logits.shape[0]
 
     def softmax(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(model(batch["images"]).float(), batch["labels"][:, 0])

@@ -16,9 +16,9 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from kc.cross_entropy import summed_bce
 from kc.data.dataset import dense_targets
 from kc.data.samples import Sample
 from kc.distributed import resolve_device
@@ -74,7 +74,7 @@ def specialist_loss(start: int, end: int, num_classes: int, other_output: bool) 
         targets = dense_targets(batch["labels"], end - start, first_class=start)
         if other_output:
             targets = torch.cat([targets, (targets.sum(dim=1, keepdim=True) == 0).float()], dim=1)
-        return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+        return summed_bce(logits, targets) / logits.shape[0]
 
     return loss
 
