@@ -319,8 +319,8 @@ class ControlsConfig(_Strict):
         "the specialists; ground_truth: the student's head and self-paced scales trained on the ground truth "
         "(left out when the student has no scales: it is then same_compute); total_compute: the generalist trained "
         "on for the image-steps of all specialists and the student together; ground_truth_labelled: the "
-        "ground_truth control on the labelled images only (trained only when data.unlabeled gives images, on which "
-        "every other control self-trains)",
+        "ground_truth control on the labelled images only, for as many optimizer steps as the student (trained only "
+        "when data.unlabeled gives images, on which every other control self-trains)",
     )
     total_compute_patience: int | None = Field(
         5,
