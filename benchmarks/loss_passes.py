@@ -8,7 +8,7 @@ RUN_DIR is a run whose generalist and soft-target cache are built (e.g. a `paper
 steps of the student (its loss as configured, from the cache) and of the ground-truth control (the student's head,
 the generalist's loss), each computed two ways: the terms summed by `kc.cross_entropy.summed_terms` (what kc trains
 with), and torch's `binary_cross_entropy_with_logits` entry by entry, then summed (what kc trained with before
-2026-12-04; `kc.distill.loss.entry_losses` still computes it). Steps are interleaved, way after way, so that the
+2026-12-03; `kc.distill.loss.entry_losses` still computes it). Steps are interleaved, way after way, so that the
 machine's drift hits all alike; the first round is a warm-up. Reports median step seconds and the ratios.
 """
 
