@@ -20,7 +20,7 @@ starts at `running_start` (the student's: the generalist's measured block norms)
 sqrt(N_v). In eval mode the average is a constant (exported as one).
 
 Batched over verticals: the per-vertical squared norms are one `index_add_` over the class -> vertical map, so the
-cost does not grow with the number of verticals (no Python loop).
+cost does not grow with the number of verticals (no Python loop); computed class-major (see `_scale`).
 """
 
 from __future__ import annotations
@@ -122,27 +122,32 @@ class SelfPacedScales(nn.Module):
         return (mean + centred / norms * scale) * inside
 
     def _scale(self, logits: torch.Tensor, vertical_of_column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        # Computed class-major, (columns, B): the structured heads' logits are the transpose of such a tensor (so
+        # this is a view), and per-vertical sums then add whole contiguous rows. Along the columns of a row-major
+        # (B, columns) tensor the same sums were 4.5x slower at 10K classes (docs/BENCHMARKS.md).
+        x = logits.t().contiguous()
+        scale = scale.unsqueeze(1)
+
         def per_vertical_sum(values: torch.Tensor) -> torch.Tensor:
-            sums = torch.zeros(values.shape[0], self.num_verticals, device=values.device, dtype=values.dtype)
-            return sums.index_add_(1, vertical_of_column, values)
+            sums = torch.zeros(self.num_verticals, values.shape[1], device=values.device, dtype=values.dtype)
+            return sums.index_add_(0, vertical_of_column, values)
 
         def per_column(values: torch.Tensor) -> torch.Tensor:
-            # (B, V) -> (B, columns): index_select, whose gradient is an index_add, not indexing, whose gradient
-            # is the slower accumulating index_put (the centred scales' step at 10K classes: 43-81 ms against
-            # 70-90 ms, two interleaved runs)
-            return values.index_select(1, vertical_of_column)
+            # (V, B) -> (columns, B): index_select, whose gradient is an index_add, not indexing, whose gradient
+            # is the slower accumulating index_put
+            return values.index_select(0, vertical_of_column)
 
         if self.running:
             if self.training:
-                self._track(per_vertical_sum(logits * logits).sqrt().mean(dim=0), vertical_of_column)
-            return logits / self.running_norm[vertical_of_column] * scale
+                self._track(per_vertical_sum(x * x).sqrt().mean(dim=1), vertical_of_column)
+            return (x / self.running_norm[vertical_of_column].unsqueeze(1) * scale).t()
         mean = None
         if self.centred:  # whole verticals: each block's columns are its vertical's classes
-            mean = per_column(per_vertical_sum(logits) / self.sizes.to(logits.dtype))
-            logits = logits - mean
-        norms = per_vertical_sum(logits * logits).clamp_min(self.eps * self.eps).sqrt()
-        scaled = logits / per_column(norms) * scale
-        return scaled if mean is None else mean + scaled
+            mean = per_column(per_vertical_sum(x) / self.sizes.to(x.dtype).unsqueeze(1))
+            x = x - mean
+        norms = per_vertical_sum(x * x).clamp_min(self.eps * self.eps).sqrt()
+        scaled = x / per_column(norms) * scale
+        return (scaled if mean is None else mean + scaled).t()
 
     @torch.no_grad()
     def _track(self, batch_norms: torch.Tensor, vertical_of_column: torch.Tensor) -> None:
