@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 @dataclass
 class Term:
-    """c * T^2 * bce(x / T, target), summed over entries. `weight` broadcasts against the logits (a scalar, a
-    column of per-row weights, or one per entry); `target` is dense, of the logits' shape."""
+    """c * T^2 * bce(x / T, target), summed over entries. `weight` broadcasts against the logits: a number, one
+    per row (B, 1), one per class (C,) or (1, C), or one per entry; `target` is dense, of the logits' shape."""
 
     weight: torch.Tensor | float
     target: torch.Tensor

@@ -124,7 +124,7 @@ class SelfPacedScales(nn.Module):
     def _scale(self, logits: torch.Tensor, vertical_of_column: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         # Computed class-major, (columns, B): the structured heads' logits are the transpose of such a tensor (so
         # this is a view), and per-vertical sums then add whole contiguous rows. Along the columns of a row-major
-        # (B, columns) tensor the same sums were 4.5x slower at 10K classes (docs/BENCHMARKS.md).
+        # (B, columns) tensor the centred scales took 5x as long at 10K classes (docs/BENCHMARKS.md).
         x = logits.t().contiguous()
         scale = scale.unsqueeze(1)
 

@@ -96,12 +96,12 @@ def train_control(run: Run, *, progress: bool = True, verbose: bool = True, on_s
 
 
 def train_ground_truth_control(
-    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Progress = None, stage: str = GROUND_TRUTH
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Progress = None
 ) -> TrainResult:
     """The student's head and self-paced scales (their LR multiplier included) on the ground truth."""
     kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
     scales = scale_training(run.cfg.student.self_paced, run.taxonomy)
-    return train_on_ground_truth(run, stage, control_config(run), **scales, **kw)
+    return train_on_ground_truth(run, GROUND_TRUTH, control_config(run), **scales, **kw)
 
 
 def labelled_control_config(run: Run) -> TrainConfig:
