@@ -37,7 +37,7 @@ from kc.stages import (
     specialist_digest,
 )
 from kc.train.checkpoint import CheckpointDir
-from kc.train.controls import total_compute_epochs
+from kc.train.controls import control_config, labelled_control_config, total_compute_epochs
 from kc.train.generalist import train_generalist
 from kc.train.trainer import EpochBatches
 from kc.train.unlabeled import ROUTED, routed_unlabeled, student_training_samples
@@ -167,6 +167,19 @@ def test_the_student_and_the_controls_train_on_the_unlabeled_images_too(finished
     assert stages[-3:] == [CONTROL, "control_total_compute", GROUND_TRUTH_LABELLED]
     assert json.loads((run.dir / "metrics.json").read_text())["unlabeled_images"] == len(run.unlabeled)
     assert ", 90 unlabeled," in report_text(check_data(run.cfg))
+
+
+def test_the_labelled_only_control_can_be_given_a_multiple_of_the_student_s_steps(finished, monkeypatch):
+    run, _ = finished
+    per_epoch = EpochBatches.per_epoch(len(run.splits["train"]), EPOCHS["batch_size"])
+    student = EPOCHS["epochs"] * EpochBatches.per_epoch(len(student_training_samples(run)), EPOCHS["batch_size"])
+    for multiple in (1.0, 2.0, 0.5):
+        monkeypatch.setattr(run.cfg.controls, "ground_truth_labelled_steps", multiple)
+        epochs = labelled_control_config(run).epochs
+        assert epochs == math.ceil(multiple * student / per_epoch), multiple  # the fewest epochs that hold them
+    assert labelled_control_config(run).model_copy(update={"epochs": 1}) == control_config(run).model_copy(
+        update={"epochs": 1}
+    )  # the student's recipe otherwise
 
 
 def test_the_cache_teaches_an_unlabeled_image_as_its_routed_vertical_s_specialist_does(finished):

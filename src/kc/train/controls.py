@@ -13,7 +13,9 @@
 - **ground truth, labelled images only** (`control_ground_truth_labelled`): with unlabeled images
   (`data.unlabeled`), on which the other controls self-train, the ground-truth control without them: the
   strongest honest baseline may be one that ignores them. Its epochs are over fewer images, so it gets as many as
-  hold the student's optimizer steps (20 student epochs over twice as many unlabeled as labelled images: 60).
+  hold the student's optimizer steps (20 student epochs over twice as many unlabeled as labelled images: 60),
+  times `controls.ground_truth_labelled_steps`: a control that learns from fewer images can need more steps to
+  reach its plateau, and the strongest baseline must be trained to it.
 """
 
 from __future__ import annotations
@@ -105,18 +107,20 @@ def train_ground_truth_control(
 
 
 def labelled_control_config(run: Run) -> TrainConfig:
-    """The student's recipe, its epochs scaled to the student's optimizer steps over the labelled images alone."""
+    """The student's recipe over the labelled images alone, its epochs holding `controls.ground_truth_labelled_steps`
+    times the student's optimizer steps."""
     control = control_config(run)
     student_steps = control.epochs * EpochBatches.per_epoch(len(student_training_samples(run)), control.batch_size)
+    steps = student_steps * run.cfg.controls.ground_truth_labelled_steps
     per_epoch = EpochBatches.per_epoch(len(run.splits["train"]), control.batch_size)
-    return control.model_copy(update={"epochs": max(1, math.ceil(student_steps / per_epoch))})
+    return control.model_copy(update={"epochs": max(1, math.ceil(steps / per_epoch))})
 
 
 def train_ground_truth_labelled_control(
     run: Run, *, progress: bool = True, verbose: bool = True, on_step: Progress = None
 ) -> TrainResult:
     """The ground-truth control on the labelled training split only (its stage trains on no unlabeled image), for
-    as many optimizer steps as the student."""
+    `labelled_control_config`'s epochs."""
     kw = {"progress": progress, "verbose": verbose, "on_step": on_step}
     scales = scale_training(run.cfg.student.self_paced, run.taxonomy)
     return train_on_ground_truth(run, GROUND_TRUTH_LABELLED, labelled_control_config(run), **scales, **kw)
