@@ -42,10 +42,10 @@ from kc.stages import (
     load_specialists,
     load_stage,
     new_generalist_model,
-    specialist_digest,
 )
 from kc.train.common import ground_truth_loss, start_from_generalist
 from kc.train.student import cache_targets, student_loss
+from kc.train.teacher_choice import online_teachers, teacher_digests
 from kc.train.trainer import make_optimizer
 from kc.train.unlabeled import student_training_samples
 
@@ -170,10 +170,10 @@ def training(run: Run, rounds: int) -> dict[str, Any]:
     cache_targets(run, progress=False)
     scfg = run.cfg.student
     device = torch.device("cpu")
-    digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
+    digests = teacher_digests(run)
     weights = torch.ones(run.taxonomy.num_verticals)
     cached = CachedTeachers(run, student_training_samples(run), digests, scfg.top_k, scfg.temperature, scfg.unselected)
-    online = OnlineTeachers(load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected)
+    online = OnlineTeachers(online_teachers(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected)
     setups = {
         "generalist": (
             start_from_generalist(run, CONTROL),

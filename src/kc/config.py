@@ -291,6 +291,13 @@ class StudentConfig(TrainConfig):
         description="where soft targets come from: online (run the specialists every batch), cache (RUN/cache, "
         "built by kc cache-targets; the pipeline builds it), auto (the cache if one exists, else online)",
     )
+    teacher_choice: Literal["specialists", "better_on_val"] = Field(
+        "specialists",
+        description="specialists: every vertical taught by its specialist (the paper); better_on_val: by its "
+        "specialist only where that beats, in val AP on the vertical's classes, the student's head trained on the "
+        "labelled images alone (the labelled-only control, then trained before the student), else by that head's "
+        "block of the vertical (needs data.unlabeled and the bce loss)",
+    )
     unselected: Literal["zero", "ignore"] = Field(
         "zero",
         description="classes of verticals no teacher was selected for: target 0 (paper), or no distillation loss there",
@@ -378,6 +385,17 @@ class RunConfig(_Strict):
                 "student.ground_truth_weight 1 gives every labelled image the truth alone, and without "
                 "data.unlabeled there is no other image: no teacher would teach the student anything (it would be "
                 "the ground-truth control); set a weight below 1, or give data.unlabeled"
+            )
+        if student.teacher_choice == "better_on_val" and not self.data.unlabeled:
+            raise ValueError(
+                "student.teacher_choice better_on_val compares each specialist with the student's head trained on "
+                "the labelled images only, a control trained with data.unlabeled; give data.unlabeled, or set "
+                "teacher_choice: specialists"
+            )
+        if student.teacher_choice == "better_on_val" and self.generalist.loss != "bce":
+            raise ValueError(
+                "student.teacher_choice better_on_val teaches with the labelled-only control's logits as sigmoid "
+                "targets, which needs generalist.loss: bce"
             )
         if head.shared_units and head.structure != "fc-sc":
             raise ValueError("student.head.shared_units applies to structure fc-sc only; set it to 0")

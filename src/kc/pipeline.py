@@ -27,6 +27,7 @@ from kc.train.controls import TRAIN
 from kc.train.generalist import train_generalist
 from kc.train.specialists import train_specialists
 from kc.train.student import cache_targets
+from kc.train.teacher_choice import REFERENCE, chooses
 from kc.train.trainer import stage_complete
 
 TIMINGS, MEMORY = "timings.json", "memory.json"
@@ -71,10 +72,14 @@ def run_pipeline(
         (GENERALIST, lambda: train_generalist(run, **kw)),
         ("specialists", specialists),
     ]
+    controls = controls_to_train(run)
+    if chooses(run):  # the labelled-only control is then a candidate teacher: trained before the student
+        stages.append((REFERENCE, lambda: TRAIN[REFERENCE](run, **kw)))
+        controls = [name for name in controls if name != REFERENCE]
     # The cache resumes shard by shard; a complete one costs a glance. Cross-fitted teachers are read from it only.
     if run.cfg.student.teachers == "cache" or run.cfg.specialists.folds > 1:
         stages.append(("cache", lambda: cache_targets(run, progress=progress)))
-    for name in [STUDENT, *controls_to_train(run)]:
+    for name in [STUDENT, *controls]:
         stages.append((name, lambda name=name: TRAIN[name](run, **kw)))
 
     def record(name: str, seconds: float, peak_mib: float) -> None:

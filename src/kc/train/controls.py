@@ -44,6 +44,7 @@ from kc.train.specialists import (
     vertical_members,
 )
 from kc.train.student import scale_training, train_self_distillation, train_student
+from kc.train.teacher_choice import chooses
 from kc.train.trainer import EpochBatches, TrainResult, stage_complete
 from kc.train.unlabeled import student_training_samples
 
@@ -77,6 +78,9 @@ def total_compute_epochs(run: Run) -> int:
             specialists += image_steps(specialist_dir(run, v, fold), samples, scfg)
     student_samples = len(student_training_samples(run))  # the control's epochs are over the same images
     spent = specialists + image_steps(run.stage_dir(STUDENT), student_samples, run.cfg.student)
+    if chooses(run):  # the labelled-only control was then one of the student's teachers: its steps count too
+        labelled = labelled_control_config(run)
+        spent += image_steps(run.stage_dir(GROUND_TRUTH_LABELLED), len(run.splits["train"]), labelled)
     control = control_config(run)
     per_epoch = EpochBatches.per_epoch(student_samples, control.batch_size) * min(control.batch_size, student_samples)
     return max(1, math.ceil(spent / per_epoch))

@@ -25,15 +25,13 @@ from kc.stages import (
     STUDENT,
     best_weights,
     file_digest,
-    load_fold_specialists,
-    load_specialists,
     load_stage,
     new_generalist_model,
-    specialist_digest,
     training_fold_of,
 )
 from kc.taxonomy import Taxonomy
 from kc.train.common import fit_stage, start_from_generalist, validation_fn
+from kc.train.teacher_choice import fold_teachers, online_teachers, teacher_digests
 from kc.train.trainer import LossFn, TrainResult
 from kc.train.unlabeled import fold_of_student_samples, student_training_samples, unlabeled_fingerprint
 
@@ -108,19 +106,18 @@ def scale_training(self_paced: SelfPacedConfig, taxonomy: Taxonomy) -> dict[str,
 def cache_targets(
     run: Run, top_k: int | None = None, progress: bool = True, verticals: list[int] | None = None
 ) -> dict:
-    """`kc cache-targets`: run every specialist (or those of `verticals`) once over its vertical's images among the
-    student's training images; keep its top-K logits. Under torchrun each rank builds every world_size-th of them."""
+    """`kc cache-targets`: run every vertical's teacher (or those of `verticals`) once over the vertical's images
+    among the student's training images; keep its top-K logits. The teacher is the vertical's specialist, or under
+    `student.teacher_choice: better_on_val` possibly the labelled-only control's block (`kc.train.teacher_choice`).
+    Under torchrun each rank builds every world_size-th of them."""
     device = resolve_device(run.cfg.device)
-    digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
+    digests = teacher_digests(run)
     chosen = list(range(run.taxonomy.num_verticals) if verticals is None else verticals)
     chosen = chosen[distributed.rank() :: distributed.world_size()]
-    teachers: list[list[nn.Module] | None] = [None] * run.taxonomy.num_verticals
-    for v in chosen:
-        teachers[v] = load_fold_specialists(run, v)
     build_cache(
         run,
         student_training_samples(run),
-        teachers,
+        fold_teachers(run, chosen),
         digests,
         top_k=top_k or run.cfg.student.top_k,
         device=device,
@@ -149,7 +146,7 @@ def train_student(
     scfg = run.cfg.student
     device = resolve_device(run.cfg.device)
     mode = teacher_mode(run)
-    digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
+    digests = teacher_digests(run)
     if mode == "cache":
         samples = student_training_samples(run)
         teachers: Teachers = CachedTeachers(run, samples, digests, scfg.top_k, scfg.temperature, scfg.unselected).to(
@@ -157,7 +154,7 @@ def train_student(
         )
     else:
         teachers = OnlineTeachers(
-            load_specialists(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected
+            online_teachers(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected
         ).to(device)
     inputs = file_digest(best_weights(run.stage_dir(GENERALIST))) + "".join(digests) + mode
     return train_distilled(run, STUDENT, teachers, inputs, progress=progress, verbose=verbose, on_step=on_step)

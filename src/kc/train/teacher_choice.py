@@ -1,0 +1,142 @@
+"""Which model teaches each vertical (`student.teacher_choice`).
+
+The paper teaches every vertical by its specialist. Where a specialist is weaker than the student's own head
+trained on the labels, the student, which follows its teacher vertical by vertical, is pulled below what the labels
+alone would give it (measured at 10K classes: docs/BENCHMARKS.md). With `teacher_choice: better_on_val` each
+vertical is taught by its specialist only where that specialist's val AP on the vertical's classes beats the
+labelled-only ground-truth control's (`control_ground_truth_labelled`, the student's head on the labelled images,
+trained first); elsewhere by that control's block of the vertical's classes. A choice on val, as every choice.
+
+    RUN/teacher_choice.json   per vertical: both val APs and the teacher chosen, with the digests of the weights
+                              they were measured on (measured again when either changes)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from kc.distributed import resolve_device
+from kc.errors import CheckpointError
+from kc.evaluate.stage import evaluate_stage
+from kc.io import atomic_write_json, read_json
+from kc.models.classifier import LogitMean
+from kc.run import Run
+from kc.stages import (
+    GROUND_TRUTH_LABELLED,
+    best_weights,
+    file_digest,
+    load_fold_specialists,
+    load_specialists,
+    load_stage,
+    new_model,
+    specialist_digest,
+)
+from kc.train.common import validation_fn
+
+CHOICE = "teacher_choice.json"
+REFERENCE = GROUND_TRUTH_LABELLED  # the student's head on the labelled images alone
+
+
+class VerticalBlock(nn.Module):
+    """A full-vocabulary model's logits of one vertical's classes: a teacher in a specialist's place."""
+
+    def __init__(self, model: nn.Module, start: int, end: int):
+        super().__init__()
+        self.model, self.start, self.end = model, start, end
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)[:, self.start : self.end]
+
+
+def chooses(run: Run) -> bool:
+    return run.cfg.student.teacher_choice == "better_on_val"
+
+
+def specialist_teaches(run: Run) -> list[bool]:
+    """Per vertical, whether its specialist teaches it (always, under `teacher_choice: specialists`)."""
+    if not chooses(run):
+        return [True] * run.taxonomy.num_verticals
+    return [row["teacher"] == "specialist" for row in teacher_choice(run)]
+
+
+def teacher_choice(run: Run) -> list[dict]:
+    """RUN/teacher_choice.json's rows (computed when missing or made from other weights): per vertical its id, the
+    val AP of its specialist and of the reference on its classes, and the teacher chosen. A vertical without val
+    images to compare on keeps its specialist."""
+    path = run.dir / CHOICE
+    if not best_weights(run.stage_dir(REFERENCE)).is_file():
+        raise CheckpointError(
+            f"{run.stage_dir(REFERENCE)}: student.teacher_choice better_on_val compares each specialist with the "
+            f"labelled-only control, which is not trained yet; train it first: kc control {run.dir} --kind "
+            "ground_truth_labelled (kc pipeline trains it before the student)"
+        )
+    wanted = {
+        "reference": file_digest(best_weights(run.stage_dir(REFERENCE))),
+        "specialists": [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)],
+    }
+    saved = read_json(path) if path.is_file() else {}
+    if {k: saved.get(k) for k in wanted} == wanted:
+        return saved["verticals"]
+    reference = evaluate_stage(run, REFERENCE, "val", progress=False)["per_vertical"]
+    device = resolve_device(run.cfg.device)
+    rows = []
+    for v, vertical in enumerate(run.taxonomy.verticals):
+        validate = validation_fn(run, device, run.cfg.student.eval_batch_size, classes=run.taxonomy.vertical_ranges[v])
+        folds = load_fold_specialists(run, v)
+        specialist = folds[0] if len(folds) == 1 else LogitMean(folds)  # as the student is taught by it
+        own = validate(specialist).get("mAP") if validate is not None else None
+        other = reference[vertical.id]["ap"]
+        better = own is None or math.isnan(other) or own > other
+        rows.append(
+            {
+                "vertical": vertical.id,
+                "specialist_val_AP": own,
+                "reference_val_AP": None if math.isnan(other) else other,
+                "teacher": "specialist" if better else "labels",
+            }
+        )
+    atomic_write_json(path, {**wanted, "verticals": rows})
+    return rows
+
+
+def teacher_digests(run: Run) -> list[str]:
+    """What the cache and the student record of each vertical's teacher: its specialist's weights, or the
+    reference's (with the vertical, since each vertical takes its own block of it)."""
+    digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
+    if not chooses(run):
+        return digests
+    reference = file_digest(best_weights(run.stage_dir(REFERENCE)))
+    return [d if own else f"labels:{reference}" for d, own in zip(digests, specialist_teaches(run), strict=True)]
+
+
+def reference_block(run: Run, v: int, reference: nn.Module | None = None) -> VerticalBlock:
+    model = reference if reference is not None else load_stage(run.stage_dir(REFERENCE), new_model(run, REFERENCE))
+    return VerticalBlock(model, *run.taxonomy.vertical_ranges[v])
+
+
+def fold_teachers(run: Run, verticals: list[int]) -> list[list[nn.Module] | None]:
+    """Each of `verticals`' teachers for the cache (its specialist's folds, or the reference's block); None for the
+    others."""
+    teachers: list[list[nn.Module] | None] = [None] * run.taxonomy.num_verticals
+    own = specialist_teaches(run)
+    reference = None
+    for v in verticals:
+        if own[v]:
+            teachers[v] = load_fold_specialists(run, v)
+        else:
+            reference = reference or load_stage(run.stage_dir(REFERENCE), new_model(run, REFERENCE))
+            teachers[v] = [reference_block(run, v, reference)]
+    return teachers
+
+
+def online_teachers(run: Run) -> list[nn.Module]:
+    """Each vertical's teacher, for online teaching."""
+    specialists = load_specialists(run)
+    if not chooses(run):
+        return specialists
+    reference = load_stage(run.stage_dir(REFERENCE), new_model(run, REFERENCE))
+    own = specialist_teaches(run)
+    return [s if own[v] else reference_block(run, v, reference) for v, s in enumerate(specialists)]

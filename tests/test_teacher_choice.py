@@ -1,0 +1,151 @@
+"""student.teacher_choice: better_on_val: each vertical taught by its specialist only where that specialist beats,
+on val, the student's head trained on the labelled images alone; elsewhere by that head's block of the vertical."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kc.config import config_from_dict
+from kc.data.dataset import ImageDataset, collate
+from kc.data.feature_benchmark import FeatureBenchmarkSpec, generate_feature_benchmark
+from kc.distill.cache_format import cache_dir, read_shards, shard_prefix
+from kc.distill.cached_teachers import CachedTeachers
+from kc.distill.targets import OnlineTeachers
+from kc.errors import CheckpointError, ConfigError
+from kc.evaluate.stage import evaluate_stage
+from kc.pipeline import run_pipeline
+from kc.run import prepare_run
+from kc.stages import GROUND_TRUTH_LABELLED, STUDENT, load_stage, new_model, specialist_digest, specialist_dirs
+from kc.train.checkpoint import CheckpointDir
+from kc.train.controls import total_compute_epochs
+from kc.train.student import cache_targets, train_student
+from kc.train.teacher_choice import CHOICE, online_teachers, specialist_teaches, teacher_choice, teacher_digests
+from kc.train.unlabeled import student_training_samples
+
+SPEC = FeatureBenchmarkSpec(
+    verticals=3,
+    classes_per_vertical=6,
+    train_per_class=10,
+    val_images=60,
+    test_images=30,
+    label_noise=0.0,
+    size_ratio=3.0,
+    fine_dims=3,
+    unlabeled_per_class=4,
+)
+EPOCHS = {"epochs": 2, "batch_size": 32, "eval_batch_size": 64, "optimizer": {"name": "adamw", "lr": 0.01}}
+
+
+def config(bench, run_dir, **changes):
+    data = {
+        "run_dir": str(run_dir),
+        "data": {
+            "manifest": str(bench / "manifest.jsonl"),
+            "taxonomy": str(bench / "taxonomy.json"),
+            "unlabeled": str(bench / "unlabeled.jsonl"),
+        },
+        "model": {"backbone": "kc_features", "backbone_args": {"dim": SPEC.dim}, "head": {"hidden": [16, 8]}},
+        "generalist": {**EPOCHS, "epochs": 12},
+        "specialists": EPOCHS,
+        "student": {**EPOCHS, "top_k": 3, "teachers": "cache", "teacher_choice": "better_on_val"},
+        "controls": {"kinds": ["ground_truth_labelled"]},
+    }
+    for key, value in changes.items():
+        section, name = key.split(".")
+        data[section] = {**(data.get(section) or {}), name: value}
+    return config_from_dict(data)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    bench = tmp_path_factory.mktemp("features") / "bench"
+    generate_feature_benchmark(bench, SPEC)
+    run = prepare_run(config(bench, tmp_path_factory.mktemp("run") / "run"), progress=False)
+    run_pipeline(run, progress=False, verbose=False)
+    return bench, run
+
+
+def test_each_vertical_goes_to_the_teacher_better_on_val(finished):
+    _, run = finished
+    rows = teacher_choice(run)
+    reference = evaluate_stage(run, GROUND_TRUTH_LABELLED, "val", progress=False)["per_vertical"]
+    assert [r["vertical"] for r in rows] == [v.id for v in run.taxonomy.verticals]
+    for v, row in enumerate(rows):
+        # the specialist's val AP is the one its own training selected its best epoch by
+        best = json.loads((specialist_dirs(run, v)[0] / "checkpoints" / "best.json").read_text())["value"]
+        assert row["specialist_val_AP"] == pytest.approx(best, abs=1e-9)
+        assert row["reference_val_AP"] == pytest.approx(reference[row["vertical"]]["ap"], abs=1e-9)
+        wins = row["specialist_val_AP"] > row["reference_val_AP"]
+        assert row["teacher"] == ("specialist" if wins else "labels")
+    assert json.loads((run.dir / CHOICE).read_text())["verticals"] == rows
+    # the reference trained before the student (the pipeline's order) and the student was taught by the choice
+    assert CheckpointDir(run.stage_dir(GROUND_TRUTH_LABELLED) / "checkpoints").read_state()["complete"]
+    assert CheckpointDir(run.stage_dir(STUDENT) / "checkpoints").read_state()["complete"]
+
+
+def test_a_vertical_taught_by_the_labels_learns_the_reference_s_block_and_the_student_notices(finished, tmp_path):
+    _, run = finished
+    saved = json.loads((run.dir / CHOICE).read_text())
+    planted = [dict(row, teacher="labels" if v == 0 else "specialist") for v, row in enumerate(saved["verticals"])]
+    (run.dir / CHOICE).write_text(json.dumps({**saved, "verticals": planted}))  # trusted while its digests match
+    assert specialist_teaches(run) == [False, True, True]
+    digests = teacher_digests(run)
+    assert digests[0].startswith("labels:") and digests[1:] == [specialist_digest(run, v) for v in (1, 2)]
+    cache_targets(run, progress=False)
+    shards = read_shards(run)
+    assert [shards[v]["specialist"] for v in range(3)] == digests  # vertical 0's shard was built again
+    # vertical 0's cached logits are the reference's top 3 over the vertical's classes on its images
+    samples = student_training_samples(run)
+    rows = np.load(cache_dir(run) / f"{shard_prefix(0)}.rows.npy")
+    logits = np.load(cache_dir(run) / f"{shard_prefix(0)}.logits.npy")
+    reference = load_stage(run.stage_dir(GROUND_TRUTH_LABELLED), new_model(run, GROUND_TRUTH_LABELLED)).eval()
+    start, end = run.taxonomy.vertical_ranges[0]
+    x = torch.stack([ImageDataset(samples, run.image_root, run.cfg.data, train=False)[int(i)][0] for i in rows])
+    with torch.no_grad():
+        want = reference(x)[:, start:end].topk(3, dim=1).values.numpy()
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+    # online teaching gives what the cache gives, for labelled and unlabeled images alike
+    scfg = run.cfg.student
+    cached = CachedTeachers(run, samples, digests, scfg.top_k, scfg.temperature, scfg.unselected)
+    online = OnlineTeachers(online_teachers(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected)
+    picked = list(range(0, len(samples), 7))
+    batch = collate([ImageDataset(samples, run.image_root, run.cfg.data, train=False)[i] for i in picked])
+    got = cached(batch["images"], batch["labels"], batch["index"])
+    want_targets = online(batch["images"], batch["labels"], batch["index"])
+    torch.testing.assert_close(got.values, want_targets.values, atol=1e-5, rtol=1e-5)
+    # the student trained under the other choice is refused, not resumed
+    with pytest.raises(CheckpointError, match="different config or inputs"):
+        train_student(run, progress=False, verbose=False)
+    (run.dir / CHOICE).write_text(json.dumps(saved))
+
+
+def test_the_choice_is_measured_again_when_the_reference_changes(finished):
+    _, run = finished
+    saved = json.loads((run.dir / CHOICE).read_text())
+    (run.dir / CHOICE).write_text(json.dumps({**saved, "reference": "other", "verticals": []}))
+    assert teacher_choice(run) == saved["verticals"]
+    assert json.loads((run.dir / CHOICE).read_text()) == saved
+
+
+def test_the_reference_s_steps_count_in_the_total_compute(finished, monkeypatch):
+    _, run = finished
+    with_reference = total_compute_epochs(run)
+    monkeypatch.setattr(run.cfg.student, "teacher_choice", "specialists")
+    without = total_compute_epochs(run)
+    steps = CheckpointDir(run.stage_dir(GROUND_TRUTH_LABELLED) / "checkpoints").read_state()["step"]
+    per_epoch = math.ceil(len(student_training_samples(run)) / EPOCHS["batch_size"]) * EPOCHS["batch_size"]
+    assert with_reference - without >= steps * EPOCHS["batch_size"] // per_epoch > 0
+
+
+def test_the_student_waits_for_its_reference_and_the_choice_needs_unlabeled_images(finished, tmp_path):
+    bench, _ = finished
+    run = prepare_run(config(bench, tmp_path / "run"), progress=False)
+    with pytest.raises(CheckpointError, match="kc control .* --kind ground_truth_labelled"):
+        teacher_choice(run)
+    with pytest.raises(ConfigError, match="teacher_choice better_on_val .* give data.unlabeled"):
+        config(bench, tmp_path / "other", **{"data.unlabeled": None})
+    with pytest.raises(ConfigError, match="needs generalist.loss: bce"):
+        config(bench, tmp_path / "other", **{"generalist.loss": "softmax"})
