@@ -81,6 +81,11 @@ def test_each_vertical_goes_to_the_teacher_better_on_val(finished):
         wins = row["specialist_val_AP"] > row["reference_val_AP"]
         assert row["teacher"] == ("specialist" if wins else "labels")
     assert json.loads((run.dir / CHOICE).read_text())["verticals"] == rows
+    report = (run.dir / "report.md").read_text()
+    assert "## Teachers chosen on val" in report
+    for row in rows:
+        teacher = "its specialist" if row["teacher"] == "specialist" else "the labelled-only control"
+        assert f"| {row['vertical']} | {row['specialist_val_AP']:.2f} |" in report and teacher in report
     # the reference trained before the student (the pipeline's order) and the student was taught by the choice
     assert CheckpointDir(run.stage_dir(GROUND_TRUTH_LABELLED) / "checkpoints").read_state()["complete"]
     assert CheckpointDir(run.stage_dir(STUDENT) / "checkpoints").read_state()["complete"]

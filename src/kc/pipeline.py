@@ -27,7 +27,7 @@ from kc.train.controls import TRAIN
 from kc.train.generalist import train_generalist
 from kc.train.specialists import train_specialists
 from kc.train.student import cache_targets
-from kc.train.teacher_choice import REFERENCE, chooses
+from kc.train.teacher_choice import REFERENCE, chooses, teacher_choice
 from kc.train.trainer import stage_complete
 
 TIMINGS, MEMORY = "timings.json", "memory.json"
@@ -120,7 +120,10 @@ def write_report(run: Run, result: dict[str, Any]) -> None:
         },
     )
     plots = draw_plots(run, result)
-    report = run_report(result, run.taxonomy, config_yaml, timings, accounting_tables(parameters), plots, memory)
+    choice = teacher_choice(run) if chooses(run) else None
+    report = run_report(
+        result, run.taxonomy, config_yaml, timings, accounting_tables(parameters), plots, memory, choice
+    )
     atomic_write_text(run.dir / "report.md", report)
     atomic_write_text(run.dir / "report.html", report_html(report, run.dir))
 

@@ -110,6 +110,7 @@ def run_report(
     parameters_md: str = "",
     plots: list[tuple[str, str]] | None = None,
     memory: dict[str, float] | None = None,
+    teacher_choice: list[dict[str, Any]] | None = None,
 ) -> str:
     parts = [
         "# kc run report",
@@ -121,6 +122,18 @@ def run_report(
         "## Mean AP per vertical",
         per_vertical_table(result, taxonomy),
     ]
+    if teacher_choice:
+        rows = "\n".join(
+            f"| {r['vertical']} | {fmt_metric(r['specialist_val_AP'])} | {fmt_metric(r['reference_val_AP'])} | "
+            f"{'its specialist' if r['teacher'] == 'specialist' else 'the labelled-only control'} |"
+            for r in teacher_choice
+        )
+        parts += [
+            "## Teachers chosen on val",
+            "`student.teacher_choice: better_on_val`: each vertical taught by its specialist where that beat the "
+            "labelled-only control on val (AP over the vertical's classes), else by that control.",
+            "| vertical | specialist val AP | labelled-only control val AP | teacher |\n|---|---:|---:|---|\n" + rows,
+        ]
     for m in result["models"]:
         if m.get("self_paced_scales"):
             rows = "\n".join(f"| {vid} | {g:.3f} |" for vid, g in m["self_paced_scales"].items())

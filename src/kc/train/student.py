@@ -153,9 +153,9 @@ def train_student(
             device
         )
     else:
-        teachers = OnlineTeachers(
-            online_teachers(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected
-        ).to(device)
+        teachers = OnlineTeachers(online_teachers(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected).to(
+            device
+        )
     inputs = file_digest(best_weights(run.stage_dir(GENERALIST))) + "".join(digests) + mode
     return train_distilled(run, STUDENT, teachers, inputs, progress=progress, verbose=verbose, on_step=on_step)
 
