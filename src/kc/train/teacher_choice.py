@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from kc import distributed
 from kc.distributed import resolve_device
 from kc.errors import CheckpointError
 from kc.evaluate.stage import evaluate_stage
@@ -80,6 +81,10 @@ def teacher_choice(run: Run) -> list[dict]:
     saved = read_json(path) if path.is_file() else {}
     if {k: saved.get(k) for k in wanted} == wanted:
         return saved["verticals"]
+    return distributed.on_main(lambda: _measure(run, wanted))  # once, on rank 0 under torchrun
+
+
+def _measure(run: Run, wanted: dict) -> list[dict]:
     reference = evaluate_stage(run, REFERENCE, "val", progress=False)["per_vertical"]
     device = resolve_device(run.cfg.device)
     rows = []
@@ -98,13 +103,13 @@ def teacher_choice(run: Run) -> list[dict]:
                 "teacher": "specialist" if better else "labels",
             }
         )
-    atomic_write_json(path, {**wanted, "verticals": rows})
+    atomic_write_json(run.dir / CHOICE, {**wanted, "verticals": rows})
     return rows
 
 
 def teacher_digests(run: Run) -> list[str]:
     """What the cache and the student record of each vertical's teacher: its specialist's weights, or the
-    reference's (with the vertical, since each vertical takes its own block of it)."""
+    reference's (a cache shard is one vertical's, so the reference's digest says which block it holds)."""
     digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
     if not chooses(run):
         return digests
@@ -112,31 +117,28 @@ def teacher_digests(run: Run) -> list[str]:
     return [d if own else f"labels:{reference}" for d, own in zip(digests, specialist_teaches(run), strict=True)]
 
 
-def reference_block(run: Run, v: int, reference: nn.Module | None = None) -> VerticalBlock:
-    model = reference if reference is not None else load_stage(run.stage_dir(REFERENCE), new_model(run, REFERENCE))
-    return VerticalBlock(model, *run.taxonomy.vertical_ranges[v])
+def load_reference(run: Run) -> nn.Module:
+    return load_stage(run.stage_dir(REFERENCE), new_model(run, REFERENCE))
 
 
 def fold_teachers(run: Run, verticals: list[int]) -> list[list[nn.Module] | None]:
     """Each of `verticals`' teachers for the cache (its specialist's folds, or the reference's block); None for the
     others."""
-    teachers: list[list[nn.Module] | None] = [None] * run.taxonomy.num_verticals
     own = specialist_teaches(run)
-    reference = None
+    reference = None if all(own[v] for v in verticals) else load_reference(run)
+    teachers: list[list[nn.Module] | None] = [None] * run.taxonomy.num_verticals
     for v in verticals:
-        if own[v]:
-            teachers[v] = load_fold_specialists(run, v)
-        else:
-            reference = reference or load_stage(run.stage_dir(REFERENCE), new_model(run, REFERENCE))
-            teachers[v] = [reference_block(run, v, reference)]
+        block = None if own[v] else VerticalBlock(reference, *run.taxonomy.vertical_ranges[v])
+        teachers[v] = load_fold_specialists(run, v) if own[v] else [block]
     return teachers
 
 
 def online_teachers(run: Run) -> list[nn.Module]:
     """Each vertical's teacher, for online teaching."""
     specialists = load_specialists(run)
-    if not chooses(run):
-        return specialists
-    reference = load_stage(run.stage_dir(REFERENCE), new_model(run, REFERENCE))
     own = specialist_teaches(run)
-    return [s if own[v] else reference_block(run, v, reference) for v, s in enumerate(specialists)]
+    if all(own):
+        return specialists
+    reference = load_reference(run)
+    ranges = run.taxonomy.vertical_ranges
+    return [s if own[v] else VerticalBlock(reference, *ranges[v]) for v, s in enumerate(specialists)]
