@@ -64,9 +64,14 @@ def specialist_teaches(run: Run) -> list[bool]:
 
 
 def teacher_choice(run: Run) -> list[dict]:
-    """RUN/teacher_choice.json's rows (computed when missing or made from other weights): per vertical its id, the
-    val AP of its specialist and of the reference on its classes, and the teacher chosen. A vertical without val
-    images to compare on keeps its specialist."""
+    """RUN/teacher_choice.json's rows: per vertical its id, the val AP of its specialist and of the reference on its
+    classes, and the teacher chosen. A vertical without val images to compare on keeps its specialist."""
+    return _choice_record(run)["verticals"]
+
+
+def _choice_record(run: Run) -> dict:
+    """RUN/teacher_choice.json: the rows with the digests of the weights they were measured on (measured again,
+    once, on rank 0 under torchrun, when missing or made from other weights)."""
     path = run.dir / CHOICE
     if not best_weights(run.stage_dir(REFERENCE)).is_file():
         raise CheckpointError(
@@ -80,11 +85,11 @@ def teacher_choice(run: Run) -> list[dict]:
     }
     saved = read_json(path) if path.is_file() else {}
     if {k: saved.get(k) for k in wanted} == wanted:
-        return saved["verticals"]
-    return distributed.on_main(lambda: _measure(run, wanted))  # once, on rank 0 under torchrun
+        return saved
+    return distributed.on_main(lambda: _measure(run, wanted))
 
 
-def _measure(run: Run, wanted: dict) -> list[dict]:
+def _measure(run: Run, wanted: dict) -> dict:
     reference = evaluate_stage(run, REFERENCE, "val", progress=False)["per_vertical"]
     device = resolve_device(run.cfg.device)
     rows = []
@@ -103,18 +108,21 @@ def _measure(run: Run, wanted: dict) -> list[dict]:
                 "teacher": "specialist" if better else "labels",
             }
         )
-    atomic_write_json(run.dir / CHOICE, {**wanted, "verticals": rows})
-    return rows
+    record = {**wanted, "verticals": rows}
+    atomic_write_json(run.dir / CHOICE, record)
+    return record
 
 
 def teacher_digests(run: Run) -> list[str]:
     """What the cache and the student record of each vertical's teacher: its specialist's weights, or the
     reference's (a cache shard is one vertical's, so the reference's digest says which block it holds)."""
-    digests = [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
     if not chooses(run):
-        return digests
-    reference = file_digest(best_weights(run.stage_dir(REFERENCE)))
-    return [d if own else f"labels:{reference}" for d, own in zip(digests, specialist_teaches(run), strict=True)]
+        return [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)]
+    record = _choice_record(run)  # its digests are the weights' now: every file is hashed once
+    return [
+        digest if row["teacher"] == "specialist" else f"labels:{record['reference']}"
+        for digest, row in zip(record["specialists"], record["verticals"], strict=True)
+    ]
 
 
 def load_reference(run: Run) -> nn.Module:
