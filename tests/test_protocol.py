@@ -23,7 +23,7 @@ from kc.evaluate.report import comparison_table
 from kc.models.classifier import restrict_outputs
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run
-from kc.seeds import summarise
+from kc.seeds import seeds_table, summarise
 from kc.stages import (
     CONTROL,
     GENERALIST,
@@ -285,14 +285,18 @@ def test_seed_summary_pairs_differences_by_seed():
             {"stage": "generalist", "model": "g", "mAP": 40.0, "mean_per_vertical_AP": 40.0, **speed},
             {"stage": "student", "model": "s", "mAP": student, "mean_per_vertical_AP": student, **speed},
             {"stage": "control", "model": "c", "mAP": control, "mean_per_vertical_AP": control, **speed},
+            {"stage": "teachers_chosen", "model": "t", "mAP": 75.0, "mean_per_vertical_AP": 75.0, **speed},
         ]
         headroom = {
             w: {"mAP": 70.0 - control, "mean_per_vertical_AP": 0.0}
             for w in ("over_strongest_baseline", "over_generalist")
         }
+        headroom["chosen_teachers_over_strongest_baseline"] = {"mAP": 75.0 - control, "mean_per_vertical_AP": 0.0}
+        closed = {"mAP": (student - control) / (75.0 - control), "mean_per_vertical_AP": None}
         return {
             "models": models,
             "floor": {"mAP": 5.0},
+            "gap_closed": {"to_chosen_teachers": closed},
             "gap_closed_per_vertical": {"a": gap, "b": None},
             "headroom": headroom,
         }
@@ -304,6 +308,14 @@ def test_seed_summary_pairs_differences_by_seed():
     assert diff["std"] == pytest.approx(np.std([2, -1, 3], ddof=1))
     spread = summary["gap_closed_percent"]["per_vertical_from_strongest_baseline"]
     assert (spread["min"], spread["median"], spread["max"], spread["count"]) == pytest.approx((-20, 10, 40, 3))
+    # the teachers as chosen are an upper reference, not a baseline: their gap and lead summarised, never paired
+    assert {p["baseline"] for p in summary["paired_differences"]} == {"generalist", "control"}
+    to_chosen = [100 * (s - c) / (75 - c) for s, c in ((50, 48), (60, 61), (55, 52))]
+    assert summary["gap_closed_percent"]["to_chosen_teachers_mAP"]["mean"] == pytest.approx(np.mean(to_chosen))
+    assert "to_chosen_teachers_mean_per_vertical_AP" not in summary["gap_closed_percent"]
+    lead = summary["specialists_headroom"]["chosen_teachers_over_strongest_baseline_mAP"]
+    assert lead["mean"] == pytest.approx(75 - 161 / 3)
+    assert "Teachers as chosen on val (oracle-routed) minus the strongest baseline" in seeds_table(summary)
 
 
 class Constant:

@@ -15,8 +15,10 @@ from kc.distill.cache_format import cache_dir, read_shards, shard_prefix
 from kc.distill.cached_teachers import CachedTeachers
 from kc.distill.targets import OnlineTeachers
 from kc.errors import CheckpointError, ConfigError
+from kc.evaluate.compare import gap_closed
+from kc.evaluate.report import comparison_table
 from kc.evaluate.stage import evaluate_stage
-from kc.pipeline import run_pipeline
+from kc.pipeline import compare_run, run_pipeline
 from kc.run import prepare_run
 from kc.stages import GROUND_TRUTH_LABELLED, STUDENT, load_stage, new_model, specialist_digest, specialist_dirs
 from kc.train.checkpoint import CheckpointDir
@@ -125,6 +127,40 @@ def test_a_vertical_taught_by_the_labels_learns_the_reference_s_block_and_the_st
     with pytest.raises(CheckpointError, match="different config or inputs"):
         train_student(run, progress=False, verbose=False)
     (run.dir / CHOICE).write_text(json.dumps(saved))
+
+
+def test_the_comparison_scores_the_teachers_as_chosen(finished):
+    _, run = finished
+    saved = json.loads((run.dir / CHOICE).read_text())
+
+    def compare_under(teachers: list[str]) -> dict:
+        planted = [dict(row, teacher=t) for row, t in zip(saved["verticals"], teachers, strict=True)]
+        (run.dir / CHOICE).write_text(json.dumps({**saved, "verticals": planted}))
+        try:
+            return compare_run(run)
+        finally:
+            (run.dir / CHOICE).write_text(json.dumps(saved))
+
+    result = compare_under(["specialist", "labels", "specialist"])
+    ids = [v.id for v in run.taxonomy.verticals]
+    for split in (result, result["val"]):
+        rows = {m["stage"]: m for m in split["models"]}
+        chosen, oracle, reference = rows["teachers_chosen"], rows["specialists_oracle"], rows[GROUND_TRUTH_LABELLED]
+        # vertical 1 scored by the labelled-only control, the others by their specialists
+        assert chosen["per_vertical_AP"][ids[1]] == reference["per_vertical_AP"][ids[1]]
+        assert chosen["per_vertical_AP"][ids[1]] != oracle["per_vertical_AP"][ids[1]]
+        for vid in (ids[0], ids[2]):
+            assert chosen["per_vertical_AP"][vid] == oracle["per_vertical_AP"][vid]
+        assert chosen["networks_per_image"] == 3
+    rows = {m["stage"]: m for m in result["models"]}
+    base, student, chosen = rows[result["strongest_baseline"]["stage"]], rows[STUDENT], rows["teachers_chosen"]
+    assert result["headroom"]["chosen_teachers_over_strongest_baseline"]["mAP"] == chosen["mAP"] - base["mAP"]
+    assert result["gap_closed"]["to_chosen_teachers"]["mAP"] == gap_closed(student["mAP"], base["mAP"], chosen["mAP"])
+    assert "to the teachers as chosen (oracle-routed)" in comparison_table(result)
+    # every vertical taught by its specialist: the teachers are the specialists, no row of their own
+    result = compare_under(["specialist"] * 3)
+    assert "teachers_chosen" not in {m["stage"] for m in result["models"]}
+    assert "to_chosen_teachers" not in result["gap_closed"]
 
 
 def test_the_choice_is_measured_again_when_the_reference_changes(finished):

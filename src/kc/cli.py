@@ -517,12 +517,11 @@ def report_cmd(
 ) -> None:
     """Score every trained model side by side; write RUN/report.md, report.html (with plots) and metrics.json."""
     from kc import distributed
-    from kc.evaluate.compare import compare_splits
     from kc.evaluate.report import comparison_table
-    from kc.pipeline import write_report
+    from kc.pipeline import compare_run, write_report
 
     run = _open_distributed_run(config, set_, bars(no_progress))
-    result = compare_splits(run, progress=bars(no_progress))
+    result = compare_run(run, progress=bars(no_progress))
     distributed.on_main(lambda: write_report(run, result))
     echo(comparison_table(result))
     echo(f"\nreport: {run.dir / 'report.md'}")

@@ -27,7 +27,7 @@ from kc.train.controls import TRAIN
 from kc.train.generalist import train_generalist
 from kc.train.specialists import train_specialists
 from kc.train.student import cache_targets
-from kc.train.teacher_choice import REFERENCE, chooses, teacher_choice
+from kc.train.teacher_choice import REFERENCE, chooses, specialist_teaches, teacher_choice
 from kc.train.trainer import stage_complete
 
 TIMINGS, MEMORY = "timings.json", "memory.json"
@@ -97,10 +97,16 @@ def run_pipeline(
             record(name, time.perf_counter() - start, peak.mib)
     start = time.perf_counter()
     with PeakMemory() as peak:
-        result = compare_splits(run, progress=progress)  # every rank scores its part of the val and test images
+        result = compare_run(run, progress=progress)  # every rank scores its part of the val and test images
     record("evaluation", time.perf_counter() - start, peak.mib)
     distributed.on_main(lambda: write_report(run, result))
     return result
+
+
+def compare_run(run: Run, progress: bool = False) -> dict[str, Any]:
+    """Every trained model of the run on val and test (`compare_splits`), with the teachers the student learned
+    from under `student.teacher_choice: better_on_val`."""
+    return compare_splits(run, progress=progress, specialist_teaches=specialist_teaches(run) if chooses(run) else None)
 
 
 def write_report(run: Run, result: dict[str, Any]) -> None:

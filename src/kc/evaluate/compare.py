@@ -5,6 +5,9 @@ Models (rows of the comparison):
 - **generalist** — one network over all classes.
 - **specialists (oracle-routed)** — each vertical's classes scored by its own specialist, on every test image. No
   router makes mistakes for it, so it is the upper reference: K networks per image.
+- **teachers as chosen (oracle-routed)** — under `student.teacher_choice: better_on_val` only: each vertical
+  scored by the teacher the student learned it from (its specialist, or the labelled-only control's block), routed
+  by an oracle as above: the upper reference of what the student was taught.
 - **specialists (ensemble)** — what a deployment of the specialists would run: the generalist as router and every
   specialist on every image, merged by the rule score(c) = p_specialist(c) * max_{c' in v} p_generalist(c') for a
   class c of vertical v (the specialist's belief, gated by how present the generalist thinks the vertical is):
@@ -42,6 +45,7 @@ from kc.models.self_paced import SelfPacedScales
 from kc.run import Run
 from kc.stages import (
     GENERALIST,
+    GROUND_TRUTH_LABELLED,
     STAGES,
     STUDENT,
     activation,
@@ -53,6 +57,7 @@ from kc.stages import (
 )
 
 ORACLE, ENSEMBLE = "specialists (oracle-routed)", "specialists (ensemble)"
+CHOSEN = "teachers as chosen on val (oracle-routed)"
 METRICS = ("mAP", "mean_per_vertical_AP")
 
 
@@ -67,10 +72,13 @@ def _rate(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else 0.0
 
 
-def compare(run: Run, split: str = "test", progress: bool = False) -> dict[str, Any]:
+def compare(
+    run: Run, split: str = "test", progress: bool = False, specialist_teaches: list[bool] | None = None
+) -> dict[str, Any]:
     """Every model scored on `split` and reduced to its metrics before the next is scored: at most the generalist's
     scores, the targets and one more (images x classes) matrix are held at once (at 100K classes, 1.6 GB each for
-    4,000 images)."""
+    4,000 images). `specialist_teaches` (per vertical, under `student.teacher_choice: better_on_val`) adds the row of
+    the teachers as chosen, and with it one more matrix."""
     samples = run.splits[split]
     device = resolve_device(run.cfg.device)
     C, n = run.taxonomy.num_classes, len(samples)
@@ -132,15 +140,31 @@ def compare(run: Run, split: str = "test", progress: bool = False) -> dict[str, 
 
     specialists = load_specialists(run)
     oracle = np.zeros_like(gen_scores)
-    spec_seconds, spec_params = 0.0, 0
+    spec_times, spec_params = [], 0
     for v, model in enumerate(specialists):
         start, end = run.taxonomy.vertical_ranges[v]
         scores, _, seconds = run_model(model, f"specialist {v}", (start, end))
         oracle[:, start:end] = scores[:, : end - start]
-        spec_seconds += seconds
+        spec_times.append(seconds)
         spec_params += count_parameters(model)
+    spec_seconds = sum(spec_times)
     K = len(specialists) * run.cfg.specialists.folds  # networks: cross-fitted verticals run every fold's
     add("specialists_oracle", ORACLE, oracle, spec_params, K, spec_seconds)
+    if specialist_teaches is not None and not all(specialist_teaches):
+        # The labelled-only control's scores, with the blocks of the verticals its specialist teaches overwritten
+        # by the specialist's: under teacher choice, one more (images x classes) matrix for this row.
+        reference = load_stage(run.stage_dir(GROUND_TRUTH_LABELLED), new_model(run, GROUND_TRUTH_LABELLED))
+        chosen, _, seconds = run_model(reference, GROUND_TRUTH_LABELLED)
+        parameters = count_parameters(reference)
+        for v, own in enumerate(specialist_teaches):
+            if own:
+                start, end = run.taxonomy.vertical_ranges[v]
+                chosen[:, start:end] = oracle[:, start:end]
+                parameters += count_parameters(specialists[v])
+                seconds += spec_times[v]
+        networks = sum(specialist_teaches) * run.cfg.specialists.folds + 1
+        add("teachers_chosen", CHOSEN, chosen, parameters, networks, seconds)
+        del chosen
     for start, end in run.taxonomy.vertical_ranges:  # the ensemble, in place: gated by the generalist
         oracle[:, start:end] *= gen_scores[:, start:end].max(axis=1, keepdims=True)
     add("specialists_ensemble", ENSEMBLE, oracle, spec_params + gen_params, K + 1, spec_seconds + gen_seconds)
@@ -162,17 +186,18 @@ def compare(run: Run, split: str = "test", progress: bool = False) -> dict[str, 
     }
 
 
-def compare_splits(run: Run, progress: bool = False) -> dict[str, Any]:
+def compare_splits(run: Run, progress: bool = False, specialist_teaches: list[bool] | None = None) -> dict[str, Any]:
     """The comparison on test (the record; its keys at the top level) with the comparison on val beside it (key
     `val`, what chooses); the strongest baseline chosen on val and the gap closed on test (`gaps`)."""
-    test = compare(run, "test", progress=progress)
-    val = compare(run, "val", progress=progress) if run.splits["val"] else None
+    test = compare(run, "test", progress=progress, specialist_teaches=specialist_teaches)
+    val = compare(run, "val", progress=progress, specialist_teaches=specialist_teaches) if run.splits["val"] else None
     return {**test, "val": val, **gaps(test, val)}
 
 
 def gaps(test: dict[str, Any], val: dict[str, Any] | None) -> dict[str, Any]:
     """The strongest baseline (generalist or control, by val mAP) and the share of the baseline -> specialists
-    (oracle-routed) gap the student closed on test: overall, from the generalist, and per vertical."""
+    (oracle-routed) gap the student closed on test: overall, from the generalist, and per vertical; with a teacher
+    chosen per vertical, also the share of the baseline -> teachers-as-chosen gap."""
     rows = {m["stage"]: m for m in test["models"]}
     if STUDENT not in rows:
         return {}
@@ -193,16 +218,22 @@ def gaps(test: dict[str, Any], val: dict[str, Any] | None) -> dict[str, Any]:
         vid: gap_closed(student["per_vertical_AP"][vid], base["per_vertical_AP"][vid], oracle["per_vertical_AP"][vid])
         for vid in student["per_vertical_AP"]
     }
+    gap = {"from_strongest_baseline": closed(base), "from_generalist": closed(rows[GENERALIST])}
+    # The specialists' lead (test, points) over the strongest baseline bounds what their knowledge can add to the
+    # student; the lead over the generalist is the paper's. A benchmark in the paper's regime has both large.
+    headroom = {
+        "over_strongest_baseline": {k: oracle[k] - base[k] for k in METRICS},
+        "over_generalist": {k: oracle[k] - rows[GENERALIST][k] for k in METRICS},
+    }
+    if "teachers_chosen" in rows:  # the teachers the student learned from, where some are not specialists
+        chosen = rows["teachers_chosen"]
+        gap["to_chosen_teachers"] = {k: gap_closed(student[k], base[k], chosen[k]) for k in METRICS}
+        headroom["chosen_teachers_over_strongest_baseline"] = {k: chosen[k] - base[k] for k in METRICS}
     return {
         "strongest_baseline": {"stage": strongest, "model": base["model"], "chosen_on": chosen_on},
-        "gap_closed": {"from_strongest_baseline": closed(base), "from_generalist": closed(rows[GENERALIST])},
+        "gap_closed": gap,
         "gap_closed_per_vertical": per_vertical,
-        # The specialists' lead (test, points) over the strongest baseline bounds what their knowledge can add to
-        # the student; the lead over the generalist is the paper's. A benchmark in the paper's regime has both large.
-        "headroom": {
-            "over_strongest_baseline": {k: oracle[k] - base[k] for k in METRICS},
-            "over_generalist": {k: oracle[k] - rows[GENERALIST][k] for k in METRICS},
-        },
+        "headroom": headroom,
     }
 
 

@@ -66,6 +66,13 @@ def comparison_table(result: dict[str, Any]) -> str:
             f"{strongest['chosen_on']}), to the specialists (oracle-routed): {_share(gap['from_strongest_baseline'])}. "
             f"From the generalist (the paper's measure; the paper: 25%): {_share(gap['from_generalist'])}."
         )
+        if "to_chosen_teachers" in gap:
+            lines.append("")
+            lines.append(
+                "Some verticals were taught by the labelled-only control, not their specialist: from the strongest "
+                f"baseline to the teachers as chosen (oracle-routed), the student closed "
+                f"{_share(gap['to_chosen_teachers'])}."
+            )
     headroom = result.get("headroom")
     if headroom and strongest:
         over_base, over_generalist = headroom["over_strongest_baseline"]["mAP"], headroom["over_generalist"]["mAP"]
