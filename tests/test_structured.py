@@ -20,6 +20,7 @@ from kc.pipeline import run_pipeline
 from kc.run import prepare_run
 from kc.stages import CONTROL, GENERALIST, STUDENT, load_stage, new_generalist_model, new_model
 from kc.train.common import start_from_generalist
+from kc.train.trainer import fingerprint_data
 
 SIZES = [5, 1, 12, 3, 3, 7]  # verticals of very different sizes
 N, S_B, S1, S2 = sum(SIZES), 10, 16, 8
@@ -116,17 +117,36 @@ def test_fc_sc_with_every_unit_shared_is_fc_fc_in_function_and_parameter_count()
     torch.testing.assert_close(shared_all(features), dense(features), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
 @pytest.mark.parametrize(
     ("structure", "x", "hidden"), [("fc-sc", 0, [S1, S2]), ("fc-sc", 5, [S1, S2]), ("sc-sc", 0, [12, S1, S2])]
 )
-def test_a_head_copied_from_a_dense_head_computes_the_same_function(structure, x, hidden):
+def test_a_head_copied_from_a_dense_head_computes_the_same_function(structure, x, hidden, activation):
     torch.manual_seed(0)
-    dense = DenseHead(S_B, hidden, N)
-    head = StructuredHead(S_B, hidden, SIZES, structure, x).copy_from_dense(dense)
+    dense = DenseHead(S_B, hidden, N, activation=activation)
+    head = StructuredHead(S_B, hidden, SIZES, structure, x, activation=activation).copy_from_dense(dense)
     features = torch.randn(7, S_B)
     torch.testing.assert_close(head(features), dense(features), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="widths and classes must match"):
         StructuredHead(S_B, hidden, SIZES, structure, x).copy_from_dense(DenseHead(S_B, [S1, S2 + 1], N))
+
+
+@pytest.mark.parametrize("structure", ["fc-sc", "sc-sc"])
+def test_a_leaky_unit_negative_for_every_input_still_learns_where_a_relu_unit_is_dead(structure):
+    features = torch.randn(32, S_B)
+    grads = {}
+    for activation in ("relu", "leaky_relu"):
+        torch.manual_seed(0)
+        dense = DenseHead(S_B, [S1, S2], N, activation=activation)
+        with torch.no_grad():
+            dense.hidden[2].bias[0] = -1e3  # the last hidden layer's first unit: negative for every input
+        head = StructuredHead(S_B, [S1, S2], SIZES, structure, activation=activation).copy_from_dense(dense)
+        head(features).square().sum().backward()
+        # the incoming weights of every vertical's copy of that unit: (verticals, inputs)
+        layer = head.sc2_weight if structure == "sc-sc" else head.private.weight
+        grads[activation] = layer.grad.view(len(SIZES), S2, -1)[:, 0]
+    assert grads["relu"].abs().max() == 0  # dead: no gradient reaches it, so it can never come back
+    assert grads["leaky_relu"].abs().min() > 0  # every vertical's copy of the unit still gets a gradient
 
 
 def test_sc_sc_started_from_specialists_computes_each_specialists_head_on_its_vertical():
@@ -159,6 +179,19 @@ def test_config_rejects_structures_the_hidden_widths_cannot_hold(tmp_path, tiny_
     data["student"] = {"head": {"structure": "fc-sc", "shared_units": 33}}
     with pytest.raises(ConfigError, match="exceeds the block width 32"):
         config_from_dict(data)
+
+
+def test_the_head_activation_reaches_every_stage_and_leaves_earlier_runs_fingerprints_alone(tmp_path, tiny_benchmark):
+    data = tiny_config(tiny_benchmark, tmp_path / "run")
+    data["student"] = {"head": {"structure": "sc-sc"}}
+    before = fingerprint_data(config_from_dict(data).model_dump(mode="json"))
+    assert "activation" not in before["model"]["head"]  # the default: as every run trained before the key
+    data["model"]["head"]["activation"] = "leaky_relu"
+    run = prepare_run(config_from_dict(data), progress=False)
+    assert fingerprint_data(run.cfg.model_dump(mode="json"))["model"]["head"]["activation"] == "leaky_relu"
+    for model in (new_generalist_model(run), new_model(run, STUDENT), new_model(run, CONTROL)):
+        kinds = {type(m) for m in model.head.modules()}
+        assert torch.nn.LeakyReLU in kinds and torch.nn.ReLU not in kinds
 
 
 def test_structured_student_and_control_start_as_the_generalist_and_train(tmp_path, tiny_benchmark):

@@ -102,6 +102,13 @@ class HeadConfig(_Strict):
         description="widths of the dense layers before the output layer: FC(s1)-FC(s2) in the paper",
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    activation: Literal["relu", "leaky_relu"] = Field(
+        "relu",
+        description="the hidden layers' nonlinearity (every stage's: the student starts as the generalist). "
+        "leaky_relu (negative slope 0.01) keeps a gradient through a unit that is negative for every input, where a "
+        "ReLU unit stays dead; in the student's structured blocks, trained by every image, most ReLU units die "
+        "(docs/BENCHMARKS.md)",
+    )
     output_bias: Literal["prior"] | None = Field(
         None,
         description="prior: output biases start at -log(classes) (every class starts improbable, as it is), so a "

@@ -193,7 +193,14 @@ def with_student_head(
         return model
     mh = model_cfg.head
     structured = StructuredHead(
-        model.backbone.num_features, mh.hidden, sizes, head.structure, head.shared_units, mh.dropout, head.max_padding
+        model.backbone.num_features,
+        mh.hidden,
+        sizes,
+        head.structure,
+        head.shared_units,
+        mh.dropout,
+        head.max_padding,
+        mh.activation,
     )
     model.head = structured.copy_from_dense(model.head)
     return model

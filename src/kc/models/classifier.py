@@ -131,7 +131,7 @@ def load_backbone_weights(backbone: nn.Module, path: Path) -> None:
 
 def build_classifier(cfg: ModelConfig, num_classes: int, with_weights: bool = True) -> Classifier:
     backbone = create_backbone(cfg, with_weights)
-    head = DenseHead(backbone.num_features, cfg.head.hidden, num_classes, cfg.head.dropout)
+    head = DenseHead(backbone.num_features, cfg.head.hidden, num_classes, cfg.head.dropout, cfg.head.activation)
     if cfg.head.output_bias == "prior":
         # At 100K classes a zero-biased sigmoid head starts at a loss of 69,000 per image, and its gradients flatten
         # the hidden layers before any class is learnt (measured: the feature benchmark stayed at chance).

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kc.models.heads import DenseHead
+from kc.models.heads import DenseHead, hidden_activation
 
 STRUCTURES = ("fc-fc", "fc-sc", "sc-sc")
 
@@ -157,6 +157,7 @@ class StructuredHead(nn.Module):
         shared_units: int = 0,
         dropout: float = 0.0,
         max_padding: float = 0.25,
+        activation: str = "relu",
     ):
         super().__init__()
         if structure not in ("fc-sc", "sc-sc"):
@@ -172,9 +173,10 @@ class StructuredHead(nn.Module):
         self.structure, self.shared_units, self.hidden_widths = structure, shared_units, list(hidden)
         self.num_verticals, self.num_classes = len(vertical_sizes), sum(vertical_sizes)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.activation = hidden_activation(activation, inplace=False)
         M, N = self.num_verticals, self.num_classes
         # The shared dense layers, laid out as DenseHead.hidden so that the generalist's copy over one to one.
-        self.dense = DenseHead(in_features, hidden[:-structured_layers], 1, dropout).hidden
+        self.dense = DenseHead(in_features, hidden[:-structured_layers], 1, dropout, activation).hidden
         prev = ([in_features] + hidden)[-structured_layers - 1]
         self.sc1: nn.Linear | None = None
         self.shared: nn.Linear | None = None
@@ -200,19 +202,19 @@ class StructuredHead(nn.Module):
         M, a_t = self.num_verticals, a.t()
         if self.sc1 is not None:
             h1 = torch.addmm(self.sc1.bias.unsqueeze(1), self.sc1.weight, a_t).view(M, -1, a.shape[0])  # (M, s1, B)
-            h1 = self.dropout(F.relu(h1))
+            h1 = self.dropout(self.activation(h1))
             h2 = torch.baddbmm(self.sc2_bias.unsqueeze(2), self.sc2_weight, h1)  # (M, s2, B)
-            return self.dropout(F.relu(h2))
+            return self.dropout(self.activation(h2))
         if self.private is None:
             return None
         h = torch.addmm(self.private.bias.unsqueeze(1), self.private.weight, a_t).view(M, -1, a.shape[0])
-        return self.dropout(F.relu(h))
+        return self.dropout(self.activation(h))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         a = self.dense(features)
         logits = self.out_bias
         if self.shared is not None:
-            shared = self.dropout(F.relu(self.shared(a)))
+            shared = self.dropout(self.activation(self.shared(a)))
             logits = logits + F.linear(shared, self.out_shared_weight)
         private = self.private_hidden(a)
         if private is not None:

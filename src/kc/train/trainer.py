@@ -180,6 +180,7 @@ LATER_KEYS: dict[str, Any] = {
     "patience": None,
     "centred": False,
     "running": False,
+    "activation": "relu",
 }
 
 
