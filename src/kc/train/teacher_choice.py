@@ -136,8 +136,10 @@ def fold_teachers(run: Run, verticals: list[int]) -> list[list[nn.Module] | None
     reference = None if all(own[v] for v in verticals) else load_reference(run)
     teachers: list[list[nn.Module] | None] = [None] * run.taxonomy.num_verticals
     for v in verticals:
-        block = None if own[v] else VerticalBlock(reference, *run.taxonomy.vertical_ranges[v])
-        teachers[v] = load_fold_specialists(run, v) if own[v] else [block]
+        if own[v]:
+            teachers[v] = load_fold_specialists(run, v)
+        else:
+            teachers[v] = [VerticalBlock(reference, *run.taxonomy.vertical_ranges[v])]
     return teachers
 
 
