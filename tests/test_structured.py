@@ -232,3 +232,43 @@ def test_describe_command_needs_no_run(tmp_path, tiny_benchmark):
     assert out.exit_code == 0, out.output
     assert "| student | SC32-SC16 |" in out.output and "| FC32-SC16(x=8) |" in out.output
     assert not (tmp_path / "never_made").exists()
+
+
+def subset_heads():
+    return [
+        DenseHead(S_B, [S1, S2], N),
+        StructuredHead(S_B, [S1, S2], SIZES, "fc-sc"),
+        StructuredHead(S_B, [S1, S2], SIZES, "fc-sc", shared_units=3),
+        StructuredHead(S_B, [S1, S2], SIZES, "sc-sc"),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["fc-fc", "fc-sc", "fc-sc(x=3)", "sc-sc"])
+def test_the_logits_of_a_subset_of_classes_equal_those_of_every_class_forward_and_backward(index):
+    torch.manual_seed(0)
+    head = subset_heads()[index]
+    features = torch.randn(5, S_B)
+    # columns across verticals, out of order; rows: image 3 over vertical 2 (12 classes), image 0 over vertical 0,
+    # image 3 over vertical 5, each padded to 12 (the padding's class stands for any class and is dropped)
+    columns = torch.tensor([20, 0, 6, 1, 17, 5])
+    rows = torch.tensor([3, 0, 3])
+    blocks = torch.tensor([list(range(6, 18)), list(range(0, 5)) + [0] * 7, list(range(24, 31)) + [0] * 5])
+    real = torch.tensor([[True] * 12, [True] * 5 + [False] * 7, [True] * 7 + [False] * 5])
+
+    def subset_loss():
+        column_logits, block_logits = head.subset_logits(features, columns, rows, blocks)
+        return column_logits, block_logits, column_logits.square().sum() + block_logits[real].square().sum()
+
+    def full_loss():
+        every = head(features)
+        column_logits, block_logits = every[:, columns], every[rows.unsqueeze(1), blocks]
+        return column_logits, block_logits, column_logits.square().sum() + block_logits[real].square().sum()
+
+    params = list(head.parameters())
+    *logits, loss = subset_loss()
+    *expected, expected_loss = full_loss()
+    torch.testing.assert_close(logits[0], expected[0])
+    torch.testing.assert_close(logits[1][real], expected[1][real])
+    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected_loss, params), strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(head.class_logits(features, columns), expected[0])

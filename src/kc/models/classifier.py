@@ -9,7 +9,6 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -47,35 +46,23 @@ class Classifier(nn.Module):
     def forward(
         self, images: torch.Tensor, classes: torch.Tensor | ClassSubset | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits over every class; over `classes` (K,) only: with a dense head and no output scales, only those
-        rows of the output layer are computed (sampled-negative training), other models compute all and keep those;
-        or for a `ClassSubset`: its (B, K) column logits and (P, S) block logits (the sampled student loss).
+        """Logits over every class; over `classes` (K,) only: without output scales the head computes just those
+        classes (sampled-negative training), with them all are computed and those kept (a vertical's scale needs
+        its whole block); or for a `ClassSubset`: its (B, K) column logits and (P, S) block logits (the sampled
+        student loss), computed by the head for those classes alone.
         An argument of forward, not a method beside it, so that it works through DistributedDataParallel."""
         if classes is None:
             return self.output_scales(self.head(self.backbone(images)))
         if isinstance(classes, ClassSubset):
             return self._subset_logits(images, classes)
-        if isinstance(self.head, DenseHead) and isinstance(self.output_scales, nn.Identity):
-            hidden = self.head.hidden(self.backbone(images))
-            return F.linear(hidden, self.head.out.weight[classes], self.head.out.bias[classes])
+        if isinstance(self.output_scales, nn.Identity):
+            return self.head.class_logits(self.backbone(images), classes)
         return self.forward(images)[:, classes]
 
     def _subset_logits(self, images: torch.Tensor, subset: ClassSubset) -> tuple[torch.Tensor, torch.Tensor]:
         padding = subset.block_classes < 0
         blocks = subset.block_classes.clamp(min=0)
-        if isinstance(self.head, DenseHead):  # only the output rows asked for: cost follows K and P * S
-            hidden = self.head.hidden(self.backbone(images))
-            weight, bias = self.head.out.weight, self.head.out.bias
-            columns = F.linear(hidden, weight[subset.columns], bias[subset.columns])
-            # index_select, not indexing: its gradient is an index_add, several times faster on CPU than the
-            # accumulating index_put that indexing's gradient is, for the P x S rows (about 50,000 at 100K classes)
-            rows = weight.index_select(0, blocks.reshape(-1)).view(*blocks.shape, -1)
-            block_bias = bias.index_select(0, blocks.reshape(-1)).view(blocks.shape)
-            per_block = torch.bmm(rows, hidden[subset.block_rows].unsqueeze(2)).squeeze(2) + block_bias
-        else:  # structured heads compute every class; the scales and the loss still follow the subset
-            logits = self.head(self.backbone(images))
-            columns = logits[:, subset.columns]
-            per_block = logits[subset.block_rows.unsqueeze(1), blocks]
+        columns, per_block = self.head.subset_logits(self.backbone(images), subset.columns, subset.block_rows, blocks)
         per_block = per_block.masked_fill(padding, 0.0)
         if not isinstance(self.output_scales, nn.Identity):
             columns = self.output_scales.scale_columns(columns, subset.columns)

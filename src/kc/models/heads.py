@@ -8,6 +8,7 @@ plug in beside it: a head maps (B, in_features) -> (B, num_classes) logits.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 LEAKY_SLOPE = 0.01  # model.head.activation leaky_relu: PyTorch's default negative slope
@@ -39,3 +40,22 @@ class DenseHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.out(self.hidden(features))
+
+    def class_logits(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits of `classes` (K,) alone: only those rows of the output layer are computed."""
+        return F.linear(self.hidden(features), self.out.weight[classes], self.out.bias[classes])
+
+    def subset_logits(
+        self, features: torch.Tensor, columns: torch.Tensor, block_rows: torch.Tensor, block_classes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K) logits of `columns` for every image and (P, S) logits of `block_classes` (no padding: every entry
+        a class) for image `block_rows` alone: only the output rows asked for are computed."""
+        hidden = self.hidden(features)
+        weight, bias = self.out.weight, self.out.bias
+        column_logits = F.linear(hidden, weight[columns], bias[columns])
+        # index_select, not indexing: its gradient is an index_add, several times faster on CPU than the
+        # accumulating index_put that indexing's gradient is, for the P x S rows (about 50,000 at 100K classes)
+        rows = weight.index_select(0, block_classes.reshape(-1)).view(*block_classes.shape, -1)
+        block_bias = bias.index_select(0, block_classes.reshape(-1)).view(block_classes.shape)
+        block_logits = torch.bmm(rows, hidden[block_rows].unsqueeze(2)).squeeze(2) + block_bias
+        return column_logits, block_logits

@@ -139,6 +139,13 @@ class VerticalBlocks(nn.Module):
         )
 
 
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """The index that puts values gathered in `order` back in their original places."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return inverse
+
+
 def _linear_parameter(rows: int, cols: int, fan_in: int) -> nn.Parameter:
     """nn.Linear's default initialisation, for weights that are not an nn.Linear."""
     bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -195,6 +202,9 @@ class StructuredHead(nn.Module):
         self.out_private_weight = _linear_parameter(N, s2 - shared_units, s2) if s2 - shared_units else None
         self.out_bias = nn.Parameter(_linear_parameter(1, N, s2).data[0])
         self.blocks = VerticalBlocks(vertical_sizes, max_padding)
+        # Each class's vertical, for the logits of a subset of classes; follows the module's device, not saved.
+        vertical_of_class = torch.repeat_interleave(torch.arange(M), torch.tensor(vertical_sizes), output_size=N)
+        self.register_buffer("vertical_of_class", vertical_of_class, persistent=False)
 
     def private_hidden(self, a: torch.Tensor) -> torch.Tensor | None:
         """(M, k, B): each vertical's private block of the last hidden layer, feature-major (see VerticalBlocks),
@@ -210,16 +220,86 @@ class StructuredHead(nn.Module):
         h = torch.addmm(self.private.bias.unsqueeze(1), self.private.weight, a_t).view(M, -1, a.shape[0])
         return self.dropout(self.activation(h))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def last_hidden(self, features: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The last hidden layer: its x units shared by every vertical (B, x) and each vertical's private block
+        (M, k, B), None where the structure has none."""
         a = self.dense(features)
+        shared = self.dropout(self.activation(self.shared(a))) if self.shared is not None else None
+        return shared, self.private_hidden(a)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        shared, private = self.last_hidden(features)
         logits = self.out_bias
-        if self.shared is not None:
-            shared = self.dropout(self.activation(self.shared(a)))
+        if shared is not None:
             logits = logits + F.linear(shared, self.out_shared_weight)
-        private = self.private_hidden(a)
         if private is not None:
             logits = logits + self.blocks(private, self.out_private_weight)
         return logits
+
+    def class_logits(self, features: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits of `classes` (K,) alone (a sampled loss): each vertical's private block meets only its own
+        classes' output rows, one matmul per vertical among `classes`, so the cost follows K, not N."""
+        shared, private = self.last_hidden(features)
+        return self._column_logits(shared, private, classes)
+
+    def subset_logits(
+        self, features: torch.Tensor, columns: torch.Tensor, block_rows: torch.Tensor, block_classes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K) logits of `columns` for every image, and (P, S) logits of `block_classes` for image `block_rows`
+        alone, where row p holds its vertical's classes in order from its first entry (entries beyond the
+        vertical's size come out 0). A row's logits are one matmul per vertical among the rows, on the vertical's
+        slice of the output weights: no (P, S, k) gather of weight rows, which at verticals of 14K classes would
+        outweigh the whole head."""
+        shared, private = self.last_hidden(features)
+        return self._column_logits(shared, private, columns), self._block_logits(
+            shared, private, block_rows, block_classes
+        )
+
+    def _column_logits(
+        self, shared: torch.Tensor | None, private: torch.Tensor | None, classes: torch.Tensor
+    ) -> torch.Tensor:
+        logits = self.out_bias[classes]
+        if shared is not None:
+            logits = logits + F.linear(shared, self.out_shared_weight[classes])
+        if private is not None:
+            verticals = self.vertical_of_class[classes]
+            order = torch.argsort(verticals, stable=True)  # the classes grouped by vertical
+            counts = torch.bincount(verticals, minlength=self.num_verticals).tolist()
+            weights = self.out_private_weight.index_select(0, classes[order]).split(counts)
+            products = [w @ private[v] for v, w in enumerate(weights) if len(w)]
+            grouped = torch.cat(products) if products else private.new_zeros(0, private.shape[2])  # (K, B)
+            logits = logits + grouped.index_select(0, inverse_permutation(order)).t()
+        return logits
+
+    def _block_logits(
+        self,
+        shared: torch.Tensor | None,
+        private: torch.Tensor | None,
+        block_rows: torch.Tensor,
+        block_classes: torch.Tensor,
+    ) -> torch.Tensor:
+        width = block_classes.shape[1]
+        verticals = self.vertical_of_class[block_classes[:, 0]]  # each row's vertical, from its first class
+        order = torch.argsort(verticals, stable=True)  # the rows grouped by vertical
+        counts = torch.bincount(verticals, minlength=self.num_verticals).tolist()
+        # split: views of each vertical's rows whose backward is one concatenation (see VerticalBlocks)
+        sizes = self.blocks.sizes
+        biases = self.out_bias.split(sizes)
+        shared_weights = self.out_shared_weight.split(sizes) if shared is not None else None
+        private_weights = self.out_private_weight.split(sizes) if private is not None else None
+        parts = []
+        for v, images in enumerate(block_rows[order].split(counts)):
+            if not len(images):
+                continue
+            logits = biases[v]
+            if shared_weights is not None:
+                logits = logits + shared[images] @ shared_weights[v].t()  # (P_v, N_v)
+            if private_weights is not None:
+                logits = logits + (private_weights[v] @ private[v][:, images]).t()
+            parts.append(F.pad(logits, (0, width - sizes[v])))
+        if not parts:  # no rows
+            return self.out_bias.new_zeros(0, width)
+        return torch.cat(parts).index_select(0, inverse_permutation(order))
 
     @torch.no_grad()
     def copy_from_dense(self, dense: DenseHead) -> StructuredHead:
