@@ -13,8 +13,9 @@ from kc.cli import app
 from kc.config import config_from_dict
 from kc.errors import ConfigError
 from kc.models.accounting import parameter_accounting
-from kc.models.classifier import count_parameters
+from kc.models.classifier import Classifier, count_parameters
 from kc.models.heads import DenseHead
+from kc.models.self_paced import SelfPacedScales
 from kc.models.structured import StructuredHead, VerticalBlocks, head_name, head_weight_formula, plan_buckets
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run
@@ -272,3 +273,19 @@ def test_the_logits_of_a_subset_of_classes_equal_those_of_every_class_forward_an
     for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected_loss, params), strict=True):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(head.class_logits(features, columns), expected[0])
+
+
+@pytest.mark.parametrize("variant", ["none", "vertical"])
+def test_a_sampled_loss_computes_every_class_only_where_scales_need_whole_blocks(variant, monkeypatch):
+    torch.manual_seed(0)
+    head = StructuredHead(S_B, [S1, S2], SIZES, "sc-sc")
+    vertical_of_class = [v for v, size in enumerate(SIZES) for _ in range(size)]
+    model = Classifier(torch.nn.Identity(), head, SelfPacedScales(vertical_of_class, variant))
+    features, classes = torch.randn(4, S_B), torch.tensor([3, 20, 9])
+    expected = model(features)[:, classes]
+    calls = []
+    full_forward = StructuredHead.forward
+    monkeypatch.setattr(StructuredHead, "forward", lambda self, x: calls.append(1) or full_forward(self, x))
+    torch.testing.assert_close(model(features, classes=classes), expected)
+    # scales of variant none leave the logits alone: the subset's alone are computed; real scales need all
+    assert len(calls) == (0 if variant == "none" else 1)

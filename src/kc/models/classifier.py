@@ -55,16 +55,20 @@ class Classifier(nn.Module):
             return self.output_scales(self.head(self.backbone(images)))
         if isinstance(classes, ClassSubset):
             return self._subset_logits(images, classes)
-        if isinstance(self.output_scales, nn.Identity):
+        if self._unscaled():
             return self.head.class_logits(self.backbone(images), classes)
         return self.forward(images)[:, classes]
+
+    def _unscaled(self) -> bool:
+        """Whether the output scales leave the logits as they are: none, or self-paced scales of variant none."""
+        return getattr(self.output_scales, "variant", "none") == "none"
 
     def _subset_logits(self, images: torch.Tensor, subset: ClassSubset) -> tuple[torch.Tensor, torch.Tensor]:
         padding = subset.block_classes < 0
         blocks = subset.block_classes.clamp(min=0)
         columns, per_block = self.head.subset_logits(self.backbone(images), subset.columns, subset.block_rows, blocks)
         per_block = per_block.masked_fill(padding, 0.0)
-        if not isinstance(self.output_scales, nn.Identity):
+        if not self._unscaled():
             columns = self.output_scales.scale_columns(columns, subset.columns)
             per_block = self.output_scales.scale_blocks(per_block, blocks)
         return columns, per_block
