@@ -73,3 +73,11 @@ def test_overrides_parse_yaml_values(tmp_path):
     path.write_text("data: {manifest: m.csv, taxonomy: t.json}\n")
     assert load_config(path, {"generalist": {"epochs": 7}}).generalist.epochs == 7
     assert isinstance(load_config(path).run_dir, Path)
+
+
+@pytest.mark.parametrize("name", ["paper-1k", "paper-10k", "paper-100k", "features-100k"])
+def test_the_feature_benchmark_examples_are_valid_configs_of_their_preset(name):
+    path = Path(__file__).parents[1] / "examples" / f"{name}.yaml"
+    cfg = load_config(path)
+    assert cfg.model.backbone == "kc_features"
+    assert cfg.data.manifest.parent.name == name  # each example reads the benchmark its preset writes
