@@ -2,8 +2,9 @@
 
 Summed over classes and averaged over images, like the ground-truth loss. Each class's term is multiplied by its
 vertical's weight (`vertical_weights`, equal here), the interface through which pacing strategies plug in. The
-modes are defined once, as cross-entropy terms (`loss_terms`); the full loss sums them over every entry in a few
-passes (`kc.cross_entropy`), the sampled loss (`kc.distill.sampled`) takes their values entry by entry.
+modes are defined once, as cross-entropy terms (`loss_terms`); the full loss and the sampled one's blocks
+(`kc.distill.sampled`) sum them over their entries in a few passes (`kc.cross_entropy`); `entry_losses` gives their
+values entry by entry, as torch's own cross-entropy computes them (the reference in tests and benchmarks).
 """
 
 from __future__ import annotations

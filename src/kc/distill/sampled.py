@@ -15,11 +15,14 @@ logits: with whole blocks they are computed exactly as over every class. The mod
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kc.distill.loss import entry_losses, sum_terms
+from kc.cross_entropy import summed_terms
+from kc.distill.loss import loss_terms, sum_terms
 from kc.distill.targets import Teachers
 from kc.models.classifier import ClassSubset
 
@@ -74,15 +77,17 @@ class SampledVerticalsLoss:
         column_logits, block_logits = model(images, classes=ClassSubset(columns, targets.rows, block_classes))
         has_truth = None if self.labelled_images is None else batch["index"].to(device) < self.labelled_images
 
-        own = entry_losses(
-            block_logits.float(),
+        own = loss_terms(
             targets.values,
             self._block_truth(labels, targets.rows, targets.verticals, block_classes.shape[1]),
-            self.vertical_weights[targets.verticals].unsqueeze(1) * inside,
+            self.vertical_weights[targets.verticals].unsqueeze(1),
             **self.options,
             has_truth=None if has_truth is None else has_truth[targets.rows].unsqueeze(1),
         )
-        terms = {name: (entries * inside).sum() for name, entries in own.items()}
+        # Summed in a few passes (kc.cross_entropy); entries beyond a pair's vertical (padding) weigh nothing.
+        terms = summed_terms(
+            block_logits.float(), {name: replace(t, weight=t.weight * inside) for name, t in own.items()}
+        )
         if len(columns):
             slot = torch.repeat_interleave(torch.arange(len(drawn), device=device), sizes)  # column -> drawn vertical
             drawn_terms = self._drawn_terms(
