@@ -116,26 +116,29 @@ class SampledVerticalsLoss:
         image, selected_slot = own.nonzero(as_tuple=True)  # few: a drawn vertical is rarely an image's own
         inside = (slot.unsqueeze(0) == selected_slot.unsqueeze(1)).to(logits.dtype)  # (n, K)
 
-        def per_column(x: torch.Tensor, row_weight: torch.Tensor | None = None) -> torch.Tensor:
-            """(K,): summed over the images that do not select the column, each times `row_weight` (B,)."""
-            spread = F.softplus(x)
-            if row_weight is None:
-                return spread.sum(dim=0) - (F.softplus(x[image]) * inside).sum(dim=0)
-            weight = row_weight.to(x.dtype).unsqueeze(1)
-            return (spread * weight).sum(dim=0) - (F.softplus(x[image]) * inside * weight[image]).sum(dim=0)
+        def per_column(x: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+            """(K, J): softplus(x) summed over the images that do not select the column, once per column of
+            `row_weights` (B, J), each image weighted by it: a matrix product, which forms no (B, K) product."""
+            selected = (F.softplus(x[image]) * inside).t() @ row_weights[image]
+            return F.softplus(x).t() @ row_weights - selected
 
         scale = self.num_verticals / self.drawn
         column_weights = self.vertical_weights[column_vertical]
+        scaled = logits / t if t != 1.0 else logits
         if mode == "weighted" and has_truth is not None:  # a share per image: (1 - w) with truth, 1 without
-            distill_share = torch.where(has_truth, 1 - w, 1.0)
-            distill = (per_column(logits / t, distill_share) * column_weights).sum() * (t * t) * self.negative_distill
-            truth = per_column(logits, has_truth).sum()
-            return {"distillation": distill * scale, "ground_truth": w * truth * scale}
-        distilled = per_column(logits / t)
+            rows = torch.stack([torch.where(has_truth, 1 - w, 1.0), has_truth.to(logits.dtype)], dim=1)
+            if t == 1.0:  # both terms over one softplus
+                distilled, truth = per_column(logits, rows).unbind(1)
+            else:
+                distilled, truth = per_column(scaled, rows[:, :1])[:, 0], per_column(logits, rows[:, 1:])[:, 0]
+            distill = (distilled * column_weights).sum() * (t * t) * self.negative_distill
+            return {"distillation": distill * scale, "ground_truth": w * truth.sum() * scale}
+        ones = logits.new_ones(logits.shape[0], 1)
+        distilled = per_column(scaled, ones)[:, 0]
         distill = (distilled * column_weights).sum() * (t * t) * self.negative_distill
         terms = {"distillation": distill * (1 - w if mode == "weighted" else 1.0) * scale}
         if mode == "weighted":
-            truth = distilled.sum() if t == 1.0 else per_column(logits).sum()
+            truth = distilled.sum() if t == 1.0 else per_column(logits, ones)[:, 0].sum()
             terms["ground_truth"] = w * truth * scale
         return terms
 
