@@ -255,6 +255,11 @@ class StructuredHead(nn.Module):
             shared, private, block_rows, block_classes
         )
 
+    def _grouped(self, verticals: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """The order that groups entries by their vertical (`verticals`), and each vertical's count in it."""
+        order = torch.argsort(verticals, stable=True)
+        return order, torch.bincount(verticals, minlength=self.num_verticals).tolist()
+
     def _column_logits(
         self, shared: torch.Tensor | None, private: torch.Tensor | None, classes: torch.Tensor
     ) -> torch.Tensor:
@@ -262,9 +267,7 @@ class StructuredHead(nn.Module):
         if shared is not None:
             logits = logits + F.linear(shared, self.out_shared_weight[classes])
         if private is not None:
-            verticals = self.vertical_of_class[classes]
-            order = torch.argsort(verticals, stable=True)  # the classes grouped by vertical
-            counts = torch.bincount(verticals, minlength=self.num_verticals).tolist()
+            order, counts = self._grouped(self.vertical_of_class[classes])
             weights = self.out_private_weight.index_select(0, classes[order]).split(counts)
             products = [w @ private[v] for v, w in enumerate(weights) if len(w)]
             grouped = torch.cat(products) if products else private.new_zeros(0, private.shape[2])  # (K, B)
@@ -279,9 +282,7 @@ class StructuredHead(nn.Module):
         block_classes: torch.Tensor,
     ) -> torch.Tensor:
         width = block_classes.shape[1]
-        verticals = self.vertical_of_class[block_classes[:, 0]]  # each row's vertical, from its first class
-        order = torch.argsort(verticals, stable=True)  # the rows grouped by vertical
-        counts = torch.bincount(verticals, minlength=self.num_verticals).tolist()
+        order, counts = self._grouped(self.vertical_of_class[block_classes[:, 0]])  # a row's vertical: its 1st class
         # split: views of each vertical's rows whose backward is one concatenation (see VerticalBlocks)
         sizes = self.blocks.sizes
         biases = self.out_bias.split(sizes)
