@@ -10,8 +10,9 @@ a second time with its targets read by the previous cache reader (benchmarks/cac
 On the same batches of the run's training data (batch = student.batch_size), the script times optimizer steps of:
 the generalist's loss as configured (e.g. `generalist.sampled_negatives`), the student's loss over every class (the
 paper), and the student's loss over each image's verticals plus N drawn ones (`student.sampled_verticals`), all
-from the cache. Steps are interleaved, model after model, so that the machine's drift hits all alike; the first
-round is a warm-up. Reports median step seconds, the ratios to the generalist step, and epoch estimates.
+from the cache; with `--padded-too`, also that loss with each image's own vertical padded to the largest. Steps
+are interleaved, model after model, so that the machine's drift hits all alike; the first round is a warm-up.
+Reports median step seconds, the ratios to the generalist step, and epoch estimates.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from kc.config import load_config
 from kc.data.dataset import ImageDataset, collate
 from kc.distill.cached_teachers import CachedTeachers
 from kc.distill.loss import sum_terms
+from kc.distill.sampled import SampledVerticalsLoss
 from kc.distill.targets import BlockTargets
 from kc.run import prepare_run
 from kc.stages import CONTROL, STUDENT, best_weights, file_digest, new_model, specialist_dir
@@ -70,6 +72,11 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--synthetic", action="store_true", help="random weights and a random cache (see above)")
     parser.add_argument("--skip-full", action="store_true", help="leave out the student's loss over every class")
+    parser.add_argument(
+        "--padded-too",
+        action="store_true",
+        help="also the sampled student with every row of its own verticals padded to the largest (before 2026-12-04)",
+    )
     args = parser.parse_args()
 
     config = args.run_dir / "config.yaml" if args.run_dir.is_dir() else args.run_dir
@@ -101,6 +108,20 @@ def main() -> None:
             continue
         scfg.sampled_verticals = drawn
         setups[name] = (start(STUDENT), student_loss(scfg, tax.num_classes, teachers, weights, cpu))
+    if args.padded_too:  # the same sampled student, every row of its own verticals padded to the largest vertical
+        setups[f"student, {drawn} drawn verticals, rows padded to the largest"] = (
+            start(STUDENT),
+            SampledVerticalsLoss(
+                teachers,
+                weights,
+                drawn,
+                mode=scfg.ground_truth,
+                truth_weight=scfg.ground_truth_weight,
+                temperature=scfg.temperature,
+                unselected=scfg.unselected,
+                max_padding=1.0,
+            ).terms,
+        )
     if args.synthetic:  # the same sampled student, its targets read as before
         setups[f"student, {drawn} drawn verticals, previous reader"] = (
             start(STUDENT),

@@ -10,10 +10,10 @@ from torch import nn
 
 from kc.data.dataset import dense_targets
 from kc.distill.loss import distillation_loss, entry_losses
-from kc.distill.sampled import SampledVerticalsLoss
+from kc.distill.sampled import SampledVerticalsLoss, width_groups
 from kc.distill.targets import OnlineTeachers
 from kc.models.classifier import Classifier, ClassSubset
-from kc.models.heads import DenseHead
+from kc.models.heads import ClassBlocks, DenseHead
 from kc.models.self_paced import SelfPacedScales
 from kc.models.structured import StructuredHead
 from kc.taxonomy import Taxonomy
@@ -177,16 +177,35 @@ def test_drawing_few_verticals_estimates_the_full_loss_without_bias():
 
 def test_the_model_computes_only_the_logits_asked_for():
     model = student("dense", "vertical")
-    # columns: vertical b whole; blocks: image 0 over vertical a, image 4 over vertical d (padded to 5)
+    # columns: vertical b whole; blocks in two groups: image 0 over vertical a and image 4 over vertical d (padded
+    # to 5); image 2 over vertical c
     columns = torch.tensor([5, 6, 7])
-    block_classes = torch.tensor([[0, 1, 2, 3, 4], [12, 13, -1, -1, -1]])
-    subset = ClassSubset(columns, torch.tensor([0, 4]), block_classes)
-    column_logits, block_logits = model(IMAGES, classes=subset)
+    groups = [
+        ClassBlocks(torch.tensor([0, 4]), torch.tensor([[0, 1, 2, 3, 4], [12, 13, -1, -1, -1]])),
+        ClassBlocks(torch.tensor([2]), torch.tensor([[8, 9, 10, 11]])),
+    ]
+    column_logits, (first, second) = model(IMAGES, classes=ClassSubset(columns, groups))
     every = model(IMAGES)
     torch.testing.assert_close(column_logits, every[:, 5:8])
-    torch.testing.assert_close(block_logits[0], every[0, 0:5])
-    torch.testing.assert_close(block_logits[1, :2], every[4, 12:14])
-    assert (block_logits[1, 2:] == 0).all()
+    torch.testing.assert_close(first[0], every[0, 0:5])
+    torch.testing.assert_close(first[1, :2], every[4, 12:14])
+    assert (first[1, 2:] == 0).all()
+    torch.testing.assert_close(second[0], every[2, 8:12])
+
+
+def test_rows_are_padded_to_their_group_of_similar_verticals_not_to_the_largest():
+    sizes = [14362, 897, 5000, 4100, 13000, 1000, 2000]
+    groups = width_groups(sizes, max_padding=0.2)
+    widest = {g: max(n for n, h in zip(sizes, groups, strict=True) if h == g) for g in groups}
+    assert all(n >= 0.8 * widest[g] for n, g in zip(sizes, groups, strict=True))  # no row over 20% padding
+    assert groups[0] == groups[4] and groups[2] == groups[3] and groups[1] == groups[5]  # similar sizes share
+    assert len(set(groups)) == 4
+    # The test taxonomy's 4 verticals of 5, 3, 4 and 2 classes make 3 groups: the loss's rows of vertical d are 2
+    # wide, not 5, and every test above that compares the sampled loss to the full one crosses groups.
+    assert width_groups(SIZES) == [0, 1, 0, 2]
+    loss = sampled(teachers(), torch.ones(4), drawn=0, mode="none", unselected="zero")
+    groups = loss._pair_groups(torch.tensor([0, 3, 2, 0, 1]))
+    assert [g.tolist() for g in groups] == [[0, 2, 3], [4], [1]]
 
 
 def test_with_nothing_to_draw_no_column_is_computed():

@@ -14,7 +14,7 @@ from kc.config import config_from_dict
 from kc.errors import ConfigError
 from kc.models.accounting import parameter_accounting
 from kc.models.classifier import Classifier, count_parameters
-from kc.models.heads import DenseHead
+from kc.models.heads import ClassBlocks, DenseHead
 from kc.models.self_paced import SelfPacedScales
 from kc.models.structured import StructuredHead, VerticalBlocks, head_name, head_weight_formula, plan_buckets
 from kc.pipeline import run_pipeline
@@ -257,7 +257,7 @@ def test_the_logits_of_a_subset_of_classes_equal_those_of_every_class_forward_an
     real = torch.tensor([[True] * 12, [True] * 5 + [False] * 7, [True] * 7 + [False] * 5])
 
     def subset_loss():
-        column_logits, block_logits = head.subset_logits(features, columns, rows, blocks)
+        column_logits, (block_logits,) = head.subset_logits(features, columns, [ClassBlocks(rows, blocks)])
         return column_logits, block_logits, column_logits.square().sum() + block_logits[real].square().sum()
 
     def full_loss():

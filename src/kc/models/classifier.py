@@ -17,18 +17,17 @@ import kc.models.convnet  # noqa: F401  (registers kc_convnet with timm)
 from kc.config import ModelConfig
 from kc.errors import CheckpointError, ConfigError
 from kc.hub_layout import LOCAL_DIR
-from kc.models.heads import DenseHead
+from kc.models.heads import ClassBlocks, DenseHead
 
 
 @dataclass
 class ClassSubset:
-    """The logits a sampled loss needs: `columns` (K,) for every image, and per (image, vertical) pair the block
-    `block_classes` (P, S) for the image `block_rows` (P,) alone (-1: padding, whose logit is 0). With output
+    """The logits a sampled loss needs: `columns` (K,) for every image, and per (image, vertical) pair its
+    vertical's classes for that image alone, in groups padded each to its own width (`ClassBlocks`). With output
     scales, the columns must hold whole verticals and each block row one vertical's classes, all of them."""
 
     columns: torch.Tensor
-    block_rows: torch.Tensor
-    block_classes: torch.Tensor
+    blocks: list[ClassBlocks]
 
 
 class Classifier(nn.Module):
@@ -45,11 +44,11 @@ class Classifier(nn.Module):
 
     def forward(
         self, images: torch.Tensor, classes: torch.Tensor | ClassSubset | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """Logits over every class; over `classes` (K,) only: without output scales the head computes just those
         classes (sampled-negative training), with them all are computed and those kept (a vertical's scale needs
-        its whole block); or for a `ClassSubset`: its (B, K) column logits and (P, S) block logits (the sampled
-        student loss), computed by the head for those classes alone.
+        its whole block); or for a `ClassSubset`: its (B, K) column logits and each group's (P, S) block logits
+        (the sampled student loss), computed by the head for those classes alone.
         An argument of forward, not a method beside it, so that it works through DistributedDataParallel."""
         if classes is None:
             return self.output_scales(self.head(self.backbone(images)))
@@ -63,15 +62,16 @@ class Classifier(nn.Module):
         """Whether the output scales leave the logits as they are: none, or self-paced scales of variant none."""
         return getattr(self.output_scales, "variant", "none") == "none"
 
-    def _subset_logits(self, images: torch.Tensor, subset: ClassSubset) -> tuple[torch.Tensor, torch.Tensor]:
-        padding = subset.block_classes < 0
-        blocks = subset.block_classes.clamp(min=0)
-        columns, per_block = self.head.subset_logits(self.backbone(images), subset.columns, subset.block_rows, blocks)
-        per_block = per_block.masked_fill(padding, 0.0)
+    def _subset_logits(self, images: torch.Tensor, subset: ClassSubset) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        columns, blocks = self.head.subset_logits(self.backbone(images), subset.columns, subset.blocks)
+        blocks = [logits.masked_fill(b.classes < 0, 0.0) for logits, b in zip(blocks, subset.blocks, strict=True)]
         if not self._unscaled():
             columns = self.output_scales.scale_columns(columns, subset.columns)
-            per_block = self.output_scales.scale_blocks(per_block, blocks)
-        return columns, per_block
+            blocks = [
+                self.output_scales.scale_blocks(logits, b.classes.clamp(min=0))
+                for logits, b in zip(blocks, subset.blocks, strict=True)
+            ]
+        return columns, blocks
 
 
 def create_backbone(cfg: ModelConfig, with_weights: bool = True) -> nn.Module:

@@ -7,11 +7,23 @@ plug in beside it: a head maps (B, in_features) -> (B, num_classes) logits.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 LEAKY_SLOPE = 0.01  # model.head.activation leaky_relu: PyTorch's default negative slope
+
+
+@dataclass
+class ClassBlocks:
+    """Logits a sampled loss needs per (image, vertical) pair: for image `rows[p]`, the classes `classes[p]` of
+    one vertical in order, padded with -1 to the width S of the group (a sampled loss pads each group of pairs to
+    its own widest vertical, not to the largest vertical of all). The classifier sets padding's logits to 0."""
+
+    rows: torch.Tensor  # (P,)
+    classes: torch.Tensor  # (P, S)
 
 
 def hidden_activation(name: str, inplace: bool = True) -> nn.Module:
@@ -46,16 +58,20 @@ class DenseHead(nn.Module):
         return F.linear(self.hidden(features), self.out.weight[classes], self.out.bias[classes])
 
     def subset_logits(
-        self, features: torch.Tensor, columns: torch.Tensor, block_rows: torch.Tensor, block_classes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K) logits of `columns` for every image and (P, S) logits of `block_classes` (no padding: every entry
-        a class) for image `block_rows` alone: only the output rows asked for are computed."""
+        self, features: torch.Tensor, columns: torch.Tensor, blocks: list[ClassBlocks]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, K) logits of `columns` for every image and, per group of `blocks`, (P, S) logits of its classes
+        (padding: any class, dropped by the caller) for its rows' images alone: only the output rows asked for are
+        computed."""
         hidden = self.hidden(features)
         weight, bias = self.out.weight, self.out.bias
         column_logits = F.linear(hidden, weight[columns], bias[columns])
-        # index_select, not indexing: its gradient is an index_add, several times faster on CPU than the
-        # accumulating index_put that indexing's gradient is, for the P x S rows (about 50,000 at 100K classes)
-        rows = weight.index_select(0, block_classes.reshape(-1)).view(*block_classes.shape, -1)
-        block_bias = bias.index_select(0, block_classes.reshape(-1)).view(block_classes.shape)
-        block_logits = torch.bmm(rows, hidden[block_rows].unsqueeze(2)).squeeze(2) + block_bias
+        block_logits = []
+        for block in blocks:
+            # index_select, not indexing: its gradient is an index_add, several times faster on CPU than the
+            # accumulating index_put that indexing's gradient is, for the P x S rows (about 50,000 at 100K classes)
+            classes = block.classes.clamp(min=0).reshape(-1)
+            rows = weight.index_select(0, classes).view(*block.classes.shape, -1)
+            block_bias = bias.index_select(0, classes).view(block.classes.shape)
+            block_logits.append(torch.bmm(rows, hidden[block.rows].unsqueeze(2)).squeeze(2) + block_bias)
         return column_logits, block_logits

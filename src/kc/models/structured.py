@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kc.models.heads import DenseHead, hidden_activation
+from kc.models.heads import ClassBlocks, DenseHead, hidden_activation
 
 STRUCTURES = ("fc-fc", "fc-sc", "sc-sc")
 
@@ -243,17 +243,16 @@ class StructuredHead(nn.Module):
         return self._column_logits(shared, private, classes)
 
     def subset_logits(
-        self, features: torch.Tensor, columns: torch.Tensor, block_rows: torch.Tensor, block_classes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K) logits of `columns` for every image, and (P, S) logits of `block_classes` for image `block_rows`
-        alone, where row p holds its vertical's classes in order from its first entry (entries beyond the
+        self, features: torch.Tensor, columns: torch.Tensor, blocks: list[ClassBlocks]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(B, K) logits of `columns` for every image and, per group of `blocks`, (P, S) logits of its classes for
+        its rows' images alone, each row one vertical's classes in order from its first entry (entries beyond the
         vertical's size come out 0). A row's logits are one matmul per vertical among the rows, on the vertical's
         slice of the output weights: no (P, S, k) gather of weight rows, which at verticals of 14K classes would
         outweigh the whole head."""
         shared, private = self.last_hidden(features)
-        return self._column_logits(shared, private, columns), self._block_logits(
-            shared, private, block_rows, block_classes
-        )
+        column_logits = self._column_logits(shared, private, columns)
+        return column_logits, [self._block_logits(shared, private, b.rows, b.classes.clamp(min=0)) for b in blocks]
 
     def _grouped(self, verticals: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
         """The order that groups entries by their vertical (`verticals`), and each vertical's count in it."""
