@@ -8,6 +8,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import kc.models.heads
 from conftest import tiny_config
 from kc.cli import app
 from kc.config import config_from_dict
@@ -244,16 +245,24 @@ def subset_heads():
     ]
 
 
-@pytest.mark.parametrize("index", range(4), ids=["fc-fc", "fc-sc", "fc-sc(x=3)", "sc-sc"])
-def test_the_logits_of_a_subset_of_classes_equal_those_of_every_class_forward_and_backward(index):
+@pytest.mark.parametrize(
+    ("index", "own_matmul"),
+    [(0, 512), (0, 1), (1, 512), (2, 512), (3, 512)],
+    ids=["fc-fc", "fc-fc, a matmul per vertical", "fc-sc", "fc-sc(x=3)", "sc-sc"],
+)
+def test_the_logits_of_a_subset_of_classes_equal_those_of_every_class_forward_and_backward(
+    index, own_matmul, monkeypatch
+):
+    # own_matmul 1: rows of any width take the dense head's path for wide verticals (one matmul per vertical)
+    monkeypatch.setattr(kc.models.heads, "OWN_MATMUL_CLASSES", own_matmul)
     torch.manual_seed(0)
     head = subset_heads()[index]
     features = torch.randn(5, S_B)
     # columns across verticals, out of order; rows: image 3 over vertical 2 (12 classes), image 0 over vertical 0,
-    # image 3 over vertical 5, each padded to 12 (the padding's class stands for any class and is dropped)
+    # image 3 over vertical 5, each padded to 12 with -1 (padding's logits are dropped)
     columns = torch.tensor([20, 0, 6, 1, 17, 5])
     rows = torch.tensor([3, 0, 3])
-    blocks = torch.tensor([list(range(6, 18)), list(range(0, 5)) + [0] * 7, list(range(24, 31)) + [0] * 5])
+    blocks = torch.tensor([list(range(6, 18)), list(range(0, 5)) + [-1] * 7, list(range(24, 31)) + [-1] * 5])
     real = torch.tensor([[True] * 12, [True] * 5 + [False] * 7, [True] * 7 + [False] * 5])
 
     def subset_loss():

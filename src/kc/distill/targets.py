@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kc.models.classifier import ClassSubset
+from kc.models.heads import ClassBlocks
 from kc.taxonomy import Taxonomy
 
 
@@ -150,13 +152,13 @@ class GeneralistTeacher(Teachers):
         self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
     ) -> BlockTargets:
         selected, rows, verticals, width = self.pairs(labels)
-        values = torch.zeros(len(rows), width, device=labels.device)
         if not len(rows):
-            return BlockTargets(rows, verticals, values, selected)
-        probs = torch.sigmoid(self.teacher(images).float() / self.temperature)
-        offsets = torch.arange(values.shape[1], device=labels.device)
+            return BlockTargets(rows, verticals, torch.zeros(0, width, device=labels.device), selected)
+        offsets = torch.arange(width, device=labels.device)
         inside = offsets < self.sizes[verticals].unsqueeze(1)
-        columns = (self.starts[verticals].unsqueeze(1) + offsets).clamp(max=self.num_classes - 1)
-        block = torch.where(inside, probs[rows.unsqueeze(1), columns], 0.0)
+        classes = torch.where(inside, self.starts[verticals].unsqueeze(1) + offsets, -1)
+        # The teacher computes each pair's vertical alone: at 100K classes, a twelfth of all its logits.
+        _, (logits,) = self.teacher(images, classes=ClassSubset(classes.new_zeros(0), [ClassBlocks(rows, classes)]))
+        block = torch.where(inside, torch.sigmoid(logits.float() / self.temperature), 0.0)
         # Top K per pair among its own classes (padding is 0, below every probability).
         return BlockTargets(rows, verticals, keep_top_k(block, self.top_k), selected)

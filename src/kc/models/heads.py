@@ -15,6 +15,19 @@ from torch import nn
 
 LEAKY_SLOPE = 0.01  # model.head.activation leaky_relu: PyTorch's default negative slope
 
+# Verticals with at least this many classes get their own matmul on views of the weights (no copy); smaller ones
+# are bucketed (StructuredHead) or their weight rows gathered (DenseHead.subset_logits). Measured
+# (docs/BENCHMARKS.md): at 100K classes in 20 verticals the views make the FC-SC head 1.4x the dense head instead of
+# 4x; for hundreds of verticals of ~140 classes, buckets are 2.5x faster than a matmul each.
+OWN_MATMUL_CLASSES = 512
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """The index that puts values gathered in `order` back in their original places."""
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(len(order), device=order.device)
+    return inverse
+
 
 @dataclass
 class ClassBlocks:
@@ -61,17 +74,38 @@ class DenseHead(nn.Module):
         self, features: torch.Tensor, columns: torch.Tensor, blocks: list[ClassBlocks]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(B, K) logits of `columns` for every image and, per group of `blocks`, (P, S) logits of its classes
-        (padding: any class, dropped by the caller) for its rows' images alone: only the output rows asked for are
-        computed."""
+        (padding: any value, set to 0 by the classifier) for its rows' images alone: only the output rows asked for
+        are computed."""
         hidden = self.hidden(features)
         weight, bias = self.out.weight, self.out.bias
         column_logits = F.linear(hidden, weight[columns], bias[columns])
-        block_logits = []
-        for block in blocks:
-            # index_select, not indexing: its gradient is an index_add, several times faster on CPU than the
-            # accumulating index_put that indexing's gradient is, for the P x S rows (about 50,000 at 100K classes)
-            classes = block.classes.clamp(min=0).reshape(-1)
-            rows = weight.index_select(0, classes).view(*block.classes.shape, -1)
-            block_bias = bias.index_select(0, classes).view(block.classes.shape)
-            block_logits.append(torch.bmm(rows, hidden[block.rows].unsqueeze(2)).squeeze(2) + block_bias)
-        return column_logits, block_logits
+        return column_logits, [
+            self._gathered(hidden, b) if b.classes.shape[1] < OWN_MATMUL_CLASSES else self._by_vertical(hidden, b)
+            for b in blocks
+        ]
+
+    def _gathered(self, hidden: torch.Tensor, block: ClassBlocks) -> torch.Tensor:
+        """Narrow rows: each entry's weight row gathered, one bmm for the group."""
+        # index_select, not indexing: its gradient is an index_add, several times faster on CPU than the
+        # accumulating index_put that indexing's gradient is
+        classes = block.classes.clamp(min=0).reshape(-1)
+        rows = self.out.weight.index_select(0, classes).view(*block.classes.shape, -1)
+        bias = self.out.bias.index_select(0, classes).view(block.classes.shape)
+        return torch.bmm(rows, hidden[block.rows].unsqueeze(2)).squeeze(2) + bias
+
+    def _by_vertical(self, hidden: torch.Tensor, block: ClassBlocks) -> torch.Tensor:
+        """Wide rows: one matmul per vertical among them on its slice of the output weights (a row's classes are
+        one vertical's, from its first entry on). Gathering a weight row per entry would copy P x S x k floats:
+        470 MB a batch at verticals of 14,362 classes."""
+        width = block.classes.shape[1]
+        starts, vertical = torch.unique(block.classes[:, 0], return_inverse=True)
+        sizes = torch.zeros_like(starts).scatter_(0, vertical, (block.classes >= 0).sum(dim=1))  # rows agree
+        order = torch.argsort(vertical, stable=True)
+        counts = torch.bincount(vertical, minlength=len(starts)).tolist()
+        parts = []
+        for start, size, rows in zip(starts.tolist(), sizes.tolist(), block.rows[order].split(counts), strict=True):
+            logits = F.linear(hidden[rows], self.out.weight[start : start + size], self.out.bias[start : start + size])
+            parts.append(F.pad(logits, (0, width - size)))
+        if not parts:
+            return hidden.new_zeros(0, width)
+        return torch.cat(parts).index_select(0, inverse_permutation(order))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kc.models.heads import ClassBlocks, DenseHead, hidden_activation
+from kc.models.heads import OWN_MATMUL_CLASSES, ClassBlocks, DenseHead, hidden_activation, inverse_permutation
 
 STRUCTURES = ("fc-fc", "fc-sc", "sc-sc")
 
@@ -47,12 +47,6 @@ def plan_buckets(sizes: list[int], max_padding: float) -> list[list[int]]:
                 continue
         buckets.append([v])
     return buckets
-
-
-# Verticals with at least this many classes get their own matmul on views of the weights (no copy); smaller ones
-# are bucketed. Measured (docs/BENCHMARKS.md): at 100K classes in 20 verticals the views make the FC-SC head 1.4x
-# the dense head instead of 4x; for hundreds of verticals of ~140 classes, buckets are 2.5x faster than a matmul each.
-OWN_MATMUL_CLASSES = 512
 
 
 class VerticalBlocks(nn.Module):
@@ -137,13 +131,6 @@ class VerticalBlocks(nn.Module):
             f"own matmuls={len(self.large)}, buckets={len(self.buckets)}, padded_outputs={self.padded_outputs}, "
             f"classes={self.ranges[-1][1]}"
         )
-
-
-def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
-    """The index that puts values gathered in `order` back in their original places."""
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(len(order), device=order.device)
-    return inverse
 
 
 def _linear_parameter(rows: int, cols: int, fan_in: int) -> nn.Parameter:
