@@ -60,7 +60,9 @@ def synthetic_shards(folder: Path, members: list[np.ndarray], sizes: list[int], 
     for v, (mine, size) in enumerate(zip(members, sizes, strict=True)):
         k = min(top_k, size)
         z = -np.sort(-rng.normal(size=(len(mine), k)).astype(np.float32), axis=1)
-        c = np.argsort(rng.random((len(mine), size)), axis=1)[:, :k].astype(np.int32)
+        # k distinct classes a row: sorted draws from [0, size - k] plus 0, 1, ..., k - 1 (ranking every class of a
+        # 14,362-class vertical for each of its images would take gigabytes)
+        c = (np.sort(rng.integers(0, size - k + 1, size=(len(mine), k)), axis=1) + np.arange(k)).astype(np.int32)
         for part, array in (("rows", mine), ("logits", z), ("classes", c)):
             np.save(folder / f"teacher_{v:04d}.{part}.npy", np.ascontiguousarray(array))
         rows.append(np.load(folder / f"teacher_{v:04d}.rows.npy"))
