@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kc.cross_entropy import Term, entry_values, summed_bce, summed_terms
+from kc.cross_entropy import SparseTerm, Term, entry_values, summed_bce, summed_sparse_terms, summed_terms
 
 
 def reference(logits: torch.Tensor, terms: dict[str, Term]) -> dict[str, torch.Tensor]:
@@ -82,3 +82,49 @@ def test_extreme_logits_stay_finite_and_exact():
 def test_a_target_not_of_the_logits_shape_is_refused():
     with pytest.raises(ValueError, match="term 'a': target of shape \\(3, 1\\), logits of shape \\(3, 4\\)"):
         summed_terms(torch.zeros(3, 4), {"a": Term(1.0, torch.zeros(3, 1))})
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_sparse_targets_sum_as_their_dense_terms_over_each_rows_own_entries(padded):
+    """`summed_sparse_terms` against torch's cross-entropy on the dense targets, padding (and anything in it) left
+    out: values and gradients, two temperatures, a column named twice in a row adding up, rows without targets."""
+    g = torch.Generator().manual_seed(0)
+    rows, width = 5, 8
+    sizes = torch.tensor([8, 6, 8, 3, 7]) if padded else torch.full((rows,), width)
+    valid = torch.arange(width) < sizes.unsqueeze(1)
+    base = torch.randn(rows, width, generator=g, dtype=torch.float64) * 6
+    columns = torch.tensor([[0, 5, 5], [1, -1, -1], [7, 2, -1], [-1, -1, -1], [6, 0, 3]])
+    values = torch.rand(rows, 3, generator=g, dtype=torch.float64) * (columns >= 0)
+    labels = torch.tensor([[3], [0], [-1], [2], [6]])
+    weight = torch.rand(rows, generator=g, dtype=torch.float64)
+    terms = {
+        "soft": SparseTerm(weight, columns, values, temperature=2.0),
+        "truth": SparseTerm(1 - weight, labels, (labels >= 0).double()),
+    }
+
+    def dense(term: SparseTerm) -> Term:
+        target = torch.zeros(rows, width, dtype=torch.float64)
+        target.index_put_(
+            (
+                torch.arange(rows).unsqueeze(1).expand_as(term.columns)[term.columns >= 0],
+                term.columns[term.columns >= 0],
+            ),
+            term.values[term.columns >= 0],
+            accumulate=True,
+        )
+        return Term(term.weight.unsqueeze(1) * valid, target, term.temperature)
+
+    grads = []
+    for fn in (
+        lambda x: summed_sparse_terms(x, sizes, terms),
+        lambda x: reference(x, {n: dense(t) for n, t in terms.items()}),
+    ):
+        x = base.clone().requires_grad_()
+        out = fn(x)
+        (out["soft"] * 1.5 + out["truth"] * 2.5).backward()
+        grads.append((out, x.grad))
+    (fast, fast_grad), (ref, ref_grad) = grads
+    for name in terms:
+        torch.testing.assert_close(fast[name], ref[name], rtol=1e-10, atol=1e-9)
+    torch.testing.assert_close(fast_grad, ref_grad, rtol=1e-10, atol=1e-12)
+    assert (fast_grad[~valid] == 0).all()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from kc.distill.loss import distillation_loss
-from kc.distill.targets import OnlineTeachers, keep_top_k, selected_verticals
+from kc.distill.targets import OnlineTeachers, selected_verticals, top_k_entries
 from kc.taxonomy import Taxonomy
 
 TAX = Taxonomy.from_dict(
@@ -84,10 +84,11 @@ def test_temperature_and_other_output():
     assert torch.allclose(soft.values[0, :5], torch.sigmoid(ts[0].logits[0, :5] / 2))  # 'other' is not a class
 
 
-def test_keep_top_k():
-    x = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
-    assert torch.equal(keep_top_k(x, 2), torch.tensor([[0.0, 0.9, 0.0, 0.7]]))
-    assert torch.equal(keep_top_k(x, 10), x)
+def test_top_k_entries_keep_the_largest_of_each_rows_own_classes():
+    x = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.6, 0.2, 0.0, 0.0]])  # row 1: 2 classes, then padding
+    columns, values = top_k_entries(x, 3, torch.tensor([4, 2]))
+    assert columns.tolist() == [[1, 3, 2], [0, 1, -1]]
+    assert torch.equal(values, torch.tensor([[0.9, 0.7, 0.5], [0.6, 0.2, 0.0]]))
 
 
 def loss_and_grad(unselected, mode="none", weights=(1.0, 1.0)):

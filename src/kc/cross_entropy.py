@@ -9,7 +9,9 @@ than half of its training step (docs/BENCHMARKS.md). The entry loss is affine in
 
 so every term sum_i c_i * T_i^2 * bce(x / T_i, t_i) is one softplus per distinct temperature and two dot products,
 and the gradient, sum_i c_i * T_i * (sigmoid(x / T_i) - t_i), needs no intermediate kept from the forward pass but
-the logits.
+the logits. Where the targets are sparse (a teacher's top K of a vertical's thousands of classes, an image's
+labels) and the weight is one per row, `summed_sparse_terms` sums the softplus part per row and the target part over
+the few entries that have one: no dense target, weight or mask is formed at all.
 """
 
 from __future__ import annotations
@@ -102,3 +104,66 @@ class _SummedTerms(torch.autograd.Function):
             else:
                 grad.addcmul_(sigmoid[temp] - t, scale)
         return (grad if grad is not None else torch.zeros_like(logits), None, *([None] * (2 * n)))
+
+
+@dataclass
+class SparseTerm:
+    """c * T^2 * bce(x / T, target), summed over a row's entries, for logits (P, S) whose targets are 0 but at a few
+    entries: `weight` c, one per row (P,); `columns` (P, J) where the target is not 0 (-1: none) and `values` (P, J)
+    the target there. A column may appear more than once in a row: its values add up."""
+
+    weight: torch.Tensor
+    columns: torch.Tensor
+    values: torch.Tensor
+    temperature: float = 1.0
+
+
+def summed_sparse_terms(
+    logits: torch.Tensor, sizes: torch.Tensor, terms: dict[str, SparseTerm]
+) -> dict[str, torch.Tensor]:
+    """Each term's sum over the entries of row p before `sizes[p]` (the rest is padding), differentiable in
+    `logits`: sum_p c_p * (T^2 * sum_s softplus(x_ps / T) - T * sum_j t_pj * x_p,col_pj). One softplus pass per
+    distinct temperature, summed per row, and one gather of the entries with targets."""
+    padded = bool((sizes < logits.shape[1]).any())
+    valid = torch.arange(logits.shape[1], device=logits.device) < sizes.unsqueeze(1) if padded else None
+    row_sums = {t: _RowSoftplus.apply(logits, valid, t) for t in {float(term.temperature) for term in terms.values()}}
+    # One gather for every term's target entries: its gradient is one scatter into the logits' shape.
+    names = list(terms)
+    columns = torch.cat([terms[n].columns for n in names], dim=1)
+    coefficients = torch.cat(
+        [
+            (terms[n].weight.unsqueeze(1) * terms[n].temperature) * terms[n].values * (terms[n].columns >= 0)
+            for n in names
+        ],
+        dim=1,
+    )
+    products = logits.gather(1, columns.clamp(min=0)) * coefficients
+    widths = [terms[n].columns.shape[1] for n in names]
+    out = {}
+    for name, product in zip(names, products.split(widths, dim=1), strict=True):
+        term = terms[name]
+        t = float(term.temperature)
+        out[name] = t * t * torch.dot(term.weight, row_sums[t]) - product.sum()
+    return out
+
+
+class _RowSoftplus(torch.autograd.Function):
+    """(P,): sum over each row's valid entries of softplus(x / T); `valid` (P, S) bool, or None: every entry."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, valid: torch.Tensor | None, temperature: float):
+        values = F.softplus(logits / temperature if temperature != 1.0 else logits)
+        if valid is not None:
+            values.masked_fill_(~valid, 0.0)
+        ctx.temperature = temperature
+        ctx.save_for_backward(logits, valid)
+        return values.sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        logits, valid = ctx.saved_tensors
+        t = ctx.temperature
+        grad = torch.sigmoid(logits / t if t != 1.0 else logits).mul_((grad_rows / t).unsqueeze(1))
+        if valid is not None:
+            grad.masked_fill_(~valid, 0.0)
+        return grad, None, None

@@ -107,9 +107,9 @@ class CachedTeachers(Teachers):
 
     @torch.no_grad()
     def blocks(self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor) -> BlockTargets:
-        # One read per selected vertical into shared buffers, then one scatter for every pair: at 100K classes a
+        # One read per selected vertical into shared buffers, then one reordering for every pair: at 100K classes a
         # batch selects about 400 verticals, and torch calls per vertical cost more than the reads.
-        selected, rows, verticals, width = self.pairs(labels)
+        selected, rows, verticals, _ = self.pairs(labels)
         pairs, device = len(rows), labels.device
         indices = sample_index.cpu().numpy()[rows.cpu().numpy()]
         pair_verticals = verticals.cpu().numpy()
@@ -118,7 +118,7 @@ class CachedTeachers(Teachers):
         found = np.searchsorted(self.pair_keys, indices[order] * self.num_verticals + pair_verticals[order])
         shard_rows = self.pair_row[found]  # each pair's row in its vertical's shard, in `order`
         z = np.full((pairs, self.width), -np.inf, dtype=np.float32)  # sigmoid(-inf) = 0: padding adds nothing
-        where_class = np.full((pairs, self.width), width, dtype=np.int32)  # padding lands in a dropped column
+        where_class = np.full((pairs, self.width), -1, dtype=np.int32)  # -1: no class kept there
         ends = [*np.flatnonzero(np.diff(pair_verticals[order])) + 1, pairs] if pairs else []
         begin = 0
         for end in ends:
@@ -131,9 +131,7 @@ class CachedTeachers(Teachers):
                 z[begin:end, :k] = self.logits[v][where, :k]
                 where_class[begin:end, :k] = self.classes[v][where, :k]
             begin = end
-        padded = torch.zeros(pairs, width + 1, device=device)
-        probs = torch.sigmoid(torch.from_numpy(z).to(device) / self.temperature)
-        columns = torch.from_numpy(where_class).to(device).long()
         unsorted = torch.from_numpy(np.argsort(order)).to(device)  # buffer row of each pair
-        padded.scatter_(1, columns[unsorted], probs[unsorted])
-        return BlockTargets(rows, verticals, padded[:, :width], selected)
+        values = torch.sigmoid(torch.from_numpy(z).to(device) / self.temperature)[unsorted]
+        classes = torch.from_numpy(where_class).to(device).long()[unsorted]
+        return BlockTargets(rows, verticals, classes, values, selected)

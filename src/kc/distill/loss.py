@@ -2,8 +2,8 @@
 
 Summed over classes and averaged over images, like the ground-truth loss. Each class's term is multiplied by its
 vertical's weight (`vertical_weights`, equal here), the interface through which pacing strategies plug in. The
-modes are defined once, as cross-entropy terms (`loss_terms`); the full loss and the sampled one's blocks
-(`kc.distill.sampled`) sum them over their entries in a few passes (`kc.cross_entropy`); `entry_losses` gives their
+modes are defined as cross-entropy terms (`loss_terms`; `sparse_loss_terms` the same for the sampled loss's blocks,
+whose targets are sparse), summed over their entries in a few passes (`kc.cross_entropy`); `entry_losses` gives their
 values entry by entry, as torch's own cross-entropy computes them (the reference in tests and benchmarks).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kc.cross_entropy import Term, entry_values, summed_terms
+from kc.cross_entropy import SparseTerm, Term, entry_values, summed_terms
 from kc.distill.targets import SoftTargets
 
 
@@ -45,6 +45,42 @@ def loss_terms(
     return {
         "distillation": Term(distill_share * distill_weight, targets, temperature),
         "ground_truth": Term(truth_share, truth),
+    }
+
+
+def sparse_loss_terms(
+    target_columns: torch.Tensor,
+    target_values: torch.Tensor,
+    truth_columns: torch.Tensor,
+    distill_weight: torch.Tensor,
+    *,
+    mode: str = "none",
+    truth_weight: float = 0.5,
+    temperature: float = 1.0,
+    has_truth: torch.Tensor | None = None,
+) -> dict[str, SparseTerm]:
+    """`loss_terms` for rows whose targets are sparse (the sampled loss's blocks): the soft targets' `target_columns`
+    and `target_values` (P, K) and the labels' `truth_columns` (P, L), -1 where none, one `distill_weight` and
+    `has_truth` a row (P,). The same terms, entry for entry."""
+    labels = (truth_columns >= 0).float()
+    if mode == "max":
+        # max(z, y) is z but at the labels, where y = 1: there, add 1 - z (z: the soft target, 0 if not kept)
+        same = (truth_columns.unsqueeze(2) == target_columns.unsqueeze(1)) & (target_columns.unsqueeze(1) >= 0)
+        raised = labels * (1 - (same * target_values.unsqueeze(1)).sum(dim=2))
+        if has_truth is not None:
+            raised = raised * has_truth.unsqueeze(1)
+        columns = torch.cat([target_columns, truth_columns], dim=1)
+        return {"distillation": SparseTerm(distill_weight, columns, torch.cat([target_values, raised], 1), temperature)}
+    if mode != "weighted":
+        return {"distillation": SparseTerm(distill_weight, target_columns, target_values, temperature)}
+    if has_truth is None:
+        distill_share, truth_share = 1 - truth_weight, torch.full_like(distill_weight, truth_weight)
+    else:
+        distill_share = torch.where(has_truth, 1 - truth_weight, 1.0)
+        truth_share = truth_weight * has_truth.float()
+    return {
+        "distillation": SparseTerm(distill_share * distill_weight, target_columns, target_values, temperature),
+        "ground_truth": SparseTerm(truth_share, truth_columns, labels),
     }
 
 

@@ -16,14 +16,12 @@ verticals of similar size, each padded to its own widest (`width_groups`).
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kc.cross_entropy import summed_terms
-from kc.distill.loss import loss_terms, sum_terms
+from kc.cross_entropy import summed_sparse_terms
+from kc.distill.loss import sparse_loss_terms, sum_terms
 from kc.distill.targets import Teachers
 from kc.models.classifier import ClassSubset
 from kc.models.heads import ClassBlocks
@@ -84,20 +82,18 @@ class SampledVerticalsLoss:
 
         terms = {}
         for pairs, block, logits in zip(groups, blocks, block_logits, strict=True):
-            verticals, width = targets.verticals[pairs], block.classes.shape[1]
-            own = loss_terms(
-                targets.values[:, :width].index_select(0, pairs),
-                self._block_truth(labels, block.rows, verticals, width),
-                self.vertical_weights[verticals].unsqueeze(1),
+            verticals = targets.verticals[pairs]
+            own = sparse_loss_terms(
+                targets.classes[pairs],
+                targets.values[pairs],
+                self._truth_columns(labels, block.rows, verticals),
+                self.vertical_weights[verticals],
                 **self.options,
-                has_truth=None if has_truth is None else has_truth[block.rows].unsqueeze(1),
+                has_truth=None if has_truth is None else has_truth[block.rows],
             )
-            # Summed in a few passes (kc.cross_entropy); entries beyond a pair's vertical (padding) weigh nothing.
-            inside = block.classes >= 0
-            group_terms = summed_terms(
-                logits.float(), {name: replace(term, weight=term.weight * inside) for name, term in own.items()}
-            )
-            for name, value in group_terms.items():
+            # The softplus part per row over the vertical's classes (padding left out), the targets' few entries
+            # apart (kc.cross_entropy): no dense target or weight is formed.
+            for name, value in summed_sparse_terms(logits.float(), t.sizes[verticals], own).items():
                 terms[name] = terms[name] + value if name in terms else value
         if len(columns):
             slot = torch.repeat_interleave(torch.arange(len(drawn), device=device), sizes)  # column -> drawn vertical
@@ -169,24 +165,24 @@ class SampledVerticalsLoss:
             terms["ground_truth"] = w * truth * scale
         return terms
 
-    def _block_truth(
-        self, labels: torch.Tensor, rows: torch.Tensor, verticals: torch.Tensor, width: int
-    ) -> torch.Tensor:
-        """(P, S): 1 where the pair's image has that class of the pair's vertical as a label. The pairs must be in
-        ascending (row, vertical) order; labels of other pairs are left out."""
+    def _truth_columns(self, labels: torch.Tensor, rows: torch.Tensor, verticals: torch.Tensor) -> torch.Tensor:
+        """(P, L): the classes (within the pair's vertical) that the pair's image has as labels, -1 beyond. The
+        pairs must be in ascending (row, vertical) order; labels of other pairs are left out."""
         t = self.teachers
-        truth = torch.zeros(len(rows), width, device=labels.device)
-        if not len(rows):
-            return truth
         image, slot = (labels >= 0).nonzero(as_tuple=True)
         classes = labels[image, slot]
         vertical = t.vertical_of_class[classes]
-        # Find each label's pair by its key, keeping the labels whose pair is among these.
+        # Find each label's pair by its key, keeping the labels whose pair is among these (each once).
         keys, wanted = rows * self.num_verticals + verticals, image * self.num_verticals + vertical
-        pair = torch.searchsorted(keys, wanted).clamp(max=len(keys) - 1)
-        found = keys[pair] == wanted
-        truth[pair[found], (classes - t.starts[vertical])[found]] = 1.0
-        return truth
+        pair = torch.searchsorted(keys, wanted).clamp(max=max(len(keys) - 1, 0))
+        found = keys[pair] == wanted if len(keys) else torch.zeros_like(wanted, dtype=torch.bool)
+        entries = torch.unique(pair[found] * t.num_classes + (classes - t.starts[vertical])[found])  # by pair
+        pair, column = entries // t.num_classes, entries % t.num_classes
+        counts = torch.bincount(pair, minlength=len(rows))
+        place = torch.arange(len(entries), device=labels.device) - (torch.cumsum(counts, 0) - counts)[pair]
+        columns = torch.full((len(rows), int(counts.max()) if len(entries) else 0), -1, device=labels.device)
+        columns[pair, place] = column
+        return columns
 
 
 def width_groups(sizes: list[int], max_padding: float = 0.2) -> list[int]:

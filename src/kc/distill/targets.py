@@ -5,8 +5,9 @@ sigma(t / T) over v's classes; the top K are kept and the rest set to 0. Classes
 selected for get target 0 (``unselected: zero``, the paper), or carry no distillation loss at all
 (``unselected: ignore``): `SoftTargets.defined` says which entries the loss may use.
 
-Teachers give their targets as `BlockTargets`, one row per (image, selected vertical) pair over that vertical's
-classes: what the sampled student loss reads. `SoftTargets` spreads them over every class (the full loss).
+Teachers give their targets as `BlockTargets`, one row per (image, selected vertical) pair holding the K classes
+of that vertical it keeps and their targets (sparse, as the cache stores them): what the sampled student loss
+reads. `SoftTargets` spreads them over every class (the full loss).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class SoftTargets:
 class BlockTargets:
     rows: torch.Tensor  # (P,) the image of each (image, selected vertical) pair, ascending
     verticals: torch.Tensor  # (P,) the pair's vertical, ascending within an image
-    values: torch.Tensor  # (P, S) targets over the vertical's classes in order, zero-padded to S (largest vertical)
+    classes: torch.Tensor  # (P, K) long: the classes kept (top K), as indices within the vertical; -1: none
+    values: torch.Tensor  # (P, K) their target probabilities; 0 where the class is -1 (every other class: 0)
     selected: torch.Tensor  # (B, V) bool: the teachers each image was taught by
 
 
@@ -44,12 +46,12 @@ def selected_verticals(labels: torch.Tensor, vertical_of_class: torch.Tensor, nu
     return selected[:, :num_verticals]
 
 
-def keep_top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
-    """Zero all but the k largest entries of each row."""
-    if k >= probs.shape[1]:
-        return probs
-    top = probs.topk(k, dim=1)
-    return torch.zeros_like(probs).scatter_(1, top.indices, top.values)
+def top_k_entries(probs: torch.Tensor, k: int, sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of each row of `probs` (P, S) among its first `sizes` (P,) (the rest is padding):
+    their indices, -1 where a row has fewer than k, and their values, 0 there."""
+    top = probs.topk(min(k, probs.shape[1]), dim=1)
+    kept = top.indices < sizes.unsqueeze(1)
+    return torch.where(kept, top.indices, -1), torch.where(kept, top.values, 0.0)
 
 
 class Teachers:
@@ -87,11 +89,10 @@ class Teachers:
     ) -> SoftTargets:
         blocks = self.blocks(images, labels, sample_index)
         values = torch.zeros(labels.shape[0], self.num_classes, device=labels.device)
-        offsets = torch.arange(blocks.values.shape[1], device=labels.device)
-        valid = offsets < self.sizes[blocks.verticals].unsqueeze(1)
-        columns = self.starts[blocks.verticals].unsqueeze(1) + offsets
+        kept = blocks.classes >= 0
+        columns = self.starts[blocks.verticals].unsqueeze(1) + blocks.classes
         rows = blocks.rows.unsqueeze(1).expand_as(columns)
-        values[rows[valid], columns[valid]] = blocks.values[valid]
+        values[rows[kept], columns[kept]] = blocks.values[kept]
         if self.unselected == "zero":
             defined = torch.ones_like(values, dtype=torch.bool)
         else:
@@ -122,13 +123,17 @@ class OnlineTeachers(Teachers):
         self, images: torch.Tensor, labels: torch.Tensor, sample_index: torch.Tensor | None = None
     ) -> BlockTargets:
         selected, rows, verticals, width = self.pairs(labels)
-        values = torch.zeros(len(rows), width, device=labels.device)
+        k = min(self.top_k, width)
+        classes = torch.full((len(rows), k), -1, dtype=torch.long, device=labels.device)
+        values = torch.zeros(len(rows), k, device=labels.device)
         for v in verticals.unique().tolist():
             pairs = (verticals == v).nonzero().flatten()
             size = self.vertical_sizes[v]
             logits = self.teachers[v](images[rows[pairs]]).float()[:, :size]  # an 'other' output is not a class
-            values[pairs, :size] = keep_top_k(torch.sigmoid(logits / self.temperature), self.top_k)
-        return BlockTargets(rows, verticals, values, selected)
+            top = torch.sigmoid(logits / self.temperature).topk(min(k, size), dim=1)
+            classes[pairs, : top.indices.shape[1]] = top.indices
+            values[pairs, : top.values.shape[1]] = top.values
+        return BlockTargets(rows, verticals, classes, values, selected)
 
 
 class GeneralistTeacher(Teachers):
@@ -153,12 +158,13 @@ class GeneralistTeacher(Teachers):
     ) -> BlockTargets:
         selected, rows, verticals, width = self.pairs(labels)
         if not len(rows):
-            return BlockTargets(rows, verticals, torch.zeros(0, width, device=labels.device), selected)
+            none = torch.zeros(0, 0, device=labels.device)
+            return BlockTargets(rows, verticals, none.long(), none, selected)
         offsets = torch.arange(width, device=labels.device)
-        inside = offsets < self.sizes[verticals].unsqueeze(1)
+        sizes = self.sizes[verticals]
+        inside = offsets < sizes.unsqueeze(1)
         classes = torch.where(inside, self.starts[verticals].unsqueeze(1) + offsets, -1)
         # The teacher computes each pair's vertical alone: at 100K classes, a twelfth of all its logits.
         _, (logits,) = self.teacher(images, classes=ClassSubset(classes.new_zeros(0), [ClassBlocks(rows, classes)]))
         block = torch.where(inside, torch.sigmoid(logits.float() / self.temperature), 0.0)
-        # Top K per pair among its own classes (padding is 0, below every probability).
-        return BlockTargets(rows, verticals, keep_top_k(block, self.top_k), selected)
+        return BlockTargets(rows, verticals, *top_k_entries(block, self.top_k, sizes), selected)
