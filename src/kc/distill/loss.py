@@ -37,11 +37,7 @@ def loss_terms(
         targets = raised if has_truth is None else torch.where(has_truth, raised, targets)
     if mode != "weighted":
         return {"distillation": Term(distill_weight, targets, temperature)}
-    if has_truth is None:
-        distill_share, truth_share = 1 - truth_weight, truth_weight
-    else:
-        distill_share = torch.where(has_truth, 1 - truth_weight, 1.0)
-        truth_share = truth_weight * has_truth.float()
+    distill_share, truth_share = weighted_shares(truth_weight, has_truth)
     return {
         "distillation": Term(distill_share * distill_weight, targets, temperature),
         "ground_truth": Term(truth_share, truth),
@@ -73,15 +69,21 @@ def sparse_loss_terms(
         return {"distillation": SparseTerm(distill_weight, columns, torch.cat([target_values, raised], 1), temperature)}
     if mode != "weighted":
         return {"distillation": SparseTerm(distill_weight, target_columns, target_values, temperature)}
-    if has_truth is None:
-        distill_share, truth_share = 1 - truth_weight, torch.full_like(distill_weight, truth_weight)
-    else:
-        distill_share = torch.where(has_truth, 1 - truth_weight, 1.0)
-        truth_share = truth_weight * has_truth.float()
+    distill_share, truth_share = weighted_shares(truth_weight, has_truth)
     return {
         "distillation": SparseTerm(distill_share * distill_weight, target_columns, target_values, temperature),
-        "ground_truth": SparseTerm(truth_share, truth_columns, labels),
+        "ground_truth": SparseTerm(truth_share * torch.ones_like(distill_weight), truth_columns, labels),
     }
+
+
+def weighted_shares(
+    truth_weight: float, has_truth: torch.Tensor | None
+) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+    """Mode weighted's shares of the distillation and of the truth: 1 - w and w where the label is truth, 1 and 0
+    where it is not (`has_truth` False: an unlabeled image); None: every label is truth."""
+    if has_truth is None:
+        return 1 - truth_weight, truth_weight
+    return torch.where(has_truth, 1 - truth_weight, 1.0), truth_weight * has_truth.float()
 
 
 def entry_losses(logits: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
