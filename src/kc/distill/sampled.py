@@ -80,13 +80,14 @@ class SampledVerticalsLoss:
         column_logits, block_logits = model(images, classes=ClassSubset(columns, blocks))
         has_truth = None if self.labelled_images is None else batch["index"].to(device) < self.labelled_images
 
+        truth = self._truth_columns(labels, targets.rows, targets.verticals)
         terms = {}
         for pairs, block, logits in zip(groups, blocks, block_logits, strict=True):
             verticals = targets.verticals[pairs]
             own = sparse_loss_terms(
                 targets.classes[pairs],
                 targets.values[pairs],
-                self._truth_columns(labels, block.rows, verticals),
+                truth[pairs],
                 self.vertical_weights[verticals],
                 **self.options,
                 has_truth=None if has_truth is None else has_truth[block.rows],
@@ -167,16 +168,14 @@ class SampledVerticalsLoss:
 
     def _truth_columns(self, labels: torch.Tensor, rows: torch.Tensor, verticals: torch.Tensor) -> torch.Tensor:
         """(P, L): the classes (within the pair's vertical) that the pair's image has as labels, -1 beyond. The
-        pairs must be in ascending (row, vertical) order; labels of other pairs are left out."""
+        pairs are every image's selected verticals, in ascending (row, vertical) order (`Teachers.pairs`)."""
         t = self.teachers
         image, slot = (labels >= 0).nonzero(as_tuple=True)
         classes = labels[image, slot]
         vertical = t.vertical_of_class[classes]
-        # Find each label's pair by its key, keeping the labels whose pair is among these (each once).
-        keys, wanted = rows * self.num_verticals + verticals, image * self.num_verticals + vertical
-        pair = torch.searchsorted(keys, wanted).clamp(max=max(len(keys) - 1, 0))
-        found = keys[pair] == wanted if len(keys) else torch.zeros_like(wanted, dtype=torch.bool)
-        entries = torch.unique(pair[found] * t.num_classes + (classes - t.starts[vertical])[found])  # by pair
+        # Each label's pair, found by its key; a label given twice counts once.
+        pair = torch.searchsorted(rows * self.num_verticals + verticals, image * self.num_verticals + vertical)
+        entries = torch.unique(pair * t.num_classes + classes - t.starts[vertical])  # sorted by pair
         pair, column = entries // t.num_classes, entries % t.num_classes
         counts = torch.bincount(pair, minlength=len(rows))
         place = torch.arange(len(entries), device=labels.device) - (torch.cumsum(counts, 0) - counts)[pair]
