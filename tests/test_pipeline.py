@@ -160,12 +160,14 @@ def test_ablate_trains_every_student_on_shared_teachers_and_reports_val_apart(tm
         "| + self-paced scales (centred) | fc-fc |",
         "| + self-paced scales (running norms) | fc-fc |",
         "| + both (paper scales) |",
+        "| SC-SC + centred scales | sc-sc |",
     ):
         assert name in table
     assert "| val mAP | val - same compute | val - ground truth | test mAP |" in table and "Best on val mAP" in table
     result = json.loads((run.dir / "ablation" / "ablation.json").read_text())
     params = {s["variant"]: s["parameters"] for s in result["summary"]}
-    assert params["+ both (paper scales)"] > params["+ self-paced scales (paper)"] > params["distillation"]
+    assert params["SC-SC"] > params["+ both (paper scales)"] > params["+ self-paced scales (paper)"]
+    assert params["+ self-paced scales (paper)"] > params["distillation"]
     assert params["+ self-paced scales (centred)"] == params["+ self-paced scales (paper)"]
     assert params["+ self-paced scales (running norms)"] == params["+ self-paced scales (paper)"]  # a buffer
     best = max(result["summary"], key=lambda s: s["val_mAP"])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kc.config import config_from_dict
+from kc.ablate import ablate, ablation_table
+from kc.config import config_from_dict, load_config
 from kc.data.dataset import ImageDataset, collate
 from kc.data.feature_benchmark import FeatureBenchmarkSpec, generate_feature_benchmark
 from kc.distill.cache_format import cache_dir, read_shards, shard_prefix
@@ -24,7 +25,14 @@ from kc.stages import GROUND_TRUTH_LABELLED, STUDENT, load_stage, new_model, spe
 from kc.train.checkpoint import CheckpointDir
 from kc.train.controls import total_compute_epochs
 from kc.train.student import cache_targets, train_student
-from kc.train.teacher_choice import CHOICE, online_teachers, specialist_teaches, teacher_choice, teacher_digests
+from kc.train.teacher_choice import (
+    CHOICE,
+    load_reference,
+    online_teachers,
+    specialist_teaches,
+    teacher_choice,
+    teacher_digests,
+)
 from kc.train.unlabeled import student_training_samples
 
 SPEC = FeatureBenchmarkSpec(
@@ -190,3 +198,35 @@ def test_the_student_waits_for_its_reference_and_the_choice_needs_unlabeled_imag
         config(bench, tmp_path / "other", **{"data.unlabeled": None})
     with pytest.raises(ConfigError, match="needs generalist.loss: bce"):
         config(bench, tmp_path / "other", **{"generalist.loss": "softmax"})
+
+
+def test_an_ablation_variant_learns_from_the_run_s_teachers_and_trains_its_own_labelled_control(finished, tmp_path):
+    bench, run = finished
+    assert run.cfg.student.head.structure == "fc-fc"  # the variant's SC-SC head could not load the reference
+    result = ablate(run, [0], verbose=False, variants=["sc-sc_vertical_centred"])
+    variant = run.dir / "ablation" / "sc-sc_vertical_centred" / "seed_0"
+    sub = prepare_run(load_config(variant / "config.yaml", {"run_dir": str(variant)}), progress=False)
+    assert sub.cfg.student.reference_run == run.dir
+    # the run's teachers: its choice and cache, read through the links, not measured or built again
+    assert (variant / CHOICE).is_symlink() and (variant / "cache").is_symlink()
+    assert teacher_choice(sub) == teacher_choice(run) and teacher_digests(sub) == teacher_digests(run)
+    reference, own = load_reference(sub), load_reference(run)
+    x = torch.randn(5, SPEC.dim)
+    with torch.no_grad():
+        torch.testing.assert_close(reference(x), own(x))
+    # its control is the labelled-only one with the variant's head and scales, in its own directory
+    control = load_stage(sub.stage_dir(GROUND_TRUTH_LABELLED), new_model(sub, GROUND_TRUTH_LABELLED))
+    assert control.output_scales.centred and type(control.head).__name__ == "StructuredHead"
+    row = result["rows"][0]
+    assert result["truth_control"] == GROUND_TRUTH_LABELLED
+    assert row["truth_val_mAP"] == evaluate_stage(sub, GROUND_TRUTH_LABELLED, "val", progress=False)["mAP"]
+    assert "ground truth = the ground truth on the labelled images only" in ablation_table(result)
+    with pytest.raises(ConfigError, match="reference_run: .* is not a run directory"):
+        other = config(bench, tmp_path / "other", **{"student.reference_run": tmp_path})
+        load_reference(prepare_run(other, progress=False))
+
+
+def test_a_reference_run_needs_the_teacher_choice(finished, tmp_path):
+    bench, _ = finished
+    with pytest.raises(ConfigError, match="reference_run names the labelled-only control"):
+        config(bench, tmp_path / "run", **{"student.teacher_choice": "specialists", "student.reference_run": tmp_path})

@@ -2,12 +2,16 @@
 
 Variants: distillation alone (dense head, plain logits); + self-paced scales (the paper's, the centred ones that
 keep the ranking across verticals, and the running norms that change no ranking); + structurally connected layers
-(FC-SC); + both. Each variant is trained for each seed in its own run directory under RUN/ablation/, which links
-the run's data, generalist, specialists and soft-target cache instead of copying them, beside two controls: per
-head structure the same-compute one (the generalist trained on with the ground truth, same head, same epochs),
-and per variant with scales the ground-truth one with the student's head and scales (what the scales give
-without teachers; for a variant without scales it is the same-compute control). Everything resumes like any
-stage; `variants` (their slugs, e.g. fc-sc_vertical_centred) trains some of them only.
+(FC-SC); + both; and the same scales on a block of each hidden layer per vertical (SC-SC). Each variant is
+trained for each seed in its own run directory under RUN/ablation/, which links the run's data, generalist,
+specialists, soft-target cache and teacher choice instead of copying them, so that every variant learns from the
+same teachers (under `teacher_choice: better_on_val` the run's own labelled-only control stays the reference:
+`student.reference_run`). Beside each variant, two controls: per head structure the same-compute one (the
+generalist trained on with the ground truth, same head, same epochs), and the ground-truth one with the variant's
+head and scales (what the head and scales give without teachers): with unlabeled images, on the labelled images
+only (`control_ground_truth_labelled`, the strongest baseline there), trained for every variant; without, for
+the variants with scales (for one without, it is the same-compute control). Everything resumes like any stage;
+`variants` (their slugs, e.g. sc-sc_vertical_centred) trains some of them only.
 
 Every model is scored on val (what a choice between variants may read) and on test (the record), printed apart.
 The seeds here vary the student's and control's data order only (the teachers are the run's); for seeds over the
@@ -24,9 +28,10 @@ from kc.errors import KCError
 from kc.evaluate.stage import evaluate_stage
 from kc.io import atomic_write_json, atomic_write_text
 from kc.run import Run, prepare_run
-from kc.stages import CONTROL, GROUND_TRUTH, STUDENT
-from kc.train.controls import train_control, train_ground_truth_control
+from kc.stages import CONTROL, GROUND_TRUTH, GROUND_TRUTH_LABELLED, STUDENT
+from kc.train.controls import TRAIN, train_control
 from kc.train.student import cache_targets, train_student
+from kc.train.teacher_choice import CHOICE, chooses
 
 # name, head structure, self-paced variant, normalisation of the blocks (image: the paper's; centred; running)
 VARIANTS: list[tuple[str, str, str, str]] = [
@@ -38,6 +43,10 @@ VARIANTS: list[tuple[str, str, str, str]] = [
     ("+ both (paper scales)", "fc-sc", "vertical", "image"),
     ("+ both (centred scales)", "fc-sc", "vertical", "centred"),
     ("+ both (running norms)", "fc-sc", "vertical", "running"),
+    ("SC-SC", "sc-sc", "none", "image"),
+    ("SC-SC + paper scales", "sc-sc", "vertical", "image"),
+    ("SC-SC + centred scales", "sc-sc", "vertical", "centred"),
+    ("SC-SC + running norms", "sc-sc", "vertical", "running"),
 ]
 
 
@@ -46,7 +55,7 @@ def slug(structure: str, self_paced: str, norm: str) -> str:
     return f"{structure}_{self_paced}" + ("" if norm == "image" else f"_{norm}")
 
 
-SHARED = ("taxonomy.json", "data", "generalist", "specialists", "cache")
+SHARED = ("taxonomy.json", "data", "generalist", "specialists", "cache", CHOICE)
 METRICS = ("mAP", "mean_per_vertical_AP")
 SPLITS = ("val", "test")
 
@@ -68,6 +77,10 @@ def _variant_run(run: Run, slug: str, seed: int, structure: str, self_paced: str
     }
     if structure == "fc-fc":
         overrides = merge(overrides, {"student": {"head": {"shared_units": 0, "init": "generalist"}}})
+    if structure == "sc-sc":
+        overrides = merge(overrides, {"student": {"head": {"shared_units": 0}}})
+    if chooses(run):  # the run's labelled-only control teaches where it beats the specialist, whatever the variant
+        overrides = merge(overrides, {"student": {"reference_run": str(run.dir)}})
     return prepare_run(load_config(run.dir / "config.yaml", overrides), progress=False)
 
 
@@ -88,6 +101,7 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True, variants: list[str]
     chosen = [v for v in VARIANTS if variants is None or slug(*v[1:]) in variants]
     rows: list[dict[str, Any]] = []
     controls: dict[tuple[str, int], dict[str, Any]] = {}
+    truth_stage = GROUND_TRUTH_LABELLED if run.unlabeled else GROUND_TRUTH
     for name, structure, self_paced, norm in chosen:
         for seed in seeds:
             sub = _variant_run(run, slug(structure, self_paced, norm), seed, structure, self_paced, norm)
@@ -100,9 +114,9 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True, variants: list[str]
                 controls[(structure, seed)] = _scores(sub, CONTROL)
             control = controls[(structure, seed)]
             truth = control
-            if self_paced != "none":  # the student's head and scales on the labels
-                train_ground_truth_control(sub, progress=False, verbose=False)
-                truth = _scores(sub, GROUND_TRUTH)
+            if self_paced != "none" or truth_stage == GROUND_TRUTH_LABELLED:  # the variant's head and scales
+                TRAIN[truth_stage](sub, progress=False, verbose=False)
+                truth = _scores(sub, truth_stage)
             rows.append(
                 {
                     "variant": name,
@@ -142,7 +156,7 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True, variants: list[str]
                 entry[f"{split}_vs_{control}_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
         summary.append(entry)
     best = max(summary, key=lambda s: s["val_mAP"])["variant"]
-    result = {"seeds": seeds, "rows": rows, "summary": summary, "best_on_val": best}
+    result = {"seeds": seeds, "rows": rows, "summary": summary, "best_on_val": best, "truth_control": truth_stage}
     out = run.dir / "ablation"
     atomic_write_json(out / "ablation.json", result)
     atomic_write_text(out / "ablation.md", ablation_table(result) + "\n")
@@ -152,11 +166,14 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True, variants: list[str]
 def ablation_table(result: dict[str, Any]) -> str:
     seeds = result["seeds"]
     spread = len(seeds) > 1
+    if result.get("truth_control") == GROUND_TRUTH_LABELLED:
+        truth = "the ground truth on the labelled images only, with the student's head and scales"
+    else:
+        truth = "the same with the student's head and scales (for a student without scales, the same-compute control)"
     lines = [
         f"Means over seeds {', '.join(map(str, seeds))} (the student's and controls' data order). Controls: same "
         "compute = the generalist trained on with the ground truth for the student's epochs, same head; ground "
-        "truth = the same with the student's head and scales (for a student without scales, the same-compute "
-        "control). Val chooses, test records.",
+        f"truth = {truth}. Val chooses, test records.",
         "",
         "| student | head | parameters | val mAP | val - same compute | val - ground truth | test mAP | "
         "test mean per-vertical AP | test - same compute | test - ground truth |",

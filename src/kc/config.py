@@ -305,6 +305,13 @@ class StudentConfig(TrainConfig):
         "labelled images alone (the labelled-only control, then trained before the student), else by that head's "
         "block of the vertical (needs data.unlabeled and the bce loss)",
     )
+    reference_run: Path | None = Field(
+        None,
+        description="under teacher_choice better_on_val: another run directory over the same data and taxonomy "
+        "whose labelled-only control is the reference (compared with each specialist, and teaching where it is "
+        "better) instead of this run's own (kc ablate sets it, so that every variant learns from its run's "
+        "teachers; this run's own labelled-only control is then a control only)",
+    )
     unselected: Literal["zero", "ignore"] = Field(
         "zero",
         description="classes of verticals no teacher was selected for: target 0 (paper), or no distillation loss there",
@@ -399,6 +406,11 @@ class RunConfig(_Strict):
                 "the labelled images only, a control trained with data.unlabeled; give data.unlabeled, or set "
                 "teacher_choice: specialists"
             )
+        if student.reference_run is not None and student.teacher_choice != "better_on_val":
+            raise ValueError(
+                "student.reference_run names the labelled-only control that teacher_choice better_on_val compares "
+                "the specialists with; set teacher_choice: better_on_val, or remove reference_run"
+            )
         if student.teacher_choice == "better_on_val" and self.generalist.loss != "bce":
             raise ValueError(
                 "student.teacher_choice better_on_val teaches with the labelled-only control's logits as sigmoid "
@@ -430,6 +442,7 @@ def _absolutise(cfg: RunConfig, base: Path) -> RunConfig:
         d.image_root, d.taxonomy = d.shards, d.taxonomy or d.shards / "taxonomy.json"
     d.image_root = fix(d.image_root) if d.image_root else (d.manifest.parent if d.manifest else None)
     cfg.model.pretrained = fix(cfg.model.pretrained)
+    cfg.student.reference_run = fix(cfg.student.reference_run)
     if cfg.model.backbone.startswith(LOCAL_DIR):
         cfg.model.backbone = LOCAL_DIR + str(fix(Path(cfg.model.backbone[len(LOCAL_DIR) :])))
     return cfg

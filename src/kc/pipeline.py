@@ -15,7 +15,7 @@ from typing import Any
 
 from kc import distributed
 from kc.evaluate import plots
-from kc.evaluate.compare import compare_splits
+from kc.evaluate.compare import ChosenTeachers, compare_splits
 from kc.evaluate.report import report_html, run_report
 from kc.io import atomic_write_json, atomic_write_text, read_json
 from kc.jobs import run_shard_jobs
@@ -27,7 +27,7 @@ from kc.train.controls import TRAIN
 from kc.train.generalist import train_generalist
 from kc.train.specialists import train_specialists
 from kc.train.student import cache_targets
-from kc.train.teacher_choice import REFERENCE, chooses, specialist_teaches, teacher_choice
+from kc.train.teacher_choice import REFERENCE, chooses, load_reference, specialist_teaches, teacher_choice
 from kc.train.trainer import stage_complete
 
 TIMINGS, MEMORY = "timings.json", "memory.json"
@@ -106,7 +106,8 @@ def run_pipeline(
 def compare_run(run: Run, progress: bool = False) -> dict[str, Any]:
     """Every trained model of the run on val and test (`compare_splits`), with the teachers the student learned
     from under `student.teacher_choice: better_on_val`."""
-    return compare_splits(run, progress=progress, specialist_teaches=specialist_teaches(run) if chooses(run) else None)
+    teachers = ChosenTeachers(specialist_teaches(run), lambda: load_reference(run)) if chooses(run) else None
+    return compare_splits(run, progress=progress, teachers=teachers)
 
 
 def write_report(run: Run, result: dict[str, Any]) -> None:

@@ -26,6 +26,8 @@ Images/s are the forward passes alone (decoding excluded), with the same batch s
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -61,6 +63,15 @@ CHOSEN = "teachers as chosen on val (oracle-routed)"
 METRICS = ("mAP", "mean_per_vertical_AP")
 
 
+@dataclass(frozen=True)
+class ChosenTeachers:
+    """Under `student.teacher_choice: better_on_val`: per vertical whether its specialist teaches it, and the model
+    that teaches the others (the labelled-only control: `kc.train.teacher_choice.load_reference`)."""
+
+    specialist_teaches: list[bool]
+    load_reference: Callable[[], torch.nn.Module]
+
+
 def output_scales(model: torch.nn.Module, run: Run) -> dict[str, float] | None:
     scales = getattr(model, "output_scales", None)
     if not isinstance(scales, SelfPacedScales) or scales.variant == "none":
@@ -73,12 +84,12 @@ def _rate(n: int, seconds: float) -> float:
 
 
 def compare(
-    run: Run, split: str = "test", progress: bool = False, specialist_teaches: list[bool] | None = None
+    run: Run, split: str = "test", progress: bool = False, teachers: ChosenTeachers | None = None
 ) -> dict[str, Any]:
     """Every model scored on `split` and reduced to its metrics before the next is scored: at most the generalist's
     scores, the targets and one more (images x classes) matrix are held at once (at 100K classes, 1.6 GB each for
-    4,000 images). `specialist_teaches` (per vertical, under `student.teacher_choice: better_on_val`) adds the row of
-    the teachers as chosen, and with it one more matrix."""
+    4,000 images). `teachers` (under `student.teacher_choice: better_on_val`) adds the row of the teachers as chosen,
+    and with it one more matrix."""
     samples = run.splits[split]
     device = resolve_device(run.cfg.device)
     C, n = run.taxonomy.num_classes, len(samples)
@@ -150,19 +161,19 @@ def compare(
     spec_seconds = sum(spec_times)
     K = len(specialists) * run.cfg.specialists.folds  # networks: cross-fitted verticals run every fold's
     add("specialists_oracle", ORACLE, oracle, spec_params, K, spec_seconds)
-    if specialist_teaches is not None and not all(specialist_teaches):
+    if teachers is not None and not all(teachers.specialist_teaches):
         # The labelled-only control's scores, with the blocks of the verticals its specialist teaches overwritten
         # by the specialist's: under teacher choice, one more (images x classes) matrix for this row.
-        reference = load_stage(run.stage_dir(GROUND_TRUTH_LABELLED), new_model(run, GROUND_TRUTH_LABELLED))
+        reference = teachers.load_reference()
         chosen, _, seconds = run_model(reference, GROUND_TRUTH_LABELLED)
         parameters = count_parameters(reference)
-        for v, own in enumerate(specialist_teaches):
+        for v, own in enumerate(teachers.specialist_teaches):
             if own:
                 start, end = run.taxonomy.vertical_ranges[v]
                 chosen[:, start:end] = oracle[:, start:end]
                 parameters += count_parameters(specialists[v])
                 seconds += spec_times[v]
-        networks = sum(specialist_teaches) * run.cfg.specialists.folds + 1
+        networks = sum(teachers.specialist_teaches) * run.cfg.specialists.folds + 1
         add("teachers_chosen", CHOSEN, chosen, parameters, networks, seconds)
         del chosen
     for start, end in run.taxonomy.vertical_ranges:  # the ensemble, in place: gated by the generalist
@@ -186,11 +197,11 @@ def compare(
     }
 
 
-def compare_splits(run: Run, progress: bool = False, specialist_teaches: list[bool] | None = None) -> dict[str, Any]:
+def compare_splits(run: Run, progress: bool = False, teachers: ChosenTeachers | None = None) -> dict[str, Any]:
     """The comparison on test (the record; its keys at the top level) with the comparison on val beside it (key
     `val`, what chooses); the strongest baseline chosen on val and the gap closed on test (`gaps`)."""
-    test = compare(run, "test", progress=progress, specialist_teaches=specialist_teaches)
-    val = compare(run, "val", progress=progress, specialist_teaches=specialist_teaches) if run.splits["val"] else None
+    test = compare(run, "test", progress=progress, teachers=teachers)
+    val = compare(run, "val", progress=progress, teachers=teachers) if run.splits["val"] else None
     return {**test, "val": val, **gaps(test, val)}
 
 

@@ -44,7 +44,7 @@ from kc.train.specialists import (
     vertical_members,
 )
 from kc.train.student import scale_training, train_self_distillation, train_student
-from kc.train.teacher_choice import chooses
+from kc.train.teacher_choice import chooses, reference_dir
 from kc.train.trainer import EpochBatches, TrainResult, stage_complete
 from kc.train.unlabeled import student_training_samples
 
@@ -80,7 +80,7 @@ def total_compute_epochs(run: Run) -> int:
     spent = specialists + image_steps(run.stage_dir(STUDENT), student_samples, run.cfg.student)
     if chooses(run):  # the labelled-only control was then one of the student's teachers: its steps count too
         labelled = labelled_control_config(run)
-        spent += image_steps(run.stage_dir(GROUND_TRUTH_LABELLED), len(run.splits["train"]), labelled)
+        spent += image_steps(reference_dir(run), len(run.splits["train"]), labelled)
     control = control_config(run)
     per_epoch = EpochBatches.per_epoch(student_samples, control.batch_size) * min(control.batch_size, student_samples)
     return max(1, math.ceil(spent / per_epoch))

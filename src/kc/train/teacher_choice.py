@@ -6,6 +6,8 @@ alone would give it (measured at 10K classes: docs/BENCHMARKS.md). With `teacher
 vertical is taught by its specialist only where that specialist's val AP on the vertical's classes beats the
 labelled-only ground-truth control's (`control_ground_truth_labelled`, the student's head on the labelled images,
 trained first); elsewhere by that control's block of the vertical's classes. A choice on val, as every choice.
+With `student.reference_run` the reference is another run's labelled-only control (same data and taxonomy): `kc
+ablate` points each variant at its run's, so that every variant learns from the same teachers.
 
     RUN/teacher_choice.json   per vertical: both val APs and the teacher chosen, with the digests of the weights
                               they were measured on (measured again when either changes)
@@ -14,17 +16,19 @@ trained first); elsewhere by that control's block of the vertical's classes. A c
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from kc import distributed
+from kc.config import load_config
 from kc.distributed import resolve_device
-from kc.errors import CheckpointError
+from kc.errors import CheckpointError, ConfigError
 from kc.evaluate.stage import evaluate_stage
 from kc.io import atomic_write_json, read_json
 from kc.models.classifier import LogitMean
-from kc.run import Run
+from kc.run import Run, prepare_run, stage_path
 from kc.stages import (
     GROUND_TRUTH_LABELLED,
     best_weights,
@@ -71,18 +75,47 @@ def teacher_choice(run: Run) -> list[dict]:
     return _choice_record(run)["verticals"]
 
 
+def reference_dir(run: Run) -> Path:
+    """The stage directory of the labelled-only control the specialists are compared with: this run's, or
+    `student.reference_run`'s."""
+    other = run.cfg.student.reference_run
+    return run.stage_dir(REFERENCE) if other is None else stage_path(other, REFERENCE)
+
+
+def reference_run(run: Run) -> Run:
+    """The run whose labelled-only control is the reference: `run` itself, or `student.reference_run`, opened with
+    its own config (its head and scales may differ from this run's) and checked to cover the same classes and val
+    images."""
+    other = run.cfg.student.reference_run
+    if other is None:
+        return run
+    if not (other / "config.yaml").is_file():
+        raise ConfigError(f"student.reference_run: {other} is not a run directory (no config.yaml)")
+    ref = prepare_run(load_config(other / "config.yaml", {"run_dir": str(other)}), progress=False)
+    for what, same in (
+        ("classes", ref.taxonomy.fingerprint() == run.taxonomy.fingerprint()),
+        ("val images", [s.path for s in ref.splits["val"]] == [s.path for s in run.splits["val"]]),
+    ):
+        if not same:
+            raise ConfigError(
+                f"student.reference_run: {other} has other {what} than {run.dir}; give a run of the same data"
+            )
+    return ref
+
+
 def _choice_record(run: Run) -> dict:
     """RUN/teacher_choice.json: the rows with the digests of the weights they were measured on (measured again,
     once, on rank 0 under torchrun, when missing or made from other weights)."""
     path = run.dir / CHOICE
-    if not best_weights(run.stage_dir(REFERENCE)).is_file():
+    reference = best_weights(reference_dir(run))
+    if not reference.is_file():
         raise CheckpointError(
-            f"{run.stage_dir(REFERENCE)}: student.teacher_choice better_on_val compares each specialist with the "
-            f"labelled-only control, which is not trained yet; train it first: kc control {run.dir} --kind "
-            "ground_truth_labelled (kc pipeline trains it before the student)"
+            f"{reference_dir(run)}: student.teacher_choice better_on_val compares each specialist with the "
+            f"labelled-only control, which is not trained yet; train it first: kc control {reference_dir(run).parent} "
+            "--kind ground_truth_labelled (kc pipeline trains it before the student)"
         )
     wanted = {
-        "reference": file_digest(best_weights(run.stage_dir(REFERENCE))),
+        "reference": file_digest(reference),
         "specialists": [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)],
     }
     saved = read_json(path) if path.is_file() else {}
@@ -92,7 +125,7 @@ def _choice_record(run: Run) -> dict:
 
 
 def _measure(run: Run, wanted: dict) -> dict:
-    reference = evaluate_stage(run, REFERENCE, "val", progress=False)["per_vertical"]
+    reference = evaluate_stage(reference_run(run), REFERENCE, "val", progress=False)["per_vertical"]
     device = resolve_device(run.cfg.device)
     rows = []
     for v, vertical in enumerate(run.taxonomy.verticals):
@@ -128,7 +161,9 @@ def teacher_digests(run: Run) -> list[str]:
 
 
 def load_reference(run: Run) -> nn.Module:
-    return load_stage(run.stage_dir(REFERENCE), new_model(run, REFERENCE))
+    """The reference (the labelled-only control), in the architecture of the run that trained it."""
+    ref = reference_run(run)
+    return load_stage(ref.stage_dir(REFERENCE), new_model(ref, REFERENCE))
 
 
 def fold_teachers(run: Run, verticals: list[int]) -> list[list[nn.Module] | None]:

@@ -181,6 +181,7 @@ LATER_KEYS: dict[str, Any] = {
     "centred": False,
     "running": False,
     "activation": "relu",
+    "reference_run": None,
 }
 
 
