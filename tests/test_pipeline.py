@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -181,12 +182,29 @@ def test_ablate_trains_every_student_on_shared_teachers_and_reports_val_apart(tm
     assert plain["val_vs_truth"] == plain["val_vs_control"]  # without scales, the same control
     scaled = next(r for r in result["rows"] if r["variant"] == "+ both (paper scales)")
     assert scaled["truth_val_mAP"] != scaled["control_val_mAP"]
+    # the paces: each vertical's scale at the best epoch over its scale after the first epoch, from the history
+    state = json.loads((variant / "student" / "checkpoints" / "last.json").read_text())
+    first, best = state["history"][0], next(h for h in state["history"] if h["epoch"] == state["best_epoch"])
+    paces = next(r for r in result["rows"] if r["variant"] == "+ both (paper scales)")["paces"]
+    assert paces == {vid: best[f"gamma/{vid}"] / first[f"gamma/{vid}"] for vid in paces}
+    assert "pace_median" not in plain and "| + both (paper scales) | " in table.split("Paces of the self-paced")[1]
     only = CliRunner().invoke(app, ["ablate", str(run.dir), "--variant", "fc-fc_none", "--variant", "fc-sc_vertical"])
     assert only.exit_code == 0, only.output
     result = json.loads((run.dir / "ablation" / "ablation.json").read_text())
     assert [s["variant"] for s in result["summary"]] == ["distillation", "+ both (paper scales)"]
     wrong = CliRunner().invoke(app, ["ablate", str(run.dir), "--variant", "fc-sc"])
     assert wrong.exit_code != 0 and "fc-sc_vertical_centred" in wrong.output and "Traceback" not in wrong.output
+
+
+def test_rank_correlation_is_spearman_s_with_ties_and_none_for_equal_sizes():
+    from scipy.stats import spearmanr
+
+    from kc.ablate import rank_correlation
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 30).tolist(), rng.normal(size=30).tolist()
+    assert rank_correlation(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert rank_correlation(b, [3] * 30) is None
 
 
 def test_bench_prints_every_ratio(tmp_path, tiny_benchmark):

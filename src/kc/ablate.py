@@ -14,6 +14,8 @@ the variants with scales (for one without, it is the same-compute control). Ever
 `variants` (their slugs, e.g. sc-sc_vertical_centred) trains some of them only.
 
 Every model is scored on val (what a choice between variants may read) and on test (the record), printed apart.
+For a variant with scales, the paces: each vertical's scale at the student's best epoch over its scale after the
+first epoch, and how that ratio ranks with the vertical's size (do verticals learn at different paces?).
 The seeds here vary the student's and control's data order only (the teachers are the run's); for seeds over the
 whole pipeline, use `kc seeds`. The table goes to RUN/ablation/ablation.md and .json.
 """
@@ -21,12 +23,15 @@ whole pipeline, use `kc seeds`. The table goes to RUN/ablation/ablation.md and .
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from kc.config import load_config, merge
 from kc.errors import KCError
 from kc.evaluate.stage import evaluate_stage
-from kc.io import atomic_write_json, atomic_write_text
+from kc.io import atomic_write_json, atomic_write_text, read_json
 from kc.run import Run, prepare_run
 from kc.stages import CONTROL, GROUND_TRUTH, GROUND_TRUTH_LABELLED, STUDENT
 from kc.train.controls import TRAIN, train_control
@@ -93,6 +98,35 @@ def _scores(run: Run, stage: str) -> dict[str, float]:
     return out
 
 
+def scale_paces(student_dir: Path, vertical_ids: list[str]) -> dict[str, float] | None:
+    """Per vertical, its self-paced scale at the student's best epoch over its scale after the first epoch (from
+    the training history); None for a student without scales."""
+    state = read_json(student_dir / "checkpoints" / "last.json")
+    history, best = state.get("history", []), state.get("best_epoch")
+    keys = [f"gamma/{vid}" for vid in vertical_ids]
+    if not history or keys[0] not in history[0]:
+        return None
+    end = next((h for h in history if h["epoch"] == best), history[-1])
+    return {vid: end[key] / history[0][key] for vid, key in zip(vertical_ids, keys, strict=True)}
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    """Ranks from 0, tied values sharing the mean of their ranks."""
+    x = np.asarray(values, dtype=float)
+    ranks = np.empty(len(x))
+    ranks[np.argsort(x, kind="stable")] = np.arange(len(x))
+    _, tie, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(tie, ranks) / counts)[tie]
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation; None where either side is constant (verticals of equal sizes)."""
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
 def ablate(run: Run, seeds: list[int], verbose: bool = True, variants: list[str] | None = None) -> dict[str, Any]:
     known = [slug(*v[1:]) for v in VARIANTS]
     unknown = sorted(set(variants or ()) - set(known))
@@ -117,8 +151,10 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True, variants: list[str]
             if self_paced != "none" or truth_stage == GROUND_TRUTH_LABELLED:  # the variant's head and scales
                 TRAIN[truth_stage](sub, progress=False, verbose=False)
                 truth = _scores(sub, truth_stage)
+            paces = scale_paces(sub.stage_dir(STUDENT), [v.id for v in run.taxonomy.verticals])
             rows.append(
                 {
+                    "paces": paces,
                     "variant": name,
                     "structure": structure,
                     "self_paced": self_paced,
@@ -154,6 +190,18 @@ def ablate(run: Run, seeds: list[int], verbose: bool = True, variants: list[str]
                 entry[f"{control}_{split}_mAP"] = statistics.mean(r[f"{control}_{split}_mAP"] for r in mine)
                 entry[f"{split}_vs_{control}"] = statistics.mean(diffs)
                 entry[f"{split}_vs_{control}_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        paces = [r["paces"] for r in mine if r["paces"] is not None]
+        if paces:  # pooled over seeds: every vertical's pace in every seed
+            sizes = run.taxonomy.vertical_sizes()
+            pooled = [p[v.id] for p in paces for v in run.taxonomy.verticals]
+            entry["pace_min"], entry["pace_median"], entry["pace_max"] = (
+                min(pooled),
+                statistics.median(pooled),
+                max(pooled),
+            )
+            correlations = [rank_correlation([p[v.id] for v in run.taxonomy.verticals], sizes) for p in paces]
+            known = [c for c in correlations if c is not None]
+            entry["pace_size_correlation"] = statistics.mean(known) if known else None
         summary.append(entry)
     best = max(summary, key=lambda s: s["val_mAP"])["variant"]
     result = {"seeds": seeds, "rows": rows, "summary": summary, "best_on_val": best, "truth_control": truth_stage}
@@ -191,4 +239,21 @@ def ablation_table(result: dict[str, Any]) -> str:
             f"{s['test_mean_per_vertical_AP']:.2f} | {diff(s, 'test', 'control')} | {diff(s, 'test', 'truth')} |"
         )
     lines += ["", f"Best on val mAP: {result['best_on_val']}."]
+    paced = [s for s in result["summary"] if "pace_median" in s]
+    if paced:
+        lines += [
+            "",
+            "Paces of the self-paced scales: each vertical's scale at the student's best epoch over its scale after "
+            "the first epoch, over the verticals of every seed; and their rank correlation with the vertical's size "
+            "(mean over seeds).",
+            "",
+            "| student | pace: median | min | max | rank correlation with size |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for s in paced:
+            correlation = s["pace_size_correlation"]
+            shown = "n/a (equal sizes)" if correlation is None else f"{correlation:+.2f}"
+            lines.append(
+                f"| {s['variant']} | {s['pace_median']:.3f} | {s['pace_min']:.3f} | {s['pace_max']:.3f} | {shown} |"
+            )
     return "\n".join(lines)
