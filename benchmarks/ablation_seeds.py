@@ -48,7 +48,7 @@ def main() -> None:
         rows = [seed[v] for seed in by_seed]
         base = plain.get(rows[0]["structure"])
         vs_plain = (
-            ""
+            "—"
             if base in (None, v)
             else paired([r["val_mAP"] - seed[base]["val_mAP"] for r, seed in zip(rows, by_seed, strict=True)])
         )
