@@ -14,19 +14,29 @@ from kc.data.dataset import ImageDataset, collate
 from kc.data.feature_benchmark import FeatureBenchmarkSpec, generate_feature_benchmark
 from kc.distill.cache_format import cache_dir, read_shards, shard_prefix
 from kc.distill.cached_teachers import CachedTeachers
-from kc.distill.targets import OnlineTeachers
+from kc.distill.targets import GeneralistTeacher, OnlineTeachers
 from kc.errors import CheckpointError, ConfigError
 from kc.evaluate.compare import gap_closed
 from kc.evaluate.report import comparison_table
 from kc.evaluate.stage import evaluate_stage
 from kc.pipeline import compare_run, run_pipeline
 from kc.run import prepare_run
-from kc.stages import GROUND_TRUTH_LABELLED, STUDENT, load_stage, new_model, specialist_digest, specialist_dirs
+from kc.stages import (
+    GROUND_TRUTH_LABELLED,
+    SELF_TRAINING,
+    STUDENT,
+    controls_to_train,
+    load_stage,
+    new_model,
+    specialist_digest,
+    specialist_dirs,
+)
 from kc.train.checkpoint import CheckpointDir
-from kc.train.controls import total_compute_epochs
+from kc.train.controls import TRAIN, total_compute_epochs
 from kc.train.student import cache_targets, train_student
 from kc.train.teacher_choice import (
     CHOICE,
+    VerticalBlock,
     load_reference,
     online_teachers,
     specialist_teaches,
@@ -230,3 +240,38 @@ def test_a_reference_run_needs_the_teacher_choice(finished, tmp_path):
     bench, _ = finished
     with pytest.raises(ConfigError, match="reference_run names the labelled-only control"):
         config(bench, tmp_path / "run", **{"student.teacher_choice": "specialists", "student.reference_run": tmp_path})
+
+
+def test_the_self_training_control_is_the_student_taught_by_the_labels_everywhere(finished, tmp_path):
+    bench, run = finished
+    scfg = run.cfg.student
+    # its teacher: the labelled-only control's block of each image's vertical, as the student gets it where the
+    # labels teach
+    reference = load_reference(run)
+    mine = GeneralistTeacher(reference, run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected)
+    blocks = [VerticalBlock(reference, *r) for r in run.taxonomy.vertical_ranges]
+    labels_everywhere = OnlineTeachers(blocks, run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected)
+    samples = student_training_samples(run)
+    batch = collate([ImageDataset(samples, run.image_root, run.cfg.data, train=False)[i] for i in range(0, 80, 3)])
+    got = mine(batch["images"], batch["labels"], batch["index"])
+    want = labels_everywhere(batch["images"], batch["labels"], batch["index"])
+    torch.testing.assert_close(got.values, want.values, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got.selected, want.selected)
+    # it trains the student's recipe on the student's images, from the generalist
+    result = TRAIN[SELF_TRAINING](run, progress=False, verbose=False)
+    state = CheckpointDir(run.stage_dir(SELF_TRAINING) / "checkpoints").read_state()
+    student = CheckpointDir(run.stage_dir(STUDENT) / "checkpoints").read_state()
+    assert state["complete"] and state["step"] == student["step"] and result.best_epoch >= 1
+    assert SELF_TRAINING in {m["stage"] for m in compare_run(run)["models"]}
+    # asked for alone, it brings its teacher; without unlabeled images there is neither
+    asked = config(bench, tmp_path / "a", **{"controls.kinds": ["self_training"]})
+    assert controls_to_train(prepare_run(asked, progress=False)) == [GROUND_TRUTH_LABELLED, SELF_TRAINING]
+    plain = config(
+        bench,
+        tmp_path / "b",
+        **{"data.unlabeled": None, "student.teacher_choice": "specialists", "controls.kinds": ["self_training"]},
+    )
+    assert controls_to_train(prepare_run(plain, progress=False)) == []
+    # before its teacher is trained it says how to train it
+    with pytest.raises(CheckpointError, match="self-training control's teacher.*--kind ground_truth_labelled"):
+        TRAIN[SELF_TRAINING](prepare_run(asked, progress=False), progress=False, verbose=False)

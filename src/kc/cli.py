@@ -485,14 +485,15 @@ def control_cmd(
         str | None,
         typer.Option(
             help="only this control: same_compute | self_distillation | ground_truth | total_compute | "
-            "ground_truth_labelled"
+            "ground_truth_labelled | self_training"
         ),
     ] = None,
     set_: SetOption = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Train the controls: same compute, self-distillation, ground truth with the student's head, total compute,
-    and with unlabeled images the ground truth on the labelled images only (config `controls.kinds`, or --kind)."""
+    and with unlabeled images the ground truth on the labelled images only and self-training from it (config
+    `controls.kinds`, or --kind)."""
     from kc.config import CONTROL_KINDS
     from kc.stages import STAGES, controls_to_train
     from kc.train.controls import TRAIN

@@ -325,14 +325,28 @@ class StudentConfig(TrainConfig):
     )
 
 
-CONTROL_KINDS = ("same_compute", "self_distillation", "ground_truth", "total_compute", "ground_truth_labelled")
+CONTROL_KINDS = (
+    "same_compute",
+    "self_distillation",
+    "ground_truth",
+    "total_compute",
+    "ground_truth_labelled",
+    "self_training",
+)
 
 
 class ControlsConfig(_Strict):
     """What the student is measured against. Each control starts from the generalist, like the student."""
 
     kinds: list[
-        Literal["same_compute", "self_distillation", "ground_truth", "total_compute", "ground_truth_labelled"]
+        Literal[
+            "same_compute",
+            "self_distillation",
+            "ground_truth",
+            "total_compute",
+            "ground_truth_labelled",
+            "self_training",
+        ]
     ] = Field(
         default_factory=lambda: list(CONTROL_KINDS),
         description="same_compute: the generalist trained on with the ground truth for the student's epochs "
@@ -341,7 +355,10 @@ class ControlsConfig(_Strict):
         "(left out when the student has no scales: it is then same_compute); total_compute: the generalist trained "
         "on for the image-steps of all specialists and the student together; ground_truth_labelled: the "
         "ground_truth control on the labelled images only, for ground_truth_labelled_steps times the student's "
-        "optimizer steps (trained only when data.unlabeled gives images, on which every other control self-trains)",
+        "optimizer steps (trained only when data.unlabeled gives images, on which every other control self-trains); "
+        "self_training: the student's exact recipe taught by the ground_truth_labelled control alone, on the "
+        "labelled and unlabeled images (what the specialists add to self-training; with data.unlabeled only, and "
+        "it brings ground_truth_labelled, its teacher)",
     )
     total_compute_patience: int | None = Field(
         5,

@@ -25,11 +25,12 @@ from kc.models.weights import load_weights
 from kc.run import Run
 
 GENERALIST, STUDENT, CONTROL = "generalist", "student", "control"
-SELF_DISTILLATION, GROUND_TRUTH, TOTAL_COMPUTE, GROUND_TRUTH_LABELLED = (
+SELF_DISTILLATION, GROUND_TRUTH, TOTAL_COMPUTE, GROUND_TRUTH_LABELLED, SELF_TRAINING = (
     "control_self_distillation",
     "control_ground_truth",
     "control_total_compute",
     "control_ground_truth_labelled",
+    "control_self_training",
 )
 
 
@@ -52,7 +53,8 @@ class FullModelStage:
 # Every full-vocabulary stage, in the order the pipeline trains them and the comparison lists them. The controls
 # are what a student's gain must beat: (a) extra training, (b) distillation from the generalist itself, (c) the
 # student's head and scales trained on labels, (d) the compute of generalist + specialists + student together;
-# with unlabeled images, on which the others self-train, (c) again on the labelled images only.
+# with unlabeled images, on which the others self-train, (c) again on the labelled images only, and (e) the
+# student's recipe taught by that labelled-only control alone: what the specialists add to self-training.
 STAGES = (
     FullModelStage(GENERALIST, "generalist", student_head=False, scales=False, ground_truth=True, unlabeled=False),
     FullModelStage(STUDENT, "student", student_head=True, scales=True, ground_truth=False),
@@ -92,6 +94,14 @@ STAGES = (
         control="ground_truth_labelled",
         unlabeled=False,
     ),
+    FullModelStage(
+        SELF_TRAINING,
+        "control: self-training (the labelled-only control as the only teacher)",
+        student_head=True,
+        scales=True,
+        ground_truth=False,
+        control="self_training",
+    ),
 )
 STAGE = {s.name: s for s in STAGES}
 FULL_MODEL_STAGES = tuple(STAGE)
@@ -112,7 +122,9 @@ def controls_to_train(run: Run) -> list[str]:
     if run.cfg.student.self_paced.variant == "none":
         kinds.discard("ground_truth")
     if not run.unlabeled:  # without unlabeled images it is the ground_truth control (or same_compute)
-        kinds.discard("ground_truth_labelled")
+        kinds -= {"ground_truth_labelled", "self_training"}  # the latter's teacher is the former
+    if "self_training" in kinds:  # its teacher, trained before it (the table's order)
+        kinds.add("ground_truth_labelled")
     return [s.name for s in STAGES if s.control in kinds]
 
 

@@ -16,6 +16,10 @@
   hold the student's optimizer steps (20 student epochs over twice as many unlabeled as labelled images: 60),
   times `controls.ground_truth_labelled_steps`: a control that learns from fewer images can need more steps to
   reach its plateau, and the strongest baseline must be trained to it.
+- **self-training** (`control_self_training`): with unlabeled images, the student's exact recipe taught by the
+  labelled-only control alone (`kc.train.student.train_self_training`): a model trained on the labels teaching
+  itself on the unlabeled images. Under `teacher_choice: better_on_val` the student differs from it only in the
+  verticals a specialist teaches, so the gap between them is what the specialists add.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from kc.stages import (
     GROUND_TRUTH,
     GROUND_TRUTH_LABELLED,
     SELF_DISTILLATION,
+    SELF_TRAINING,
     STUDENT,
     TOTAL_COMPUTE,
     specialist_dir,
@@ -43,7 +48,7 @@ from kc.train.specialists import (
     specialist_training_samples,
     vertical_members,
 )
-from kc.train.student import scale_training, train_self_distillation, train_student
+from kc.train.student import scale_training, train_self_distillation, train_self_training, train_student
 from kc.train.teacher_choice import chooses, reference_dir
 from kc.train.trainer import EpochBatches, TrainResult, stage_complete
 from kc.train.unlabeled import student_training_samples
@@ -145,4 +150,5 @@ TRAIN: dict[str, Callable[..., TrainResult]] = {
     GROUND_TRUTH: train_ground_truth_control,
     TOTAL_COMPUTE: train_total_compute_control,
     GROUND_TRUTH_LABELLED: train_ground_truth_labelled_control,
+    SELF_TRAINING: train_self_training,
 }

@@ -22,6 +22,7 @@ from kc.run import Run
 from kc.stages import (
     GENERALIST,
     SELF_DISTILLATION,
+    SELF_TRAINING,
     STUDENT,
     best_weights,
     file_digest,
@@ -31,7 +32,13 @@ from kc.stages import (
 )
 from kc.taxonomy import Taxonomy
 from kc.train.common import fit_stage, start_from_generalist, validation_fn
-from kc.train.teacher_choice import fold_teachers, online_teachers, teacher_digests
+from kc.train.teacher_choice import (
+    fold_teachers,
+    load_reference,
+    online_teachers,
+    require_reference,
+    teacher_digests,
+)
 from kc.train.trainer import LossFn, TrainResult
 from kc.train.unlabeled import fold_of_student_samples, student_training_samples, unlabeled_fingerprint
 
@@ -173,6 +180,24 @@ def train_self_distillation(
     inputs = file_digest(best_weights(run.stage_dir(GENERALIST))) + "generalist-teacher"
     return train_distilled(
         run, SELF_DISTILLATION, teachers, inputs, progress=progress, verbose=verbose, on_step=on_step
+    )
+
+
+def train_self_training(
+    run: Run, *, progress: bool = True, verbose: bool = True, on_step: Callable[[int], None] | None = None
+) -> TrainResult:
+    """The self-training control: the student's exact recipe with the labelled-only control (the student's head
+    and scales trained on the labelled images alone, `control_ground_truth_labelled`) as the only teacher, on the
+    labelled and unlabeled images. Under `teacher_choice: better_on_val` it is the student with every vertical
+    taught by the labels, so what the student gains over it is what the chosen specialists teach; without it, what
+    the specialists teach beyond the labels' own model."""
+    scfg = run.cfg.student
+    device = resolve_device(run.cfg.device)
+    weights = require_reference(run, "it is the self-training control's teacher")
+    teachers = GeneralistTeacher(load_reference(run), run.taxonomy, scfg.top_k, scfg.temperature, scfg.unselected)
+    inputs = file_digest(best_weights(run.stage_dir(GENERALIST))) + file_digest(weights) + "labelled-control-teacher"
+    return train_distilled(
+        run, SELF_TRAINING, teachers.to(device), inputs, progress=progress, verbose=verbose, on_step=on_step
     )
 
 

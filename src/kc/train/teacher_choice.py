@@ -103,19 +103,25 @@ def reference_run(run: Run) -> Run:
     return ref
 
 
+def require_reference(run: Run, needed_by: str) -> Path:
+    """The reference's best weights; a CheckpointError saying how to train it when it is not trained yet."""
+    weights = best_weights(reference_dir(run))
+    if not weights.is_file():
+        raise CheckpointError(
+            f"{reference_dir(run)}: the labelled-only control is not trained yet ({needed_by}); train it first: "
+            f"kc control {reference_dir(run).parent} --kind ground_truth_labelled (kc pipeline trains it before)"
+        )
+    return weights
+
+
 def _choice_record(run: Run) -> dict:
     """RUN/teacher_choice.json: the rows with the digests of the weights they were measured on (measured again,
     once, on rank 0 under torchrun, when missing or made from other weights)."""
     path = run.dir / CHOICE
-    reference = best_weights(reference_dir(run))
-    if not reference.is_file():
-        raise CheckpointError(
-            f"{reference_dir(run)}: student.teacher_choice better_on_val compares each specialist with the "
-            f"labelled-only control, which is not trained yet; train it first: kc control {reference_dir(run).parent} "
-            "--kind ground_truth_labelled (kc pipeline trains it before the student)"
-        )
     wanted = {
-        "reference": file_digest(reference),
+        "reference": file_digest(
+            require_reference(run, "student.teacher_choice better_on_val compares each specialist with it")
+        ),
         "specialists": [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)],
     }
     saved = read_json(path) if path.is_file() else {}
