@@ -7,7 +7,7 @@ the file's own directory, so a config and its data can move together.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -325,29 +325,16 @@ class StudentConfig(TrainConfig):
     )
 
 
-CONTROL_KINDS = (
-    "same_compute",
-    "self_distillation",
-    "ground_truth",
-    "total_compute",
-    "ground_truth_labelled",
-    "self_training",
-)
+ControlKind = Literal[
+    "same_compute", "self_distillation", "ground_truth", "total_compute", "ground_truth_labelled", "self_training"
+]
+CONTROL_KINDS: tuple[str, ...] = get_args(ControlKind)
 
 
 class ControlsConfig(_Strict):
     """What the student is measured against. Each control starts from the generalist, like the student."""
 
-    kinds: list[
-        Literal[
-            "same_compute",
-            "self_distillation",
-            "ground_truth",
-            "total_compute",
-            "ground_truth_labelled",
-            "self_training",
-        ]
-    ] = Field(
+    kinds: list[ControlKind] = Field(
         default_factory=lambda: list(CONTROL_KINDS),
         description="same_compute: the generalist trained on with the ground truth for the student's epochs "
         "(student's head); self_distillation: the student's exact recipe taught by the generalist itself instead of "
