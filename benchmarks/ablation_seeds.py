@@ -16,15 +16,16 @@ import json
 import statistics
 from pathlib import Path
 
+from kc.seeds import mean_std, plus_minus
 
-def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+def shown(values: list[float]) -> str:
+    return plus_minus(mean_std(values))
 
 
 def paired(diffs: list[float]) -> str:
-    std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    return f"{statistics.mean(diffs):+.2f} ± {std:.2f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
+    s = mean_std(diffs)
+    return f"{s['mean']:+.2f} ± {s['std']:.2f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
 
 
 def main() -> None:
@@ -53,8 +54,8 @@ def main() -> None:
             else paired([r["val_mAP"] - seed[base]["val_mAP"] for r, seed in zip(rows, by_seed, strict=True)])
         )
         print(
-            f"| {v} | {mean_std([r['val_mAP'] for r in rows])} | {mean_std([r['test_mAP'] for r in rows])} | "
-            f"{mean_std([r['test_mean_per_vertical_AP'] for r in rows])} | {vs_plain} | "
+            f"| {v} | {shown([r['val_mAP'] for r in rows])} | {shown([r['test_mAP'] for r in rows])} | "
+            f"{shown([r['test_mean_per_vertical_AP'] for r in rows])} | {vs_plain} | "
             f"{paired([r['val_vs_truth'] for r in rows])} | {paired([r['test_vs_truth'] for r in rows])} |"
         )
     best = max(variants, key=lambda v: statistics.mean(seed[v]["val_mAP"] for seed in by_seed))
@@ -68,10 +69,10 @@ def main() -> None:
         for v in paced:
             rows = [seed[v] for seed in by_seed]
             correlations = [r["pace_size_correlation"] for r in rows if r["pace_size_correlation"] is not None]
-            shown = mean_std(correlations) if correlations else "n/a"
+            correlation = shown(correlations) if correlations else "n/a"
             print(
                 f"| {v} | {statistics.median(r['pace_median'] for r in rows):.3f} | "
-                f"{min(r['pace_min'] for r in rows):.3f} | {max(r['pace_max'] for r in rows):.3f} | {shown} |"
+                f"{min(r['pace_min'] for r in rows):.3f} | {max(r['pace_max'] for r in rows):.3f} | {correlation} |"
             )
 
 

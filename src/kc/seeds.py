@@ -131,7 +131,8 @@ def run_seeds(
     return summary
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean and sample std over seeds (std 0 for one seed)."""
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
@@ -153,9 +154,9 @@ def summarise(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "images_per_s": statistics.median(test[s][stage]["images_per_s"] for s in seeds),
         }
         for k in (*METRICS, "within_vertical_mAP"):
-            entry[f"test_{k}"] = _mean_std([test[s][stage][k] for s in seeds])
+            entry[f"test_{k}"] = mean_std([test[s][stage][k] for s in seeds])
         if all(stage in val[s] for s in seeds):
-            entry["val_mAP"] = _mean_std([val[s][stage]["mAP"] for s in seeds])
+            entry["val_mAP"] = mean_std([val[s][stage]["mAP"] for s in seeds])
         models.append(entry)
     paired = []
     if "student" in stages:
@@ -164,15 +165,15 @@ def summarise(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
                 continue
             for k in METRICS:
                 diffs = [test[s]["student"][k] - test[s][stage][k] for s in seeds]
-                paired.append({"baseline": stage, "metric": k, **_mean_std(diffs), "wins": sum(d > 0 for d in diffs)})
+                paired.append({"baseline": stage, "metric": k, **mean_std(diffs), "wins": sum(d > 0 for d in diffs)})
     gaps: dict[str, Any] = {}
     for which in ("from_strongest_baseline", "from_generalist", "to_chosen_teachers"):
         for k in METRICS:
             values = [results[s].get("gap_closed", {}).get(which, {}).get(k) for s in seeds]
             if all(v is not None for v in values):
-                gaps[f"{which}_{k}"] = _mean_std([100 * v for v in values])
+                gaps[f"{which}_{k}"] = mean_std([100 * v for v in values])
     headroom = {
-        f"{which}_{k}": _mean_std([results[s]["headroom"][which][k] for s in seeds])
+        f"{which}_{k}": mean_std([results[s]["headroom"][which][k] for s in seeds])
         for which in ("over_strongest_baseline", "over_generalist", "chosen_teachers_over_strongest_baseline")
         for k in METRICS
         if all(which in results[s].get("headroom", {}) for s in seeds)
@@ -197,11 +198,12 @@ def summarise(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
         "gap_closed_percent": gaps,
         "specialists_headroom": headroom,
         "strongest_baseline": {s: results[s].get("strongest_baseline", {}).get("stage") for s in seeds},
-        "floor_test_mAP": _mean_std([results[s]["floor"]["mAP"] for s in seeds]),
+        "floor_test_mAP": mean_std([results[s]["floor"]["mAP"] for s in seeds]),
     }
 
 
-def _pm(x: dict[str, float] | None) -> str:
+def plus_minus(x: dict[str, float] | None) -> str:
+    """`mean_std`'s result as 'mean ± std'."""
     return "n/a" if x is None else f"{fmt_metric(x['mean'])} ± {fmt_metric(x['std'])}"
 
 
@@ -209,7 +211,7 @@ def seeds_table(summary: dict[str, Any]) -> str:
     seeds = summary["seeds"]
     lines = [
         f"Seeds {', '.join(map(str, seeds))} (each the whole pipeline); mean ± std over seeds. Val chooses, test is "
-        f"the record. Test chance floor (vertical-only scorer): mAP {_pm(summary['floor_test_mAP'])}.",
+        f"the record. Test chance floor (vertical-only scorer): mAP {plus_minus(summary['floor_test_mAP'])}.",
         "",
         "| model | val mAP | test mAP | test mean per-vertical AP | test within-vertical mAP | parameters | "
         "networks / image | images/s |",
@@ -217,8 +219,8 @@ def seeds_table(summary: dict[str, Any]) -> str:
     ]
     for m in summary["models"]:
         lines.append(
-            f"| {m['model']} | {_pm(m.get('val_mAP'))} | {_pm(m['test_mAP'])} | "
-            f"{_pm(m['test_mean_per_vertical_AP'])} | {_pm(m['test_within_vertical_mAP'])} | "
+            f"| {m['model']} | {plus_minus(m.get('val_mAP'))} | {plus_minus(m['test_mAP'])} | "
+            f"{plus_minus(m['test_mean_per_vertical_AP'])} | {plus_minus(m['test_within_vertical_mAP'])} | "
             f"{m.get('parameters', 0):,} | {m.get('networks_per_image', '')} | {m.get('images_per_s', 0):,.0f} |"
         )
     if summary["paired_differences"]:
@@ -245,15 +247,15 @@ def seeds_table(summary: dict[str, Any]) -> str:
             lines += [
                 "",
                 "Teachers as chosen on val (oracle-routed) minus the strongest baseline, test mAP: "
-                f"{_pm(headroom['chosen_teachers_over_strongest_baseline_mAP'])}.",
+                f"{plus_minus(headroom['chosen_teachers_over_strongest_baseline_mAP'])}.",
             ]
         if headroom.get("over_strongest_baseline_mAP"):
             lines += [
                 "",
                 "Specialists (oracle-routed) minus the strongest baseline, test mAP: "
-                f"{_pm(headroom['over_strongest_baseline_mAP'])}; minus the generalist: "
-                f"{_pm(headroom['over_generalist_mAP'])} (what the teachers can add to the student at most, and the "
-                "paper's gap).",
+                f"{plus_minus(headroom['over_strongest_baseline_mAP'])}; minus the generalist: "
+                f"{plus_minus(headroom['over_generalist_mAP'])} (what the teachers can add to the student at most, "
+                "and the paper's gap).",
             ]
         chosen = ", ".join(f"seed {s}: {b}" for s, b in summary["strongest_baseline"].items())
         lines += ["", f"Strongest baseline, chosen on val mAP: {chosen}."]
