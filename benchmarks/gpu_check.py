@@ -126,8 +126,11 @@ def write_config(path: Path, data: Path, run: Path, scale: Scale) -> None:
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
 
 
-def kc_command(args: list[str], processes: int) -> list[str]:
-    """`kc ARGS` under torchrun with `processes` processes (torchrun starts a module: kc.cli is the kc command)."""
+def kc_command(args: list[str], processes: int, torchrun: bool = True) -> list[str]:
+    """`kc ARGS` under torchrun with `processes` processes (torchrun starts a module: kc.cli is the kc command), or
+    as one plain process where torchrun's rendezvous cannot run (`--launcher none`)."""
+    if not torchrun:
+        return [sys.executable, "-m", "kc.cli", *args]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
     return [*launcher, "-m", "kc.cli", *args]
 
@@ -188,12 +191,21 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="work folder: data, run, logs, gpu_check.json")
     parser.add_argument("--dry-run", action="store_true", help="tiny, on CPU: checks that every step runs")
     parser.add_argument("--processes", type=int, default=None, help="torchrun processes (default: one per GPU)")
+    parser.add_argument(
+        "--launcher",
+        choices=["torchrun", "none"],
+        default="torchrun",
+        help="none: each stage as one plain process, without torchrun (one GPU only)",
+    )
     args = parser.parse_args()
 
     scale = DRY if args.dry_run else REAL
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("gpu check: no CUDA GPU here; run it with --dry-run to check the steps on CPU")
     processes = args.processes or (1 if args.dry_run else torch.cuda.device_count())
+    torchrun = args.launcher == "torchrun"
+    if not torchrun and processes != 1:
+        raise SystemExit(f"gpu check: --launcher none runs one process, not {processes}; add --processes 1")
     out = args.out.resolve()
     data, run, log = out / "data", out / "run", out / "log.txt"
     out.mkdir(parents=True, exist_ok=True)
@@ -204,10 +216,10 @@ def main() -> None:
 
     seconds = {}
     for name, command in (
-        ("generalist", kc_command(["generalist", str(config), "--no-progress"], processes)),
-        ("specialists", kc_command(["specialists", str(config), "--no-progress"], processes)),
-        ("cache", kc_command(["cache-targets", str(config), "--no-progress"], processes)),
-        ("student", kc_command(["distill", str(config), "--no-progress"], processes)),
+        ("generalist", kc_command(["generalist", str(config), "--no-progress"], processes, torchrun)),
+        ("specialists", kc_command(["specialists", str(config), "--no-progress"], processes, torchrun)),
+        ("cache", kc_command(["cache-targets", str(config), "--no-progress"], processes, torchrun)),
+        ("student", kc_command(["distill", str(config), "--no-progress"], processes, torchrun)),
         (
             "export",
             [sys.executable, "-m", "kc.cli", "export", str(run), "--format", "torchscript", "--parity-images", "256"],
@@ -219,6 +231,7 @@ def main() -> None:
     result = {
         "scale": asdict(scale),
         "processes": processes,
+        "launcher": args.launcher,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
         "command_seconds": seconds,
