@@ -1,10 +1,16 @@
-"""Self-paced scales computed class-major (kc.models.self_paced, since 2026-12-04) against the same formula computed
-along the columns of a row-major tensor (before), forward and backward, side by side.
+"""Self-paced scales (kc.models.self_paced) computed three ways, forward and backward, side by side:
+
+- now: class-major, the loss's row-major gradient copied into class-major order once before the backward;
+- strided gradient: class-major, that gradient used as it comes (strided through the transposed view; kc until the
+  later 2026-12-04 change);
+- row-major: the formula along the columns of a row-major tensor (kc before the first 2026-12-04 change).
 
     python benchmarks/self_paced_layout.py [--preset paper-10k] [--batch 256] [--rounds 9] [--threads 2]
 
 The logits come as the structured (FC-SC, SC-SC) heads give them: the transpose of a (classes, batch) tensor; and,
-for the dense head, row-major. Rounds are interleaved, way after way; medians after a warm-up round.
+for the dense head, row-major. The backward starts from a dense row-major gradient, as a loss over the (B, classes)
+logits gives it (a `.sum()` would give a broadcast one, which hides the layout's cost). Rounds are interleaved, way
+after way; medians after a warm-up round.
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ def row_major_scales(layer: SelfPacedScales, logits: torch.Tensor) -> torch.Tens
     return mean + centred / norms.index_select(1, voc) * scale
 
 
+class StridedGradientScales(SelfPacedScales):
+    """The layer as it was before its gradient was made class-major: the transposed view alone."""
+
+    def _row_major_view(self, class_major: torch.Tensor) -> torch.Tensor:
+        return class_major.t()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="paper-10k", choices=sorted(FEATURE_PRESETS))
@@ -45,15 +58,21 @@ def main() -> None:
     sizes = FEATURE_PRESETS[args.preset].vertical_sizes()
     vertical_of_class = [v for v, n in enumerate(sizes) for _ in range(n)]
     layer = SelfPacedScales(vertical_of_class, "vertical", init="sqrt", centred=True)
+    strided = StridedGradientScales(vertical_of_class, "vertical", init="sqrt", centred=True)
     class_major = torch.randn(len(vertical_of_class), args.batch, generator=torch.Generator().manual_seed(0)) * 5
     # (B, classes) logits either way: a transposed view (the structured heads') or row-major (the dense head's)
     inputs = {"structured head (transposed)": class_major.t(), "dense head (row-major)": class_major.t().contiguous()}
-    ways = {"class-major (now)": layer, "row-major (before)": lambda x: row_major_scales(layer, x)}
+    ways = {
+        "now": layer,
+        "strided gradient": strided,
+        "row-major": lambda x: row_major_scales(layer, x),
+    }
+    gradient = torch.randn(args.batch, len(vertical_of_class), generator=torch.Generator().manual_seed(1))
 
     def step(way, x: torch.Tensor) -> float:
         x = x.detach().requires_grad_()  # keeps the strides
         start = time.perf_counter()
-        way(x).sum().backward()
+        way(x).backward(gradient)
         return time.perf_counter() - start
 
     times = {(w, i): [] for w in ways for i in inputs}
@@ -65,14 +84,16 @@ def main() -> None:
                     times[(w, i)].append(seconds)
     with torch.no_grad():
         x = class_major.t()
-        assert torch.allclose(layer(x), row_major_scales(layer, x), atol=1e-4), "the two ways disagree"
+        assert torch.allclose(layer(x), row_major_scales(layer, x), atol=1e-4), "the ways disagree"
+        assert torch.equal(layer(x), strided(x)), "the ways disagree"
     print(
         f"{args.preset}: {len(vertical_of_class):,} classes in {len(sizes)} verticals, batch {args.batch}, "
         f"{args.threads} threads, medians of {args.rounds} rounds (forward + backward)"
     )
     for i in inputs:
-        now, before = (statistics.median(times[(w, i)]) for w in ways)
-        print(f"  {i:30s} now {now * 1000:7.1f} ms   before {before * 1000:7.1f} ms   {before / now:5.2f}x")
+        medians = {w: statistics.median(times[(w, i)]) for w in ways}
+        cells = "   ".join(f"{w} {m * 1000:7.1f} ms ({m / medians['now']:4.2f}x)" for w, m in medians.items())
+        print(f"  {i:30s} {cells}")
 
 
 if __name__ == "__main__":

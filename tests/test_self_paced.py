@@ -87,6 +87,23 @@ def test_centred_layer_equals_a_per_vertical_loop(variant):
         assert (blocks_out[row, n:] == 0).all()
 
 
+@pytest.mark.parametrize("centred", [False, True])
+def test_a_row_major_loss_gradient_reaches_class_major_logits_contiguous_and_exact(centred):
+    # the structured heads hand over the transpose of (classes, B) logits; a loss's gradient comes back (B, classes)
+    torch.manual_seed(0)
+    layer = SelfPacedScales(VOC, "vertical", init_noise=0.1, centred=centred)
+    class_major = (torch.randn(9, 5) - 4.0).requires_grad_()
+    arriving = []  # the gradient as the backward computes it (.grad itself is always made contiguous)
+    class_major.register_hook(arriving.append)
+    upstream = torch.randn(5, 9)
+    layer(class_major.t()).backward(upstream)
+    assert arriving[0].is_contiguous()  # strided, every elementwise op of the backward ran 3x slower
+    reference = class_major.detach().t().clone().requires_grad_()
+    layer.eval()  # the same formula without the copy into class-major order
+    layer(reference).backward(upstream)
+    torch.testing.assert_close(class_major.grad, reference.grad.t())
+
+
 def test_running_norms_divide_every_image_alike_and_follow_the_training_batches():
     torch.manual_seed(0)
     layer = SelfPacedScales(VOC, "vertical", init=torch.tensor([2.0, 3.0, 4.0]), running=True, momentum=0.5)

@@ -140,14 +140,23 @@ class SelfPacedScales(nn.Module):
         if self.running:
             if self.training:
                 self._track(per_vertical_sum(x * x).sqrt().mean(dim=1), vertical_of_column)
-            return (x / self.running_norm[vertical_of_column].unsqueeze(1) * scale).t()
+            return self._row_major_view(x / self.running_norm[vertical_of_column].unsqueeze(1) * scale)
         mean = None
         if self.centred:  # whole verticals: each block's columns are its vertical's classes
             mean = per_column(per_vertical_sum(x) / self.sizes.to(x.dtype).unsqueeze(1))
             x = x - mean
         norms = per_vertical_sum(x * x).clamp_min(self.eps * self.eps).sqrt()
         scaled = x / per_column(norms) * scale
-        return (scaled if mean is None else mean + scaled).t()
+        return self._row_major_view(scaled if mean is None else mean + scaled)
+
+    def _row_major_view(self, class_major: torch.Tensor) -> torch.Tensor:
+        """(columns, B) -> its (B, columns) transpose, a view. The loss's gradient comes back row-major, so
+        through the view it reaches the class-major tensors strided; every elementwise op of the backward then
+        walks memory across rows (at 10K classes a centred step took 8x the step without scales). One copy
+        into class-major order first keeps them contiguous (docs/BENCHMARKS.md)."""
+        if self.training and class_major.requires_grad:
+            class_major.register_hook(torch.Tensor.contiguous)
+        return class_major.t()
 
     @torch.no_grad()
     def _track(self, batch_norms: torch.Tensor, vertical_of_column: torch.Tensor) -> None:
