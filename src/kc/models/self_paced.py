@@ -152,7 +152,7 @@ class SelfPacedScales(nn.Module):
     def _row_major_view(self, class_major: torch.Tensor) -> torch.Tensor:
         """(columns, B) -> its (B, columns) transpose, a view. The loss's gradient comes back row-major, so
         through the view it reaches the class-major tensors strided; every elementwise op of the backward then
-        walks memory across rows (at 10K classes a centred step took 8x the step without scales). One copy
+        walks memory across rows (at 10K classes a centred control's step took 4x the one without scales). One copy
         into class-major order first keeps them contiguous (docs/BENCHMARKS.md)."""
         if self.training and class_major.requires_grad:
             class_major.register_hook(torch.Tensor.contiguous)
