@@ -1,6 +1,7 @@
 """student.teacher_choice: better_on_val: each vertical taught by its specialist only where that specialist beats,
 on val, the student's head trained on the labelled images alone; elsewhere by that head's block of the vertical."""
 
+import dataclasses
 import json
 import math
 
@@ -187,6 +188,23 @@ def test_the_choice_is_measured_again_when_the_reference_changes(finished):
     (run.dir / CHOICE).write_text(json.dumps({**saved, "reference": "other", "verticals": []}))
     assert teacher_choice(run) == saved["verticals"]
     assert json.loads((run.dir / CHOICE).read_text()) == saved
+
+
+def test_a_margin_leaves_to_the_labels_every_vertical_whose_specialist_leads_by_less(finished):
+    _, run = finished
+    rows = teacher_choice(run)
+    leads = sorted(r["specialist_val_AP"] - r["reference_val_AP"] for r in rows if r["teacher"] == "specialist")
+    assert leads, "the fixture should have a vertical that its specialist teaches"
+    margin = leads[len(leads) // 2]  # the median lead: some verticals keep their specialist, some do not
+    student = run.cfg.student.model_copy(update={"teacher_choice_margin": margin})
+    with_margin = dataclasses.replace(run, cfg=run.cfg.model_copy(update={"student": student}))
+    chosen = teacher_choice(with_margin)  # measured again: the margin is part of what the record was made with
+    assert json.loads((run.dir / CHOICE).read_text())["margin"] == margin
+    for before, after in zip(rows, chosen, strict=True):
+        lead = before["specialist_val_AP"] - before["reference_val_AP"]
+        assert after["teacher"] == ("specialist" if lead > margin else "labels")
+    assert sum(r["teacher"] == "specialist" for r in chosen) < len(leads)
+    assert teacher_choice(run) == rows  # and back, without a margin
 
 
 def test_the_reference_s_steps_count_in_the_total_compute(finished, monkeypatch):

@@ -305,6 +305,13 @@ class StudentConfig(TrainConfig):
         "labelled images alone (the labelled-only control, then trained before the student), else by that head's "
         "block of the vertical (needs data.unlabeled and the bce loss)",
     )
+    teacher_choice_margin: float = Field(
+        0.0,
+        ge=0.0,
+        description="under teacher_choice better_on_val: the val AP points by which a specialist must beat the "
+        "labelled-only control to teach its vertical (0: any lead). A vertical's val AP rests on few images, so "
+        "the larger of two close figures is mostly noise (10K classes: docs/BENCHMARKS.md)",
+    )
     reference_run: Path | None = Field(
         None,
         description="under teacher_choice better_on_val: another run directory over the same data and taxonomy "

@@ -138,7 +138,8 @@ def run_report(
         parts += [
             "## Teachers chosen on val",
             "`student.teacher_choice: better_on_val`: each vertical taught by its specialist where that beat the "
-            "labelled-only control on val (AP over the vertical's classes), else by that control.",
+            "labelled-only control on val (AP over the vertical's classes) by more than "
+            "`student.teacher_choice_margin`, else by that control.",
             "| vertical | specialist val AP | labelled-only control val AP | teacher |\n|---|---:|---:|---|\n" + rows,
         ]
     for m in result["models"]:

@@ -5,12 +5,13 @@ trained on the labels, the student, which follows its teacher vertical by vertic
 alone would give it (measured at 10K classes: docs/BENCHMARKS.md). With `teacher_choice: better_on_val` each
 vertical is taught by its specialist only where that specialist's val AP on the vertical's classes beats the
 labelled-only ground-truth control's (`control_ground_truth_labelled`, the student's head on the labelled images,
-trained first); elsewhere by that control's block of the vertical's classes. A choice on val, as every choice.
+trained first), by more than `student.teacher_choice_margin` AP points; elsewhere by that control's block of the
+vertical's classes. A choice on val, as every choice.
 With `student.reference_run` the reference is another run's labelled-only control (same data and taxonomy): `kc
 ablate` points each variant at its run's, so that every variant learns from the same teachers.
 
     RUN/teacher_choice.json   per vertical: both val APs and the teacher chosen, with the digests of the weights
-                              they were measured on (measured again when either changes)
+                              they were measured on and the margin (measured again when any changes)
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def _choice_record(run: Run) -> dict:
             require_reference(run, "student.teacher_choice better_on_val compares each specialist with it")
         ),
         "specialists": [specialist_digest(run, v) for v in range(run.taxonomy.num_verticals)],
+        "margin": run.cfg.student.teacher_choice_margin,
     }
     saved = read_json(path) if path.is_file() else {}
     if {k: saved.get(k) for k in wanted} == wanted:
@@ -140,7 +142,7 @@ def _measure(run: Run, wanted: dict) -> dict:
         specialist = folds[0] if len(folds) == 1 else LogitMean(folds)  # as the student is taught by it
         own = validate(specialist).get("mAP") if validate is not None else None
         other = reference[vertical.id]["ap"]
-        better = own is None or math.isnan(other) or own > other
+        better = own is None or math.isnan(other) or own > other + wanted["margin"]
         rows.append(
             {
                 "vertical": vertical.id,
