@@ -278,30 +278,31 @@ def test_a_seed_changes_every_stage(bench, tmp_path):
     assert refused.exit_code == 2 and "student.seed is set" in refused.output
 
 
-def test_seed_summary_pairs_differences_by_seed():
-    def result(student, control, gap):
-        speed = {"parameters": 10, "networks_per_image": 1, "images_per_s": 100.0, "within_vertical_mAP": 1.0}
-        models = [
-            {"stage": "generalist", "model": "g", "mAP": 40.0, "mean_per_vertical_AP": 40.0, **speed},
-            {"stage": "student", "model": "s", "mAP": student, "mean_per_vertical_AP": student, **speed},
-            {"stage": "control", "model": "c", "mAP": control, "mean_per_vertical_AP": control, **speed},
-            {"stage": "teachers_chosen", "model": "t", "mAP": 75.0, "mean_per_vertical_AP": 75.0, **speed},
-        ]
-        headroom = {
-            w: {"mAP": 70.0 - control, "mean_per_vertical_AP": 0.0}
-            for w in ("over_strongest_baseline", "over_generalist")
-        }
-        headroom["chosen_teachers_over_strongest_baseline"] = {"mAP": 75.0 - control, "mean_per_vertical_AP": 0.0}
-        closed = {"mAP": (student - control) / (75.0 - control), "mean_per_vertical_AP": None}
-        return {
-            "models": models,
-            "floor": {"mAP": 5.0},
-            "gap_closed": {"to_chosen_teachers": closed},
-            "gap_closed_per_vertical": {"a": gap, "b": None},
-            "headroom": headroom,
-        }
+def seed_result(student, control, gap):
+    """A report's result: a generalist, a student, a control and the teachers as chosen."""
+    speed = {"parameters": 10, "networks_per_image": 1, "images_per_s": 100.0, "within_vertical_mAP": 1.0}
+    models = [
+        {"stage": "generalist", "model": "g", "mAP": 40.0, "mean_per_vertical_AP": 40.0, **speed},
+        {"stage": "student", "model": "s", "mAP": student, "mean_per_vertical_AP": student, **speed},
+        {"stage": "control", "model": "c", "mAP": control, "mean_per_vertical_AP": control, **speed},
+        {"stage": "teachers_chosen", "model": "t", "mAP": 75.0, "mean_per_vertical_AP": 75.0, **speed},
+    ]
+    headroom = {
+        w: {"mAP": 70.0 - control, "mean_per_vertical_AP": 0.0} for w in ("over_strongest_baseline", "over_generalist")
+    }
+    headroom["chosen_teachers_over_strongest_baseline"] = {"mAP": 75.0 - control, "mean_per_vertical_AP": 0.0}
+    closed = {"mAP": (student - control) / (75.0 - control), "mean_per_vertical_AP": None}
+    return {
+        "models": models,
+        "floor": {"mAP": 5.0},
+        "gap_closed": {"to_chosen_teachers": closed},
+        "gap_closed_per_vertical": {"a": gap, "b": None},
+        "headroom": headroom,
+    }
 
-    summary = summarise({0: result(50, 48, 0.1), 1: result(60, 61, -0.2), 2: result(55, 52, 0.4)})
+
+def test_seed_summary_pairs_differences_by_seed():
+    summary = summarise({0: seed_result(50, 48, 0.1), 1: seed_result(60, 61, -0.2), 2: seed_result(55, 52, 0.4)})
     assert summary["specialists_headroom"]["over_strongest_baseline_mAP"]["mean"] == pytest.approx(70 - 161 / 3)
     diff = next(p for p in summary["paired_differences"] if p["baseline"] == "control" and p["metric"] == "mAP")
     assert diff["mean"] == pytest.approx(4 / 3) and diff["wins"] == 2
@@ -316,6 +317,33 @@ def test_seed_summary_pairs_differences_by_seed():
     lead = summary["specialists_headroom"]["chosen_teachers_over_strongest_baseline_mAP"]
     assert lead["mean"] == pytest.approx(75 - 161 / 3)
     assert "Teachers as chosen on val (oracle-routed) minus the strongest baseline" in seeds_table(summary)
+
+
+def test_seeds_summary_reads_runs_made_one_by_one_and_refuses_what_cannot_be_paired(tmp_path):
+    runs = []
+    for seed, (student, control) in enumerate(((50, 48), (60, 61), (55, 52))):
+        run_dir = tmp_path / f"run_{seed}"
+        run_dir.mkdir()
+        (run_dir / "metrics.json").write_text(
+            json.dumps({**seed_result(student, control, 0.1), "config": {"seed": seed}})
+        )
+        runs.append(str(run_dir))
+    out = CliRunner().invoke(app, ["seeds-summary", *runs, "--out", str(tmp_path / "summary")])
+    assert out.exit_code == 0, out.output
+    assert "| control | mAP | +1.33 ± 2.08 | 2/3 |" in out.output
+    written = json.loads((tmp_path / "summary" / "seeds.json").read_text())
+    assert written["seeds"] == [0, 1, 2] and written["run_dirs"]["1"] == runs[1]
+    assert (tmp_path / "summary" / "seeds.md").read_text().strip() in out.output
+    # the same seed twice, a run with other models, and a run not yet reported: each named, with the fix
+    twice = CliRunner().invoke(app, ["seeds-summary", runs[0], runs[0], "--out", str(tmp_path / "s2")])
+    assert twice.exit_code != 0 and "seed 0 again" in twice.output and "Traceback" not in twice.output
+    other = json.loads((tmp_path / "run_2" / "metrics.json").read_text())
+    other["models"] = other["models"][:2]
+    (tmp_path / "run_2" / "metrics.json").write_text(json.dumps(other))
+    differ = CliRunner().invoke(app, ["seeds-summary", *runs, "--out", str(tmp_path / "s3")])
+    assert differ.exit_code != 0 and "run_2/metrics.json: models generalist, student differ" in differ.output
+    missing = CliRunner().invoke(app, ["seeds-summary", str(tmp_path), "--out", str(tmp_path / "s4")])
+    assert missing.exit_code != 0 and "metrics.json: not found" in missing.output and "kc report" in missing.output
 
 
 class Constant:

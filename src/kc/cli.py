@@ -822,6 +822,19 @@ def seeds_cmd(
     echo(seeds_table(summary))
 
 
+@app.command("seeds-summary")
+@user_errors
+def seeds_summary_cmd(
+    run_dirs: Annotated[list[Path], typer.Argument(help="run directories, one per seed, each scored by `kc report`")],
+    out: Annotated[Path, typer.Option(help="where seeds.md and seeds.json are written")],
+) -> None:
+    """`kc seeds`' summary of runs made one by one: mean ± std over seeds, the student's paired differences and
+    wins, from each RUN/metrics.json (its seed read from its config)."""
+    from kc.seeds import seeds_table, summarise_runs
+
+    echo(seeds_table(summarise_runs(run_dirs, out)))
+
+
 @app.command("demo")
 @user_errors
 def demo_cmd(

@@ -26,7 +26,7 @@ from kc.data.benchmark import PRESETS, generate_benchmark
 from kc.data.feature_benchmark import FEATURE_PRESETS, generate_feature_benchmark
 from kc.errors import ConfigError, KCError
 from kc.evaluate.report import fmt_metric
-from kc.io import atomic_write_json, atomic_write_text
+from kc.io import atomic_write_json, atomic_write_text, read_json
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run
 
@@ -128,6 +128,43 @@ def run_seeds(
     summary = summarise(results)
     atomic_write_json(root / "seeds.json", {"seeds": seeds, "summary": summary, "runs": results})
     atomic_write_text(root / "seeds.md", seeds_table(summary) + "\n")
+    return summary
+
+
+def summarise_runs(run_dirs: list[Path], out: Path) -> dict[str, Any]:
+    """The seed summary of runs made one by one (on other machines, with resumes, or by hand): each RUN's
+    metrics.json, written by `kc report`, keyed by the seed of its config. Writes OUT/seeds.md and seeds.json."""
+    if not run_dirs:
+        raise KCError("give at least one run directory (three or more seeds for a claim)")
+    results: dict[int, dict[str, Any]] = {}
+    where: dict[int, Path] = {}
+    for run_dir in run_dirs:
+        path = run_dir / "metrics.json"
+        if not path.is_file():
+            raise KCError(f"{path}: not found; score the run first with `kc report CONFIG --set run_dir={run_dir}`")
+        try:
+            result = read_json(path)
+        except ValueError as exc:
+            raise KCError(f"{path}: not valid JSON ({exc}); write it again with `kc report`") from None
+        seed = (result.get("config") or {}).get("seed")
+        if not isinstance(seed, int):
+            raise KCError(f"{path}: its config has no seed; write it again with `kc report`")
+        if seed in results:
+            raise KCError(f"{path}: seed {seed} again (also {where[seed]}); each run must be another seed")
+        first = next(iter(results.values()), None)
+        if first is not None:
+            stages, expected = [m["stage"] for m in result["models"]], [m["stage"] for m in first["models"]]
+            if stages != expected:
+                raise KCError(
+                    f"{path}: models {', '.join(stages)} differ from {where[next(iter(where))]}'s "
+                    f"({', '.join(expected)}); report every run with the same controls"
+                )
+        results[seed], where[seed] = result, run_dir
+    summary = summarise(results)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {seed: str(d) for seed, d in where.items()}
+    atomic_write_json(out / "seeds.json", {"seeds": list(results), "summary": summary, "run_dirs": runs})
+    atomic_write_text(out / "seeds.md", seeds_table(summary) + "\n")
     return summary
 
 
