@@ -317,6 +317,24 @@ def test_seed_summary_pairs_differences_by_seed():
     lead = summary["specialists_headroom"]["chosen_teachers_over_strongest_baseline_mAP"]
     assert lead["mean"] == pytest.approx(75 - 161 / 3)
     assert "Teachers as chosen on val (oracle-routed) minus the strongest baseline" in seeds_table(summary)
+    assert summary["paired_by_teacher"] == []  # no teacher choice in these runs
+
+
+def test_seed_summary_pairs_the_student_by_who_taught_each_vertical():
+    def with_groups(taught, untaught):
+        groups = [
+            {"baseline": "control", "teacher": "specialist", "verticals": 3, "test": taught, "val": 1.0},
+            {"baseline": "control", "teacher": "labelled-only control", "verticals": 2, "test": untaught, "val": 0.0},
+        ]
+        wins = [int(taught > 0) * 2, int(untaught > 0)]
+        groups = [dict(g, test_wins=w) for g, w in zip(groups, wins, strict=True)]
+        return {**seed_result(50, 48, 0.1), "student_by_teacher": groups}
+
+    summary = summarise({0: with_groups(1.5, -0.5), 1: with_groups(-0.5, 0.2), 2: with_groups(2.0, 0.3)})
+    taught = next(p for p in summary["paired_by_teacher"] if p["teacher"] == "specialist")
+    assert taught["mean"] == pytest.approx(1.0) and taught["std"] == pytest.approx(np.std([1.5, -0.5, 2.0], ddof=1))
+    assert (taught["wins"], taught["vertical_wins"], taught["verticals"]) == (2, 4, 9)
+    assert "| control | specialist | +1.00 ± 1.32 | 2/3 | 4/9 |" in seeds_table(summary)
 
 
 def test_seeds_summary_reads_runs_made_one_by_one_and_refuses_what_cannot_be_paired(tmp_path):

@@ -18,7 +18,7 @@ from kc.distill.cached_teachers import CachedTeachers
 from kc.distill.targets import GeneralistTeacher, OnlineTeachers
 from kc.errors import CheckpointError, ConfigError
 from kc.evaluate.compare import gap_closed
-from kc.evaluate.report import comparison_table
+from kc.evaluate.report import by_teacher_table, comparison_table
 from kc.evaluate.stage import evaluate_stage
 from kc.pipeline import compare_run, run_pipeline
 from kc.run import prepare_run
@@ -103,7 +103,7 @@ def test_each_vertical_goes_to_the_teacher_better_on_val(finished):
         assert row["teacher"] == ("specialist" if wins else "labels")
     assert json.loads((run.dir / CHOICE).read_text())["verticals"] == rows
     report = (run.dir / "report.md").read_text()
-    assert "## Teachers chosen on val" in report
+    assert "## Teachers chosen on val" in report and "| student minus | verticals taught by |" in report
     for row in rows:
         teacher = "its specialist" if row["teacher"] == "specialist" else "the labelled-only control"
         assert f"| {row['vertical']} | {row['specialist_val_AP']:.2f} |" in report and teacher in report
@@ -176,10 +176,29 @@ def test_the_comparison_scores_the_teachers_as_chosen(finished):
     assert result["headroom"]["chosen_teachers_over_strongest_baseline"]["mAP"] == chosen["mAP"] - base["mAP"]
     assert result["gap_closed"]["to_chosen_teachers"]["mAP"] == gap_closed(student["mAP"], base["mAP"], chosen["mAP"])
     assert "to the teachers as chosen (oracle-routed)" in comparison_table(result)
+    # the student against each baseline, apart in the verticals each teacher taught
+    groups = {(r["baseline"], r["teacher"]): r for r in result["student_by_teacher"]}
+    assert {b for b, _ in groups} == {"generalist", GROUND_TRUTH_LABELLED}
+    for split, table in (("test", result), ("val", result["val"])):
+        rows = {m["stage"]: m for m in table["models"]}
+        diff = {
+            vid: rows[STUDENT]["per_vertical_AP"][vid] - rows[GROUND_TRUTH_LABELLED]["per_vertical_AP"][vid]
+            for vid in ids
+        }
+        taught = groups[(GROUND_TRUTH_LABELLED, "specialist")]
+        assert taught["verticals"] == 2 and taught[split] == pytest.approx((diff[ids[0]] + diff[ids[2]]) / 2)
+        assert groups[(GROUND_TRUTH_LABELLED, "labelled-only control")][split] == pytest.approx(diff[ids[1]])
+        if split == "test":
+            assert taught["test_wins"] == (diff[ids[0]] > 0) + (diff[ids[2]] > 0)
+    names = {m["stage"]: m["model"] for m in result["models"]}
+    assert f"| {names[GROUND_TRUTH_LABELLED]} | specialist | 2 | {taught['val']:+.2f} |" in by_teacher_table(
+        result["student_by_teacher"], names
+    )
     # every vertical taught by its specialist: the teachers are the specialists, no row of their own
     result = compare_under(["specialist"] * 3)
     assert "teachers_chosen" not in {m["stage"] for m in result["models"]}
     assert "to_chosen_teachers" not in result["gap_closed"]
+    assert [r["teacher"] for r in result["student_by_teacher"]] == ["specialist", "specialist"]
 
 
 def test_the_choice_is_measured_again_when_the_reference_changes(finished):

@@ -228,9 +228,27 @@ def summarise(results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "max": max(per_vertical),
             "count": len(per_vertical),
         }
+    # Under teacher choice: the student's lead per group of verticals (by who taught them), paired by seed.
+    by_teacher = []
+    if all(results[s].get("student_by_teacher") for s in seeds):
+        groups = [{(r["baseline"], r["teacher"]): r for r in results[s]["student_by_teacher"]} for s in seeds]
+        for key in groups[0]:
+            if all(key in g and g[key]["test"] is not None for g in groups):
+                diffs = [g[key]["test"] for g in groups]
+                by_teacher.append(
+                    {
+                        "baseline": key[0],
+                        "teacher": key[1],
+                        "verticals": sum(g[key]["verticals"] for g in groups),
+                        "vertical_wins": sum(g[key]["test_wins"] for g in groups),
+                        **mean_std(diffs),
+                        "wins": sum(d > 0 for d in diffs),
+                    }
+                )
     return {
         "seeds": seeds,
         "models": models,
+        "paired_by_teacher": by_teacher,
         "paired_differences": paired,
         "gap_closed_percent": gaps,
         "specialists_headroom": headroom,
@@ -265,6 +283,18 @@ def seeds_table(summary: dict[str, Any]) -> str:
         for p in summary["paired_differences"]:
             lines.append(
                 f"| {p['baseline']} | {p['metric']} | {p['mean']:+.2f} ± {p['std']:.2f} | {p['wins']}/{len(seeds)} |"
+            )
+    if summary.get("paired_by_teacher"):
+        lines += [
+            "",
+            "| student - baseline (test, per-vertical AP) | in the verticals taught by | mean ± std | seeds won | "
+            "verticals won |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for p in summary["paired_by_teacher"]:
+            lines.append(
+                f"| {p['baseline']} | {p['teacher']} | {p['mean']:+.2f} ± {p['std']:.2f} | {p['wins']}/{len(seeds)} | "
+                f"{p['vertical_wins']}/{p['verticals']} |"
             )
     if summary["gap_closed_percent"]:
         lines += ["", "| gap closed (test, %) | mean ± std |", "|---|---:|"]

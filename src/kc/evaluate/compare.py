@@ -202,7 +202,40 @@ def compare_splits(run: Run, progress: bool = False, teachers: ChosenTeachers | 
     `val`, what chooses); the strongest baseline chosen on val and the gap closed on test (`gaps`)."""
     test = compare(run, "test", progress=progress, teachers=teachers)
     val = compare(run, "val", progress=progress, teachers=teachers) if run.splits["val"] else None
-    return {**test, "val": val, **gaps(test, val)}
+    result = {**test, "val": val, **gaps(test, val)}
+    if teachers is not None and STUDENT in {m["stage"] for m in test["models"]}:
+        ids = [v.id for v in run.taxonomy.verticals]
+        result["student_by_teacher"] = by_teacher(test, val, dict(zip(ids, teachers.specialist_teaches, strict=True)))
+    return result
+
+
+def by_teacher(test: dict[str, Any], val: dict[str, Any] | None, specialist_teaches: dict[str, bool]) -> list[dict]:
+    """Under teacher choice: per baseline, the student's per-vertical AP minus the baseline's, averaged over the
+    verticals its specialists teach and over those the labelled-only control teaches, on val and test, with the
+    verticals where the student leads on test. The self-training control learns the student's own targets in the
+    control-taught verticals, so its difference there is what training noise alone moves; in the specialist-taught
+    verticals, the difference is what the specialists add."""
+    rows = {m["stage"]: m for m in test["models"]}
+    val_rows = {m["stage"]: m for m in val["models"]} if val is not None else {}
+    baselines = [s.name for s in STAGES if (s.name == GENERALIST or s.control) and s.name in rows]
+    out = []
+    for name in baselines:
+        for teacher, own in (("specialist", True), ("labelled-only control", False)):
+            group = [vid for vid, mine in specialist_teaches.items() if mine == own]
+            if not group:
+                continue
+            entry: dict[str, Any] = {"baseline": name, "teacher": teacher, "verticals": len(group)}
+            for split, table in (("test", rows), ("val", val_rows)):
+                if name not in table:
+                    entry[split] = None
+                    continue
+                diffs = [table[STUDENT]["per_vertical_AP"][vid] - table[name]["per_vertical_AP"][vid] for vid in group]
+                diffs = [d for d in diffs if d == d]  # a vertical without images of its classes scores NaN
+                entry[split] = float(np.mean(diffs)) if diffs else None
+                if split == "test":
+                    entry["test_wins"] = sum(d > 0 for d in diffs)
+            out.append(entry)
+    return out
 
 
 def gaps(test: dict[str, Any], val: dict[str, Any] | None) -> dict[str, Any]:

@@ -109,6 +109,21 @@ def per_vertical_table(result: dict[str, Any], taxonomy: Taxonomy) -> str:
     return "\n".join(lines)
 
 
+def by_teacher_table(rows: list[dict[str, Any]], names: dict[str, str]) -> str:
+    lines = [
+        "| student minus | verticals taught by | verticals | val | test | test wins |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        val = "n/a" if r["val"] is None else f"{r['val']:+.2f}"
+        test = "n/a" if r["test"] is None else f"{r['test']:+.2f}"
+        lines.append(
+            f"| {names.get(r['baseline'], r['baseline'])} | {r['teacher']} | {r['verticals']} | {val} | {test} | "
+            f"{r['test_wins']}/{r['verticals']} |"
+        )
+    return "\n".join(lines)
+
+
 def run_report(
     result: dict[str, Any],
     taxonomy: Taxonomy,
@@ -141,6 +156,13 @@ def run_report(
             "labelled-only control on val (AP over the vertical's classes) by more than "
             "`student.teacher_choice_margin`, else by that control.",
             "| vertical | specialist val AP | labelled-only control val AP | teacher |\n|---|---:|---:|---|\n" + rows,
+        ]
+    if result.get("student_by_teacher"):
+        parts += [
+            "The student minus each baseline, per-vertical AP averaged over the verticals of each teacher. Where the "
+            "labelled-only control teaches, the self-training control learns the student's own targets: the "
+            "difference there is what training noise alone moves. Where the specialists teach, it is what they add.",
+            by_teacher_table(result["student_by_teacher"], names={m["stage"]: m["model"] for m in result["models"]}),
         ]
     for m in result["models"]:
         if m.get("self_paced_scales"):
