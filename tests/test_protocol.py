@@ -360,6 +360,9 @@ def test_seeds_summary_reads_runs_made_one_by_one_and_refuses_what_cannot_be_pai
     (tmp_path / "run_2" / "metrics.json").write_text(json.dumps(other))
     differ = CliRunner().invoke(app, ["seeds-summary", *runs, "--out", str(tmp_path / "s3")])
     assert differ.exit_code != 0 and "run_2/metrics.json: models generalist, student differ" in differ.output
+    (tmp_path / "run_2" / "metrics.json").write_text(json.dumps({"config": {"seed": 2}}))
+    foreign = CliRunner().invoke(app, ["seeds-summary", *runs, "--out", str(tmp_path / "s5")])
+    assert foreign.exit_code != 0 and "run_2/metrics.json: not the metrics.json of `kc report`" in foreign.output
     missing = CliRunner().invoke(app, ["seeds-summary", str(tmp_path), "--out", str(tmp_path / "s4")])
     assert missing.exit_code != 0 and "metrics.json: not found" in missing.output and "kc report" in missing.output
 

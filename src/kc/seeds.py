@@ -146,18 +146,21 @@ def summarise_runs(run_dirs: list[Path], out: Path) -> dict[str, Any]:
             result = read_json(path)
         except ValueError as exc:
             raise KCError(f"{path}: not valid JSON ({exc}); write it again with `kc report`") from None
+        if not isinstance(result, dict) or not isinstance(result.get("models"), list):
+            raise KCError(f"{path}: not the metrics.json of `kc report` (no list of models); write it again with it")
         seed = (result.get("config") or {}).get("seed")
         if not isinstance(seed, int):
             raise KCError(f"{path}: its config has no seed; write it again with `kc report`")
         if seed in results:
             raise KCError(f"{path}: seed {seed} again (also {where[seed]}); each run must be another seed")
-        first = next(iter(results.values()), None)
-        if first is not None:
-            stages, expected = [m["stage"] for m in result["models"]], [m["stage"] for m in first["models"]]
+        stages = [m["stage"] for m in result["models"]]
+        if results:
+            first_seed = next(iter(results))
+            expected = [m["stage"] for m in results[first_seed]["models"]]
             if stages != expected:
                 raise KCError(
-                    f"{path}: models {', '.join(stages)} differ from {where[next(iter(where))]}'s "
-                    f"({', '.join(expected)}); report every run with the same controls"
+                    f"{path}: models {', '.join(stages)} differ from {where[first_seed]}'s ({', '.join(expected)}); "
+                    "report every run with the same controls"
                 )
         results[seed], where[seed] = result, run_dir
     summary = summarise(results)
