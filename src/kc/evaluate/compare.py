@@ -209,6 +209,11 @@ def compare_splits(run: Run, progress: bool = False, teachers: ChosenTeachers | 
     return result
 
 
+def baselines(rows: dict[str, Any]) -> list[str]:
+    """The stages among `rows` the student must beat: the generalist and every control, in the stages' order."""
+    return [s.name for s in STAGES if (s.name == GENERALIST or s.control) and s.name in rows]
+
+
 def by_teacher(test: dict[str, Any], val: dict[str, Any] | None, specialist_teaches: dict[str, bool]) -> list[dict]:
     """Under teacher choice: per baseline, the student's per-vertical AP minus the baseline's, averaged over the
     verticals its specialists teach and over those the labelled-only control teaches, on val and test, with the
@@ -217,11 +222,13 @@ def by_teacher(test: dict[str, Any], val: dict[str, Any] | None, specialist_teac
     verticals, the difference is what the specialists add."""
     rows = {m["stage"]: m for m in test["models"]}
     val_rows = {m["stage"]: m for m in val["models"]} if val is not None else {}
-    baselines = [s.name for s in STAGES if (s.name == GENERALIST or s.control) and s.name in rows]
+    groups = {
+        teacher: [vid for vid, mine in specialist_teaches.items() if mine == own]
+        for teacher, own in (("specialist", True), ("labelled-only control", False))
+    }
     out = []
-    for name in baselines:
-        for teacher, own in (("specialist", True), ("labelled-only control", False)):
-            group = [vid for vid, mine in specialist_teaches.items() if mine == own]
+    for name in baselines(rows):
+        for teacher, group in groups.items():
             if not group:
                 continue
             entry: dict[str, Any] = {"baseline": name, "teacher": teacher, "verticals": len(group)}
@@ -245,10 +252,9 @@ def gaps(test: dict[str, Any], val: dict[str, Any] | None) -> dict[str, Any]:
     rows = {m["stage"]: m for m in test["models"]}
     if STUDENT not in rows:
         return {}
-    baselines = [s.name for s in STAGES if (s.name == GENERALIST or s.control) and s.name in rows]
     if val is not None:
         val_rows = {m["stage"]: m for m in val["models"]}
-        strongest = max(baselines, key=lambda name: val_rows[name]["mAP"])
+        strongest = max(baselines(rows), key=lambda name: val_rows[name]["mAP"])
         chosen_on = "val mAP"
     else:
         strongest, chosen_on = GENERALIST, "no val split: the generalist"
