@@ -126,13 +126,13 @@ def run_seeds(
         run = prepare_run(cfg, progress=progress)
         results[seed] = run_pipeline(run, progress=progress, verbose=progress)
     summary = summarise(results)
-    write_summary(root, summary, {"runs": results})
+    write_summary(root, seeds, summary, {"runs": results})
     return summary
 
 
-def write_summary(out: Path, summary: dict[str, Any], sources: dict[str, Any]) -> None:
+def write_summary(out: Path, seeds: list[int], summary: dict[str, Any], sources: dict[str, Any]) -> None:
     """OUT/seeds.json (the summary with what it was made from) and OUT/seeds.md (its table)."""
-    atomic_write_json(out / "seeds.json", {"seeds": summary["seeds"], "summary": summary, **sources})
+    atomic_write_json(out / "seeds.json", {"seeds": seeds, "summary": summary, **sources})
     atomic_write_text(out / "seeds.md", seeds_table(summary) + "\n")
 
 
@@ -170,7 +170,7 @@ def summarise_runs(run_dirs: list[Path], out: Path) -> dict[str, Any]:
         results[seed], where[seed] = result, run_dir
     summary = summarise(results)
     out.mkdir(parents=True, exist_ok=True)
-    write_summary(out, summary, {"run_dirs": {seed: str(d) for seed, d in where.items()}})
+    write_summary(out, list(results), summary, {"run_dirs": {seed: str(d) for seed, d in where.items()}})
     return summary
 
 
