@@ -120,3 +120,50 @@ def test_specialists_in_parallel_jobs_equal_specialists_in_turn(tmp_path, tiny_b
         assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a), v
     bad = subprocess.run([*kc, str(parallel), "--shard", "3/2"], capture_output=True, text=True)
     assert bad.returncode == 2 and "I must lie in [0, N)" in bad.stderr
+
+
+def test_specialists_with_centred_scales_start_as_the_generalist_ranks_classes_then_train_and_load(
+    tmp_path, tiny_benchmark
+):
+    """specialists.self_paced: each specialist's one block of logits, centred and normalised, times a learned scale
+    started at the generalist's median centred block norm on the specialist's training images. Per image that is an
+    increasing affine map of the block, so every image's order of its vertical's classes is the generalist's; the
+    'other' output is a block of its own, left as it is. Trained, the scale moves, and the weights load back."""
+    import pytest
+
+    from conftest import tiny_config
+    from kc.config import ConfigError, config_from_dict
+    from kc.run import prepare_run
+    from kc.stages import GENERALIST, load_specialists, load_stage, new_generalist_model
+    from kc.train.common import block_norms
+    from kc.train.generalist import train_generalist
+    from kc.train.specialists import specialist_training_samples, train_specialists, with_measured_scales
+
+    data = tiny_config(tiny_benchmark, tmp_path / "run")
+    scales = {"variant": "vertical", "centred": True, "init": "generalist"}
+    data["specialists"] = {"epochs": 2, "batch_size": 16, "eval_batch_size": 64, "other_output": True}
+    data["specialists"]["self_paced"] = scales
+    run = prepare_run(config_from_dict(data), progress=False)
+    train_generalist(run, progress=False, verbose=False)
+    generalist = load_stage(run.stage_dir(GENERALIST), new_generalist_model(run)).eval()
+    start, end = run.taxonomy.vertical_ranges[1]
+    samples = specialist_training_samples(run, 1, run.splits["train"])
+    cut = restrict_outputs(generalist, start, end, other_output=True)
+    specialist = with_measured_scales(run, 1, cut, samples).eval()
+    block = [0] * (end - start) + [1]
+    norms = block_norms(run, cut, centred=True, samples=samples, vertical_of_class=block)
+    assert float(specialist.output_scales.gamma[0].detach()) == pytest.approx(float(norms[0]))
+    x = torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        out, before = specialist(x), generalist(x)[:, start:end]
+    assert (out[:, :-1].argsort(dim=1) == before.argsort(dim=1)).all()
+    torch.testing.assert_close(out[:, -1], torch.zeros(6))  # 'other' (zero-initialised) keeps its logit
+
+    train_specialists(run, progress=False, verbose=False)
+    loaded = load_specialists(run)[1]  # loads strictly: the scales were saved and are built back
+    assert loaded.output_scales.centred and loaded.output_scales.gamma.shape == (2,)
+    assert float(loaded.output_scales.gamma[0].detach()) != pytest.approx(float(norms[0]), abs=1e-4)  # it learned
+
+    data["specialists"]["self_paced"] = {"variant": "vertical"}  # the paper's formula on the one 'other' logit
+    with pytest.raises(ConfigError, match="other_output"):
+        config_from_dict(data)

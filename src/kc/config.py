@@ -190,25 +190,6 @@ class GeneralistConfig(TrainConfig):
         return self
 
 
-class SpecialistConfig(TrainConfig):
-    """One specialist per vertical, initialised from the generalist, trained on that vertical's images."""
-
-    negatives_per_image: float = Field(
-        1.0,
-        ge=0,
-        description="images of other verticals per image of the vertical, as all-negative examples "
-        "(Hinton et al. 2015: 1.0, half and half)",
-    )
-    other_output: bool = Field(False, description="add an 'other' output, 1 on images of no class of the vertical")
-    folds: int = Field(
-        1,
-        ge=1,
-        description="cross-fitted teachers: with K > 1 the training images are split into K seeded folds and each "
-        "vertical gets K specialists, the f-th trained without fold f; every image is then taught by the one that "
-        "never saw it (out-of-fold targets, not a memorised copy of its label). Needs the soft-target cache",
-    )
-
-
 class SelfPacedConfig(_Strict):
     """Per-vertical L2-normalised logits times a scale (the paper's self-paced learning)."""
 
@@ -249,6 +230,41 @@ class SelfPacedConfig(_Strict):
     def _one_normalisation(self) -> SelfPacedConfig:
         if self.centred and self.running:
             raise ValueError("centred and running are two normalisations of the blocks; set one of them")
+        return self
+
+
+class SpecialistConfig(TrainConfig):
+    """One specialist per vertical, initialised from the generalist, trained on that vertical's images."""
+
+    negatives_per_image: float = Field(
+        1.0,
+        ge=0,
+        description="images of other verticals per image of the vertical, as all-negative examples "
+        "(Hinton et al. 2015: 1.0, half and half)",
+    )
+    other_output: bool = Field(False, description="add an 'other' output, 1 on images of no class of the vertical")
+    folds: int = Field(
+        1,
+        ge=1,
+        description="cross-fitted teachers: with K > 1 the training images are split into K seeded folds and each "
+        "vertical gets K specialists, the f-th trained without fold f; every image is then taught by the one that "
+        "never saw it (out-of-fold targets, not a memorised copy of its label). Needs the soft-target cache",
+    )
+    self_paced: SelfPacedConfig = Field(
+        SelfPacedConfig(variant="none"),
+        description="the student's output normalisation (student.self_paced) on each specialist's one block of "
+        "logits, e.g. {variant: vertical, centred: true, init: generalist}: a learned scale of the block's centred, "
+        "normalised logits (a cosine classifier with a learned temperature); none: plain logits",
+    )
+
+    @model_validator(mode="after")
+    def _other_output_keeps_its_sign(self) -> SpecialistConfig:
+        sp = self.self_paced
+        if self.other_output and sp.variant != "none" and not (sp.centred or sp.running):
+            raise ValueError(
+                "self_paced without centred or running would divide the one 'other' logit by its own size, leaving "
+                "only its sign; set self_paced.centred: true, or other_output: false"
+            )
         return self
 
 

@@ -180,7 +180,30 @@ def new_specialist_model(run: Run, vertical: int) -> Classifier:
     start, end = run.taxonomy.vertical_ranges[vertical]
     outputs = end - start + (1 if run.cfg.specialists.other_output else 0)
     torch.manual_seed(run.cfg.seed)  # seeded, as every model build is: the same whatever ran before
-    return build_classifier(run.cfg.model, outputs, with_weights=False)  # a local-dir backbone's weights: replaced
+    model = build_classifier(run.cfg.model, outputs, with_weights=False)  # a local-dir backbone's weights: replaced
+    return with_specialist_scales(run, vertical, model)
+
+
+def specialist_blocks(run: Run, vertical: int) -> list[int]:
+    """The block of each of a specialist's outputs, for its self-paced scales (`specialists.self_paced`): its
+    vertical's classes are block 0, an 'other' output a block of its own (1)."""
+    start, end = run.taxonomy.vertical_ranges[vertical]
+    return [0] * (end - start) + ([1] if run.cfg.specialists.other_output else [])
+
+
+def with_specialist_scales(
+    run: Run,
+    vertical: int,
+    model: Classifier,
+    init: torch.Tensor | None = None,
+    running_start: torch.Tensor | None = None,
+) -> Classifier:
+    """`with_self_paced_scales` for a vertical's specialist, as `specialists.self_paced` says (unchanged for
+    variant none)."""
+    sp = run.cfg.specialists.self_paced
+    if sp.variant == "none":
+        return model
+    return with_self_paced_scales(sp, specialist_blocks(run, vertical), model, init, running_start)
 
 
 def load_fold_specialists(run: Run, vertical: int) -> list[Classifier]:

@@ -176,26 +176,29 @@ def block_norms(
     batch_size: int = 256,
     centred: bool = False,
     samples: list[Sample] | None = None,
+    vertical_of_class: list[int] | None = None,
 ) -> torch.Tensor:
     """Per vertical, the median over `samples` (default the student's training images; up to `images`, evenly
     spread) of the L2 norm of the vertical's block of `model`'s logits: self-paced scales that start there keep
     the typical size of its logits (not their ranking across images, which normalising each image's block
-    changes: docs/BENCHMARKS.md, 100K)."""
+    changes: docs/BENCHMARKS.md, 100K). `vertical_of_class`: the block of each of `model`'s outputs (default the
+    taxonomy's verticals; a specialist's: `specialist_blocks`)."""
     samples = student_training_samples(run) if samples is None else samples
     chosen = samples[:: max(1, len(samples) // images)][:images]
     dataset = ImageDataset(chosen, run.image_root, run.cfg.data, train=False, decoded=run.decoded)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
-    vertical_of_class = torch.tensor(run.taxonomy.vertical_of_class)
+    vertical_of_class = torch.tensor(run.taxonomy.vertical_of_class if vertical_of_class is None else vertical_of_class)
+    blocks = int(vertical_of_class.max()) + 1
     was_training = model.training
     model.eval()
     norms = []
     for batch in loader:
         logits = model(batch["images"]).float()
         if centred:  # minus each image's block mean, as the centred scales normalise
-            sums = torch.zeros(len(logits), run.taxonomy.num_verticals).index_add_(1, vertical_of_class, logits)
-            sizes = torch.bincount(vertical_of_class, minlength=run.taxonomy.num_verticals)
+            sums = torch.zeros(len(logits), blocks).index_add_(1, vertical_of_class, logits)
+            sizes = torch.bincount(vertical_of_class, minlength=blocks)
             logits = logits - (sums / sizes)[:, vertical_of_class]
-        squares = torch.zeros(len(logits), run.taxonomy.num_verticals).index_add_(1, vertical_of_class, logits**2)
+        squares = torch.zeros(len(logits), blocks).index_add_(1, vertical_of_class, logits**2)
         norms.append(squares.sqrt())
     model.train(was_training)
     return torch.cat(norms).median(dim=0).values.clamp_min(1e-3)
