@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from kc.config import ModelConfig
@@ -129,10 +130,9 @@ def test_specialists_with_centred_scales_start_as_the_generalist_ranks_classes_t
     started at the generalist's median centred block norm on the specialist's training images. Per image that is an
     increasing affine map of the block, so every image's order of its vertical's classes is the generalist's; the
     'other' output is a block of its own, left as it is. Trained, the scale moves, and the weights load back."""
-    import pytest
-
     from conftest import tiny_config
-    from kc.config import ConfigError, config_from_dict
+    from kc.config import config_from_dict
+    from kc.errors import ConfigError
     from kc.run import prepare_run
     from kc.stages import GENERALIST, load_specialists, load_stage, new_generalist_model
     from kc.train.common import block_norms
