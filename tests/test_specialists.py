@@ -135,9 +135,9 @@ def test_specialists_with_centred_scales_start_as_the_generalist_ranks_classes_t
     from kc.errors import ConfigError
     from kc.run import prepare_run
     from kc.stages import GENERALIST, load_specialists, load_stage, new_generalist_model
-    from kc.train.common import block_norms
+    from kc.train.common import block_norms, with_measured_scales
     from kc.train.generalist import train_generalist
-    from kc.train.specialists import specialist_training_samples, train_specialists, with_measured_scales
+    from kc.train.specialists import specialist_training_samples, train_specialists
 
     data = tiny_config(tiny_benchmark, tmp_path / "run")
     scales = {"variant": "vertical", "centred": True, "init": "generalist"}
@@ -149,8 +149,8 @@ def test_specialists_with_centred_scales_start_as_the_generalist_ranks_classes_t
     start, end = run.taxonomy.vertical_ranges[1]
     samples = specialist_training_samples(run, 1, run.splits["train"])
     cut = restrict_outputs(generalist, start, end, other_output=True)
-    specialist = with_measured_scales(run, 1, cut, samples).eval()
     block = [0] * (end - start) + [1]
+    specialist = with_measured_scales(run, cut, run.cfg.specialists.self_paced, samples, block).eval()
     norms = block_norms(run, cut, centred=True, samples=samples, vertical_of_class=block)
     assert float(specialist.output_scales.gamma[0].detach()) == pytest.approx(float(norms[0]))
     x = torch.randn(6, 3, 16, 16)

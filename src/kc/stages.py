@@ -181,7 +181,8 @@ def new_specialist_model(run: Run, vertical: int) -> Classifier:
     outputs = end - start + (1 if run.cfg.specialists.other_output else 0)
     torch.manual_seed(run.cfg.seed)  # seeded, as every model build is: the same whatever ran before
     model = build_classifier(run.cfg.model, outputs, with_weights=False)  # a local-dir backbone's weights: replaced
-    return with_specialist_scales(run, vertical, model)
+    sp = run.cfg.specialists.self_paced
+    return model if sp.variant == "none" else with_self_paced_scales(sp, specialist_blocks(run, vertical), model)
 
 
 def specialist_blocks(run: Run, vertical: int) -> list[int]:
@@ -189,21 +190,6 @@ def specialist_blocks(run: Run, vertical: int) -> list[int]:
     vertical's classes are block 0, an 'other' output a block of its own (1)."""
     start, end = run.taxonomy.vertical_ranges[vertical]
     return [0] * (end - start) + ([1] if run.cfg.specialists.other_output else [])
-
-
-def with_specialist_scales(
-    run: Run,
-    vertical: int,
-    model: Classifier,
-    init: torch.Tensor | None = None,
-    running_start: torch.Tensor | None = None,
-) -> Classifier:
-    """`with_self_paced_scales` for a vertical's specialist, as `specialists.self_paced` says (unchanged for
-    variant none)."""
-    sp = run.cfg.specialists.self_paced
-    if sp.variant == "none":
-        return model
-    return with_self_paced_scales(sp, specialist_blocks(run, vertical), model, init, running_start)
 
 
 def load_fold_specialists(run: Run, vertical: int) -> list[Classifier]:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from kc.config import TrainConfig
+from kc.config import SelfPacedConfig, TrainConfig
 from kc.cross_entropy import summed_bce
 from kc.data.dataset import ImageDataset, collate, dense_targets
 from kc.data.samples import Sample
@@ -216,11 +216,20 @@ def start_from_generalist(run: Run, stage: str) -> Classifier:
     sp = run.cfg.student.self_paced
     # measured on the images the stage trains on (the labelled-only control: without the unlabeled ones)
     samples = student_training_samples(run) if STAGE[stage].unlabeled else run.splits["train"]
-    measure = sp.init == "generalist" or sp.running
-    measured = block_norms(run, model, centred=sp.centred, samples=samples) if measure else None
+    return with_measured_scales(run, model, sp, samples, run.taxonomy.vertical_of_class)
+
+
+def with_measured_scales(
+    run: Run, model: Classifier, sp: SelfPacedConfig, samples: list[Sample], vertical_of_class: list[int]
+) -> Classifier:
+    """`model` about to train, with self-paced scales `sp` over the blocks `vertical_of_class` of its outputs,
+    started where `sp` says: at init 'generalist' the median (centred) block norms of `model` on `samples`, so that
+    it keeps the typical size of its logits; a running normalisation from those norms too."""
+    measured = None
+    if sp.init == "generalist" or sp.running:
+        measured = block_norms(run, model, centred=sp.centred, samples=samples, vertical_of_class=vertical_of_class)
     init = measured if sp.init == "generalist" else None
-    running_start = measured if sp.running else None
-    return with_self_paced_scales(sp, run.taxonomy.vertical_of_class, model, init, running_start)
+    return with_self_paced_scales(sp, vertical_of_class, model, init, measured if sp.running else None)
 
 
 def start_digests(run: Run) -> str:

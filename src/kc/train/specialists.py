@@ -23,7 +23,7 @@ from kc.data.dataset import dense_targets
 from kc.data.samples import Sample
 from kc.distributed import resolve_device
 from kc.errors import KCError
-from kc.models.classifier import Classifier, restrict_outputs
+from kc.models.classifier import restrict_outputs
 from kc.run import Run
 from kc.stages import (
     GENERALIST,
@@ -34,9 +34,8 @@ from kc.stages import (
     specialist_blocks,
     specialist_dir,
     training_fold_of,
-    with_specialist_scales,
 )
-from kc.train.common import block_norms, fit_stage, validation_fn
+from kc.train.common import fit_stage, validation_fn, with_measured_scales
 from kc.train.trainer import LossFn, TrainResult
 
 
@@ -134,8 +133,9 @@ def train_specialist(
     model = restrict_outputs(generalist, start, end, scfg.other_output)
     fold_samples = fold_samples if fold_samples is not None else fold_training_samples(run, fold)
     samples = specialist_training_samples(run, vertical, fold_samples, own)
-    model = with_measured_scales(run, vertical, model, samples)
-    scales = "" if scfg.self_paced.variant == "none" else str(scfg.self_paced.model_dump())
+    scaled = scfg.self_paced.variant != "none"
+    if scaled:
+        model = with_measured_scales(run, model, scfg.self_paced, samples, specialist_blocks(run, vertical))
     name = f"specialist {run.taxonomy.verticals[vertical].id}" + ("" if fold is None else f" fold {fold}")
     return fit_stage(
         run,
@@ -150,28 +150,13 @@ def train_specialist(
         fingerprint=f"{run.taxonomy.fingerprint()}:{vertical}:"
         + ("" if fold is None else f"fold {fold}/{scfg.folds}:")
         + file_digest(best_weights(run.stage_dir(GENERALIST)))
-        + scales,
+        + (str(scfg.self_paced.model_dump()) if scaled else ""),  # unchanged for runs without scales
         progress=progress,
         verbose=verbose,
         on_step=on_step,
-        scalars=(lambda m: {"gamma": float(m.output_scales.per_vertical_scale()[0])}) if scales else None,
-        lr_multipliers={"output_scales.": scfg.self_paced.lr_multiplier} if scales else None,
+        scalars=(lambda m: {"gamma": float(m.output_scales.per_vertical_scale()[0])}) if scaled else None,
+        lr_multipliers={"output_scales.": scfg.self_paced.lr_multiplier} if scaled else None,
     )
-
-
-def with_measured_scales(run: Run, vertical: int, model: Classifier, samples: list[Sample]) -> Classifier:
-    """A specialist about to train (`model`, cut from the generalist) with its self-paced scales
-    (`specialists.self_paced`), started where they say: at init 'generalist' the median (centred) norm of its
-    block of logits on its training images `samples`, so that it starts as the generalist scored its vertical."""
-    sp = run.cfg.specialists.self_paced
-    if sp.variant == "none":
-        return model
-    measured = None
-    if sp.init == "generalist" or sp.running:
-        blocks = specialist_blocks(run, vertical)
-        measured = block_norms(run, model, centred=sp.centred, samples=samples, vertical_of_class=blocks)
-    init = measured if sp.init == "generalist" else None
-    return with_specialist_scales(run, vertical, model, init, measured if sp.running else None)
 
 
 def shard_verticals(run: Run, shard: str) -> list[int]:
