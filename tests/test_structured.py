@@ -15,7 +15,7 @@ from kc.config import config_from_dict
 from kc.errors import ConfigError
 from kc.models.accounting import parameter_accounting
 from kc.models.classifier import Classifier, count_parameters
-from kc.models.heads import ClassBlocks, DenseHead
+from kc.models.heads import ClassBlocks, DenseHead, widened
 from kc.models.self_paced import SelfPacedScales
 from kc.models.structured import StructuredHead, VerticalBlocks, head_name, head_weight_formula, plan_buckets
 from kc.pipeline import run_pipeline
@@ -133,6 +133,30 @@ def test_a_head_copied_from_a_dense_head_computes_the_same_function(structure, x
         StructuredHead(S_B, hidden, SIZES, structure, x).copy_from_dense(DenseHead(S_B, [S1, S2 + 1], N))
 
 
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("structure", ["fc-fc", "fc-sc", "sc-sc"])
+def test_a_widened_head_starts_as_the_narrow_one_and_its_added_units_learn(structure, activation):
+    torch.manual_seed(0)
+    dense = DenseHead(S_B, [S1, S2], N, activation=activation)
+    wide = widened(dense, [S1 + 8, S2 + 3])
+    head = (
+        wide if structure == "fc-fc" else StructuredHead(S_B, [S1 + 8, S2 + 3], SIZES, structure, activation=activation)
+    )
+    if structure != "fc-fc":
+        head.copy_from_dense(wide)
+    features = torch.randn(9, S_B)
+    logits = head(features)
+    torch.testing.assert_close(logits, dense(features), rtol=1e-5, atol=1e-5)
+    logits.square().sum().backward()
+    # the output weights reading the last layer's added units: zero at the start, a gradient at once
+    out = head.out.weight if structure == "fc-fc" else head.out_private_weight
+    assert out[:, S2:].abs().max() == 0 and out.grad[:, S2:].abs().sum() > 0
+    with pytest.raises(ValueError, match="each at least as wide"):
+        widened(dense, [S1 - 1, S2])
+    with pytest.raises(ValueError, match="as many layers"):
+        widened(dense, [S1, S2, 4])
+
+
 @pytest.mark.parametrize("structure", ["fc-sc", "sc-sc"])
 def test_a_leaky_unit_negative_for_every_input_still_learns_where_a_relu_unit_is_dead(structure):
     features = torch.randn(32, S_B)
@@ -181,6 +205,15 @@ def test_config_rejects_structures_the_hidden_widths_cannot_hold(tmp_path, tiny_
     data["student"] = {"head": {"structure": "fc-sc", "shared_units": 33}}
     with pytest.raises(ConfigError, match="exceeds the block width 32"):
         config_from_dict(data)
+    for widths in ([16], [32, 8], [64, 64]):
+        data["student"] = {"head": {"structure": "fc-fc", "hidden": widths}}
+        with pytest.raises(ConfigError, match="each at least as wide"):
+            config_from_dict(data)
+    data["student"] = {"head": {"structure": "fc-sc", "hidden": [64], "shared_units": 40}}
+    assert config_from_dict(data).student.head.hidden == [64]  # the block is the student's own width
+    data["student"] = {"head": {"structure": "fc-sc", "hidden": [64], "init": "specialists"}}
+    with pytest.raises(ConfigError, match="remove student.head.hidden or set init: generalist"):
+        config_from_dict(data)
 
 
 def test_the_head_activation_reaches_every_stage_and_leaves_earlier_runs_fingerprints_alone(tmp_path, tiny_benchmark):
@@ -196,11 +229,12 @@ def test_the_head_activation_reaches_every_stage_and_leaves_earlier_runs_fingerp
         assert torch.nn.LeakyReLU in kinds and torch.nn.ReLU not in kinds
 
 
-def test_structured_student_and_control_start_as_the_generalist_and_train(tmp_path, tiny_benchmark):
+def test_structured_wider_student_and_control_start_as_the_generalist_and_train(tmp_path, tiny_benchmark):
     data = tiny_config(tiny_benchmark, tmp_path / "run")
     epochs = {"epochs": 1, "batch_size": 16, "eval_batch_size": 64, "checkpoint_every_steps": 4}
     data["specialists"] = dict(epochs)
-    data["student"] = {**epochs, "head": {"structure": "fc-sc", "shared_units": 4}, "self_paced": {"variant": "none"}}
+    head = {"structure": "fc-sc", "shared_units": 4, "hidden": [40, 20]}  # wider than the generalist's [32, 16]
+    data["student"] = {**epochs, "head": head, "self_paced": {"variant": "none"}}
     data["controls"] = {"kinds": ["same_compute"]}
     run = prepare_run(config_from_dict(data), progress=False)
     result = run_pipeline(run, progress=False, verbose=False)
@@ -213,7 +247,7 @@ def test_structured_student_and_control_start_as_the_generalist_and_train(tmp_pa
         with torch.no_grad():
             torch.testing.assert_close(start(images), generalist(images), rtol=1e-5, atol=1e-5)
         trained = load_file(str(run.stage_dir(stage) / "checkpoints" / "best.safetensors"))
-        assert trained["head.private.weight"].shape == (3 * (16 - 4), 32)
+        assert trained["head.private.weight"].shape == (3 * (20 - 4), 40)
         assert not torch.equal(trained["head.out_private_weight"], start.head.out_private_weight.detach())
     params = {m["model"]: m["parameters"] for m in result["models"]}
     assert params["student"] == params["control: same compute"] > params["generalist"]
@@ -222,7 +256,7 @@ def test_structured_student_and_control_start_as_the_generalist_and_train(tmp_pa
     totals = {r["model"]: r["total"] for r in parameter_accounting(run.cfg, run.taxonomy)["models"]}
     for stage in (GENERALIST, STUDENT, CONTROL):
         assert totals[stage] == count_parameters(new_model(run, stage))
-    assert "| control | FC32-SC16(x=4) |" in (run.dir / "report.md").read_text()
+    assert "| control | FC40-SC20(x=4) |" in (run.dir / "report.md").read_text()
 
 
 def test_describe_command_needs_no_run(tmp_path, tiny_benchmark):

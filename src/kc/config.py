@@ -269,12 +269,19 @@ class SpecialistConfig(TrainConfig):
 
 
 class StudentHeadConfig(_Strict):
-    """The student's head structure (the paper's structurally connected layers); widths are model.head.hidden."""
+    """The student's head structure (the paper's structurally connected layers) and widths."""
 
     structure: Literal["fc-fc", "fc-sc", "sc-sc"] = Field(
         "fc-fc",
         description="fc-fc: the generalist's dense head; fc-sc: shared FC then one block per vertical feeding only "
         "that vertical's outputs (the paper's best); sc-sc: both layers per vertical",
+    )
+    hidden: list[int] | None = Field(
+        None,
+        description="the student's hidden widths (null: the generalist's, model.head.hidden): as many layers, each "
+        "at least as wide. Each layer's first units start as the generalist's and the added ones are read out with "
+        "zero weights, so the student (and each control with its head) still starts as the generalist; with fc-sc, "
+        "wider shared layers give the one network capacity between the generalist's and the 20 specialists'",
     )
     shared_units: int = Field(
         0, ge=0, description="fc-sc only: units of each vertical's block shared by all verticals (x; x = s2 is fc-fc)"
@@ -287,6 +294,11 @@ class StudentHeadConfig(_Strict):
         description="generalist: every block copies the generalist's layer (the student starts as the generalist); "
         "specialists: each vertical's private blocks and output rows copy its specialist's (beyond the paper)",
     )
+
+
+def student_hidden(head: StudentHeadConfig, model: ModelConfig) -> list[int]:
+    """The student's hidden widths: its own (`student.head.hidden`) or the generalist's (`model.head.hidden`)."""
+    return model.head.hidden if head.hidden is None else head.hidden
 
 
 class StudentConfig(TrainConfig):
@@ -411,6 +423,18 @@ class RunConfig(_Strict):
                 f"student.head.structure {head.structure} needs at least {needed} widths in model.head.hidden, "
                 f"which has {hidden}"
             )
+        if head.hidden is not None:
+            if len(head.hidden) != len(hidden) or any(s < g for s, g in zip(head.hidden, hidden, strict=True)):
+                raise ValueError(
+                    f"student.head.hidden {head.hidden} must have as many layers as model.head.hidden {hidden}, "
+                    "each at least as wide (the student starts as the generalist)"
+                )
+            if head.init == "specialists" and head.hidden != hidden:
+                raise ValueError(
+                    "student.head.init 'specialists' copies the specialists' layers, which have model.head.hidden's "
+                    "widths; remove student.head.hidden or set init: generalist"
+                )
+            hidden = head.hidden
         if self.specialists.folds > 1 and self.student.teachers == "online":
             raise ValueError(
                 "specialists.folds > 1 teaches each image by the specialist that never saw it, which the soft-target "
@@ -448,7 +472,7 @@ class RunConfig(_Strict):
         if hidden and head.shared_units > hidden[-1]:
             raise ValueError(
                 f"student.head.shared_units {head.shared_units} exceeds the block width {hidden[-1]} "
-                "(the last of model.head.hidden)"
+                "(the last of the student's hidden widths)"
             )
         return self
 

@@ -14,11 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kc.config import ModelConfig, SelfPacedConfig, StudentConfig, StudentHeadConfig
+from kc.config import ModelConfig, SelfPacedConfig, StudentConfig, StudentHeadConfig, student_hidden
 from kc.data.splits import training_folds
 from kc.errors import CheckpointError
 from kc.io import read_json, sha256_file
 from kc.models.classifier import Classifier, LogitMean, build_classifier
+from kc.models.heads import widened
 from kc.models.self_paced import SelfPacedScales
 from kc.models.structured import StructuredHead
 from kc.models.weights import load_weights
@@ -206,16 +207,18 @@ def load_specialists(run: Run) -> list[nn.Module]:
 def with_student_head(
     head: StudentHeadConfig, model_cfg: ModelConfig, sizes: list[int], model: Classifier
 ) -> Classifier:
-    """`model` (the generalist's architecture) with the student's head structure (`head`, over verticals of
-    `sizes` classes). A structured head starts as a copy of the generalist's dense head: loaded with the
-    generalist's weights first, the model keeps computing the generalist's function. The control gets the same
+    """`model` (the generalist's architecture) with the student's head structure and widths (`head`, over verticals
+    of `sizes` classes). A structured or widened head starts as a copy of the generalist's dense head: loaded with
+    the generalist's weights first, the model keeps computing the generalist's function. The control gets the same
     head, so that it differs from the student in its training targets only."""
+    mh = model_cfg.head
+    if head.hidden is not None and head.hidden != mh.hidden:
+        model.head = widened(model.head, head.hidden)
     if head.structure == "fc-fc":
         return model
-    mh = model_cfg.head
     structured = StructuredHead(
         model.backbone.num_features,
-        mh.hidden,
+        student_hidden(head, model_cfg),
         sizes,
         head.structure,
         head.shared_units,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kc.config import RunConfig
+from kc.config import RunConfig, student_hidden
 from kc.models.classifier import create_backbone
 from kc.models.heads import DenseHead
 from kc.models.self_paced import SelfPacedScales
@@ -52,27 +52,27 @@ def parameter_accounting(cfg: RunConfig, taxonomy: Taxonomy) -> dict[str, Any]:
         s_b = backbone.num_features
         backbone_params = sum(p.numel() for p in backbone.parameters())
 
-        def head(structure: str, x: int) -> nn.Module:
-            if structure == "fc-fc":
-                return DenseHead(s_b, hidden, N)
-            return StructuredHead(s_b, hidden, sizes, structure, x)
-
-        sh = cfg.student.head
-        structures = []
-        for structure, x in head_structures(hidden, (sh.structure, sh.shared_units)):
-            weights, biases = _split(head(structure, x))
-            formula = head_weight_formula(structure, s_b, hidden, M, N, x)
+        def head(structure: str, x: int, widths: list[int]) -> dict[str, Any]:
+            module = (
+                DenseHead(s_b, widths, N) if structure == "fc-fc" else StructuredHead(s_b, widths, sizes, structure, x)
+            )
+            weights, biases = _split(module)
+            formula = head_weight_formula(structure, s_b, widths, M, N, x)
             if weights != formula:
                 raise AssertionError(f"{structure} x={x}: {weights} head weights, formula says {formula}")
-            structures.append(
-                {"head": head_name(structure, hidden, x), "weights": weights, "formula": formula, "biases": biases}
-            )
+            return {"head": head_name(structure, widths, x), "weights": weights, "formula": formula, "biases": biases}
+
+        sh = cfg.student.head
+        structures = [head(s, x, hidden) for s, x in head_structures(hidden, (sh.structure, sh.shared_units))]
+        student_name = head_name(sh.structure, student_hidden(sh, cfg.model), sh.shared_units)
+        if all(s["head"] != student_name for s in structures):  # the student's own widths
+            structures.append(head(sh.structure, sh.shared_units, student_hidden(sh, cfg.model)))
         specialist_heads = [_split(DenseHead(s_b, hidden, n + int(cfg.specialists.other_output))) for n in sizes]
 
     scales = SelfPacedScales(taxonomy.vertical_of_class, cfg.student.self_paced.variant)
     scale_params = sum(p.numel() for p in scales.parameters())
     dense = structures[0]["weights"] + structures[0]["biases"]
-    student_head = next(s for s in structures if s["head"] == head_name(sh.structure, hidden, sh.shared_units))
+    student_head = next(s for s in structures if s["head"] == student_name)
     student_head_params = student_head["weights"] + student_head["biases"]
     models = [
         ("generalist", structures[0]["head"], backbone_params, dense, 0, 1),

@@ -109,3 +109,27 @@ class DenseHead(nn.Module):
         if not parts:
             return hidden.new_zeros(0, width)
         return torch.cat(parts).index_select(0, inverse_permutation(order))
+
+
+@torch.no_grad()
+def widened(dense: DenseHead, hidden: list[int]) -> DenseHead:
+    """`dense` with wider hidden layers, computing the same function until trained: each layer's first units copy
+    `dense`'s, the added units keep nn.Linear's random incoming weights and read out with zero weights (so they
+    change nothing at the start, and the gradient reaches their outgoing weights at once). `hidden` needs as many
+    layers as `dense`, each at least as wide."""
+    layers = [m for m in dense.hidden if isinstance(m, nn.Linear)]
+    old = [m.out_features for m in layers]
+    if len(hidden) != len(old) or any(new < was for new, was in zip(hidden, old, strict=True)):
+        raise ValueError(f"cannot widen hidden layers {old} to {hidden}: as many layers, each at least as wide")
+    dropout = next((m.p for m in dense.hidden if isinstance(m, nn.Dropout)), 0.0)
+    activation = "leaky_relu" if any(isinstance(m, nn.LeakyReLU) for m in dense.hidden) else "relu"
+    wide = DenseHead(
+        layers[0].in_features if layers else dense.out.in_features, hidden, dense.out.out_features, dropout, activation
+    ).to(dense.out.weight.device, dense.out.weight.dtype)
+    new_layers = [m for m in wide.hidden if isinstance(m, nn.Linear)] + [wide.out]
+    for mine, theirs in zip(new_layers, layers + [dense.out], strict=True):
+        rows, cols = theirs.weight.shape
+        mine.weight[:, cols:] = 0  # the added units of the layer below are read with zero weights
+        mine.weight[:rows, :cols] = theirs.weight
+        mine.bias[:rows] = theirs.bias
+    return wide

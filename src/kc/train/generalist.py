@@ -42,7 +42,11 @@ def train_on_ground_truth(
     if stage == GENERALIST:
         model, samples = new_generalist_model(run), run.splits["train"]
     else:  # a control: the trained generalist, in the stage's architecture
-        fingerprint += start_digests(run) + str(cfg.student.head.model_dump()) + str(cfg.generalist.sampled_negatives)
+        fingerprint += (
+            start_digests(run)
+            + str(fingerprint_data(cfg.student.head.model_dump()))
+            + str(cfg.generalist.sampled_negatives)
+        )
         if STAGE[stage].scales:
             fingerprint += str(cfg.student.self_paced.model_dump())
         model = start_from_generalist(run, stage)

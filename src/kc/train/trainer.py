@@ -182,6 +182,7 @@ LATER_KEYS: dict[str, Any] = {
     "running": False,
     "activation": "relu",
     "reference_run": None,
+    "hidden": None,  # student.head.hidden (model.head.hidden is a list, never None)
 }
 
 
