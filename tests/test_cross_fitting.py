@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from kc.checkpoint import CheckpointDir
 from kc.config import config_from_dict
 from kc.data.dataset import ImageDataset, collate
 from kc.data.samples import Sample
@@ -17,7 +18,6 @@ from kc.errors import ConfigError
 from kc.pipeline import run_pipeline
 from kc.run import prepare_run
 from kc.stages import load_fold_specialists, specialist_dir, training_fold_of
-from kc.train.checkpoint import CheckpointDir
 from kc.train.controls import total_compute_epochs
 from kc.train.specialists import fold_training_samples, specialist_training_samples
 

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
+from kc.checkpoint import CheckpointDir
 from kc.config import config_from_dict
 from kc.errors import CheckpointError
 from kc.run import prepare_run
 from kc.stages import GENERALIST, load_stage, new_generalist_model
-from kc.train.checkpoint import CheckpointDir
 from kc.train.generalist import train_generalist
 
 DAMAGE = ("truncated", "zero bytes", "bit flipped")

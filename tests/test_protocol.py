@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import tiny_config
+from kc.checkpoint import CheckpointDir
 from kc.cli import app
 from kc.config import config_from_dict
 from kc.data.feature_benchmark import FEATURE_PRESETS, FeatureBenchmarkSpec, generate_feature_benchmark
@@ -37,7 +38,6 @@ from kc.stages import (
     specialist_dir,
 )
 from kc.taxonomy import Taxonomy
-from kc.train.checkpoint import CheckpointDir
 from kc.train.common import start_from_generalist
 from kc.train.controls import total_compute_config, total_compute_epochs
 from kc.train.trainer import Trainer
@@ -433,6 +433,40 @@ def test_evaluate_and_report_score_a_softmax_generalist_alike(bench, tmp_path):
     side_by_side = next(m for m in compare(run, "test")["models"] if m["stage"] == GENERALIST)
     assert side_by_side["mAP"] == pytest.approx(alone["mAP"], abs=1e-9)
     assert side_by_side["top1"] == pytest.approx(alone["top1"])
+
+
+def test_the_report_leaves_out_a_stage_still_training_and_refuses_unfinished_teachers(bench, tmp_path, monkeypatch):
+    import signal
+
+    from kc.evaluate.compare import compare
+    from kc.train.controls import train_ground_truth_control
+    from kc.train.generalist import train_generalist
+    from kc.train.specialists import train_specialists
+    from kc.train.trainer import Trainer, TrainingStopped
+
+    run = prepare_run(config_from_dict(run_config(bench, tmp_path / "run")), progress=False)
+    train_generalist(run, progress=False, verbose=False)
+    train_specialists(run, progress=False, verbose=False)
+    end_epoch = Trainer._end_epoch
+
+    def stop_after_the_first_epoch(self, *args, **kwargs):  # as a SIGTERM during epoch 2 would
+        end_epoch(self, *args, **kwargs)
+        self._stop.requested = signal.SIGTERM
+
+    monkeypatch.setattr(Trainer, "_end_epoch", stop_after_the_first_epoch)
+    with pytest.raises(TrainingStopped):
+        train_ground_truth_control(run, progress=False, verbose=False)
+    monkeypatch.undo()
+    control_dir = run.stage_dir(GROUND_TRUTH)
+    assert (control_dir / "checkpoints/best.safetensors").is_file()  # epoch 1's best: not a result
+    result = compare(run, "val")
+    assert result["unfinished"] == [GROUND_TRUTH]
+    assert GROUND_TRUTH not in {m["stage"] for m in result["models"]}
+
+    stage_dir = run.stage_dir
+    monkeypatch.setattr(run, "stage_dir", lambda name: control_dir if name == GENERALIST else stage_dir(name))
+    with pytest.raises(CheckpointError, match="not finished training"):  # as if the generalist were still training
+        compare(run, "val")
 
 
 def test_a_run_made_before_a_config_key_existed_still_opens_and_refuses_a_new_value(tmp_path, tiny_benchmark):

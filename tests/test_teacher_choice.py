@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kc.ablate import ablate, ablation_table
+from kc.checkpoint import CheckpointDir
 from kc.config import config_from_dict, load_config
 from kc.data.dataset import ImageDataset, collate
 from kc.data.feature_benchmark import FeatureBenchmarkSpec, generate_feature_benchmark
@@ -32,7 +33,6 @@ from kc.stages import (
     specialist_digest,
     specialist_dirs,
 )
-from kc.train.checkpoint import CheckpointDir
 from kc.train.controls import TRAIN, total_compute_epochs
 from kc.train.student import cache_targets, train_student
 from kc.train.teacher_choice import (

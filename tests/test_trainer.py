@@ -5,9 +5,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from kc import checkpoint as ckpt_module
 from kc.config import TrainConfig
 from kc.errors import CheckpointError
-from kc.train import checkpoint as ckpt_module
 from kc.train.trainer import Trainer, TrainingDiverged, learning_rate
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from kc.checkpoint import CheckpointDir
 from kc.cli import app
 from kc.config import config_from_dict
 from kc.data.check import check_data, report_text
@@ -36,7 +37,6 @@ from kc.stages import (
     new_generalist_model,
     specialist_digest,
 )
-from kc.train.checkpoint import CheckpointDir
 from kc.train.controls import control_config, labelled_control_config, total_compute_epochs
 from kc.train.generalist import train_generalist
 from kc.train.trainer import EpochBatches

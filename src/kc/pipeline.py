@@ -22,13 +22,12 @@ from kc.jobs import run_shard_jobs
 from kc.memory import PeakMemory
 from kc.models.accounting import accounting_tables, parameter_accounting
 from kc.run import Run
-from kc.stages import GENERALIST, STAGES, STUDENT, controls_to_train, specialist_dirs
+from kc.stages import GENERALIST, STAGES, STUDENT, controls_to_train, specialist_dirs, stage_complete
 from kc.train.controls import TRAIN
 from kc.train.generalist import train_generalist
 from kc.train.specialists import train_specialists
 from kc.train.student import cache_targets
 from kc.train.teacher_choice import REFERENCE, chooses, load_reference, specialist_teaches, teacher_choice
-from kc.train.trainer import stage_complete
 
 TIMINGS, MEMORY = "timings.json", "memory.json"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kc.checkpoint import CheckpointDir
 from kc.config import ModelConfig, SelfPacedConfig, StudentConfig, StudentHeadConfig, student_hidden
 from kc.data.splits import training_folds
 from kc.errors import CheckpointError
@@ -157,6 +158,13 @@ def specialist_digest(run: Run, vertical: int) -> str:
 
 def best_weights(stage_dir: Path) -> Path:
     return stage_dir / "checkpoints" / "best.safetensors"
+
+
+def stage_complete(stage_dir: Path) -> bool:
+    """Whether a stage has finished training (its last checkpoint says so); a stage still training has a best
+    checkpoint too, which is not a result."""
+    last = CheckpointDir(Path(stage_dir) / "checkpoints")
+    return last.exists() and bool(last.read_state().get("complete"))
 
 
 def file_digest(path: Path) -> str:

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from kc.distributed import resolve_device
+from kc.errors import CheckpointError
 from kc.evaluate.metrics import (
     classification_metrics,
     metrics_from_ap,
@@ -56,6 +57,8 @@ from kc.stages import (
     load_stage,
     new_generalist_model,
     new_model,
+    specialist_dirs,
+    stage_complete,
 )
 
 ORACLE, ENSEMBLE = "specialists (oracle-routed)", "specialists (ensemble)"
@@ -90,6 +93,15 @@ def compare(
     scores, the targets and one more (images x classes) matrix are held at once (at 100K classes, 1.6 GB each for
     4,000 images). `teachers` (under `student.teacher_choice: better_on_val`) adds the row of the teachers as chosen,
     and with it one more matrix."""
+    needed = [run.stage_dir(GENERALIST)]
+    needed += [d for v in range(run.taxonomy.num_verticals) for d in specialist_dirs(run, v)]
+    unfinished = [d for d in needed if not stage_complete(d)]
+    if unfinished:
+        raise CheckpointError(
+            f"{unfinished[0]}: not finished training ({len(unfinished)} such stage(s)); every other row of the "
+            "report rests on the generalist and the specialists, so finish them first (kc pipeline, or rerun the "
+            "stage's command: it resumes)"
+        )
     samples = run.splits[split]
     device = resolve_device(run.cfg.device)
     C, n = run.taxonomy.num_classes, len(samples)
@@ -181,8 +193,11 @@ def compare(
     add("specialists_ensemble", ENSEMBLE, oracle, spec_params + gen_params, K + 1, spec_seconds + gen_seconds)
     del oracle, gen_scores
 
+    still_training = []  # a stage still training (or stopped) has a best checkpoint too, which is not a result
     for stage in STAGES[1:]:
-        if best_weights(run.stage_dir(stage.name)).is_file():
+        if best_weights(run.stage_dir(stage.name)).is_file() and not stage_complete(run.stage_dir(stage.name)):
+            still_training.append(stage.name)
+        elif best_weights(run.stage_dir(stage.name)).is_file():
             model = load_stage(run.stage_dir(stage.name), new_model(run, stage.name))
             scores, _, seconds = run_model(model, stage.name, how=activation(stage.name, loss))
             add(stage.name, stage.title, scores, count_parameters(model), 1, seconds, output_scales(model, run))
@@ -194,6 +209,7 @@ def compare(
         "images": n,
         "models": models,
         "floor": {k: floor[k] for k in METRICS},
+        "unfinished": still_training,
     }
 
 

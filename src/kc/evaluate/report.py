@@ -58,6 +58,13 @@ def comparison_table(result: dict[str, Any]) -> str:
             )
             + "."
         )
+    if result.get("unfinished"):
+        lines.append("")
+        names = ", ".join(result["unfinished"])
+        lines.append(
+            f"Not scored, still training (or stopped before the end of its schedule): {names}; finish it (its "
+            "command resumes) and report again."
+        )
     gap, strongest = result.get("gap_closed"), result.get("strongest_baseline")
     if gap and strongest:
         lines.append("")

@@ -28,6 +28,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from kc.checkpoint import CheckpointDir
 from kc.config import TrainConfig
 from kc.run import Run
 from kc.stages import (
@@ -39,8 +40,8 @@ from kc.stages import (
     STUDENT,
     TOTAL_COMPUTE,
     specialist_dir,
+    stage_complete,
 )
-from kc.train.checkpoint import CheckpointDir
 from kc.train.generalist import train_on_ground_truth
 from kc.train.specialists import (
     fold_training_samples,
@@ -50,7 +51,7 @@ from kc.train.specialists import (
 )
 from kc.train.student import scale_training, train_self_distillation, train_self_training, train_student
 from kc.train.teacher_choice import chooses, reference_dir
-from kc.train.trainer import EpochBatches, TrainResult, stage_complete
+from kc.train.trainer import EpochBatches, TrainResult
 from kc.train.unlabeled import student_training_samples
 
 

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import kc
 from kc import distributed
+from kc.checkpoint import CheckpointDir
 from kc.config import TrainConfig
 from kc.data.dataset import collate
 from kc.distill.loss import sum_terms
@@ -46,7 +47,6 @@ from kc.io import atomic_write_json, sha256_file
 from kc.locks import DirectoryLock
 from kc.models.weights import save_weights
 from kc.numerics import subnormals_flushed
-from kc.train.checkpoint import CheckpointDir
 
 # A loss function returns the loss, or its named terms (the loss is their sum): the trainer logs each term apart
 # (history `train_loss_<term>`, TensorBoard `<stage>/loss_<term>`).
@@ -511,9 +511,3 @@ class Trainer:
     def _log(self, text: str) -> None:
         if self.verbose and self.main:
             tqdm.write(text, file=sys.stderr)
-
-
-def stage_complete(stage_dir: Path) -> bool:
-    """Whether a stage has finished training (its last checkpoint says so)."""
-    last = CheckpointDir(Path(stage_dir) / "checkpoints")
-    return last.exists() and bool(last.read_state().get("complete"))
