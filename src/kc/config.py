@@ -281,7 +281,7 @@ class StudentHeadConfig(_Strict):
         description="the student's hidden widths (null: the generalist's, model.head.hidden): as many layers, each "
         "at least as wide. Each layer's first units start as the generalist's and the added ones are read out with "
         "zero weights, so the student (and each control with its head) still starts as the generalist; with fc-sc, "
-        "wider shared layers give the one network capacity between the generalist's and the 20 specialists'",
+        "wider shared layers give the one network capacity between the generalist's and the specialists' together",
     )
     shared_units: int = Field(
         0, ge=0, description="fc-sc only: units of each vertical's block shared by all verticals (x; x = s2 is fc-fc)"

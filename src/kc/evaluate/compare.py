@@ -195,10 +195,13 @@ def compare(
 
     still_training = []  # a stage still training (or stopped) has a best checkpoint too, which is not a result
     for stage in STAGES[1:]:
-        if best_weights(run.stage_dir(stage.name)).is_file() and not stage_complete(run.stage_dir(stage.name)):
+        stage_dir = run.stage_dir(stage.name)
+        if not best_weights(stage_dir).is_file():
+            continue
+        if not stage_complete(stage_dir):
             still_training.append(stage.name)
-        elif best_weights(run.stage_dir(stage.name)).is_file():
-            model = load_stage(run.stage_dir(stage.name), new_model(run, stage.name))
+        else:
+            model = load_stage(stage_dir, new_model(run, stage.name))
             scores, _, seconds = run_model(model, stage.name, how=activation(stage.name, loss))
             add(stage.name, stage.title, scores, count_parameters(model), 1, seconds, output_scales(model, run))
             del scores
