@@ -219,14 +219,14 @@ def with_student_head(
     of `sizes` classes). A structured or widened head starts as a copy of the generalist's dense head: loaded with
     the generalist's weights first, the model keeps computing the generalist's function. The control gets the same
     head, so that it differs from the student in its training targets only."""
-    mh = model_cfg.head
-    if head.hidden is not None and head.hidden != mh.hidden:
-        model.head = widened(model.head, head.hidden)
+    mh, widths = model_cfg.head, student_hidden(head, model_cfg)
+    if widths != mh.hidden:
+        model.head = widened(model.head, widths)
     if head.structure == "fc-fc":
         return model
     structured = StructuredHead(
         model.backbone.num_features,
-        student_hidden(head, model_cfg),
+        widths,
         sizes,
         head.structure,
         head.shared_units,

@@ -64,9 +64,10 @@ def parameter_accounting(cfg: RunConfig, taxonomy: Taxonomy) -> dict[str, Any]:
 
         sh = cfg.student.head
         structures = [head(s, x, hidden) for s, x in head_structures(hidden, (sh.structure, sh.shared_units))]
-        student_name = head_name(sh.structure, student_hidden(sh, cfg.model), sh.shared_units)
+        student_widths = student_hidden(sh, cfg.model)
+        student_name = head_name(sh.structure, student_widths, sh.shared_units)
         if all(s["head"] != student_name for s in structures):  # the student's own widths
-            structures.append(head(sh.structure, sh.shared_units, student_hidden(sh, cfg.model)))
+            structures.append(head(sh.structure, sh.shared_units, student_widths))
         specialist_heads = [_split(DenseHead(s_b, hidden, n + int(cfg.specialists.other_output))) for n in sizes]
 
     scales = SelfPacedScales(taxonomy.vertical_of_class, cfg.student.self_paced.variant)
